@@ -1,0 +1,314 @@
+"""Run configuration: YAML -> frozen dataclasses, validated in one generic place.
+
+Every section is a frozen dataclass whose fields are the options.  Validation (in
+``_schema``) is driven by the field type hints (``int``, ``float``, ``Literal[...]``
+choices, ``X | None``, fixed-length tuples, nested sections) plus numeric bounds kept in
+each field's metadata; ``__post_init__`` runs the same checks, so a ``Config`` built in
+Python is held to the same rules as one read from a file.  Errors name the file, the dotted key,
+the value given and what is allowed::
+
+    configs/x.yaml: solver.dtype = 'float16' is not allowed; choose one of: float32, float64
+
+Units: grid ``extent`` and ``prior.lengthscale`` are in domain units (the grid spans
+``[0, Lx] x [0, Ly]``); ``amplitude``, ``background`` and observation ``noise`` are in
+the units of the field (noise is a standard deviation, not a variance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mpda_dist._schema import (
+    ConfigError,
+    Section,
+    coerce,
+    opt,
+    parse_yaml,
+    register_sections,
+    show,
+    type_name,
+    validate,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DecompositionConfig",
+    "ExchangeConfig",
+    "GridConfig",
+    "LoggingConfig",
+    "MultigridConfig",
+    "ObservationsConfig",
+    "OutputConfig",
+    "PriorConfig",
+    "SolverConfig",
+    "SyntheticObsConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+]
+
+BUNDLED_DEMO = "bundled demo config (mpda_dist/configs/demo.yaml)"
+
+# Default stopping tolerance per dtype: a relative residual much below ~1e-6 is not
+# reachable in float32 arithmetic, so a single default would either stall float32 runs
+# or under-test float64 ones.
+DEFAULT_TOL: dict[str, float] = {"float32": 1e-5, "float64": 1e-10}
+
+
+@dataclass(frozen=True, slots=True)
+class GridConfig(Section):
+    """Grid of ``nx x ny`` points including the boundary, spanning ``extent = (Lx, Ly)``."""
+
+    nx: int = opt(256, ge=5)
+    ny: int = opt(256, ge=5)
+    extent: tuple[float, float] = opt((1.0, 1.0), gt=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PriorConfig(Section):
+    """Matérn (nu = 1) prior: correlation ``lengthscale`` (domain units), marginal std
+    ``amplitude`` (field units) and the background: a constant, or ``file.h5[:dataset]``
+    holding an ``(ny, nx)`` field (dataset ``background`` by default)."""
+
+    lengthscale: float = opt(0.15, gt=0.0)
+    amplitude: float = opt(1.1, gt=0.0)
+    background: float | str = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SyntheticObsConfig(Section):
+    """Synthetic problem: a prior sample as truth, observed at a random ``fraction`` of
+    the interior nodes with Gaussian ``noise`` (std, field units), seeded by ``seed``."""
+
+    fraction: float = opt(0.05, gt=0.0, le=1.0)
+    noise: float = opt(1e-3, gt=0.0)
+    seed: int = opt(0, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ObservationsConfig(Section):
+    """Exactly one of ``synthetic`` or ``file`` (an HDF5 observation file).  ``noise``,
+    when set, replaces the noise std of every observation (field units)."""
+
+    synthetic: SyntheticObsConfig | None = None
+    file: str | None = None
+    noise: float | None = opt(None, gt=0.0)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.synthetic is None and self.file is None:
+            # Neither given: the synthetic default, so `observations: {}` still runs.
+            object.__setattr__(self, "synthetic", SyntheticObsConfig())
+        elif self.synthetic is not None and self.file is not None:
+            raise ConfigError(
+                "observations: both 'synthetic' and 'file' are given; choose exactly one",
+                key="observations",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class MultigridConfig(Section):
+    """Coarse-to-fine levels, halving down to a longest side of ``min_size`` nodes."""
+
+    min_size: int = opt(32, ge=5)
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeConfig(Section):
+    """Border-message exchange: ``sync`` waits every exchange; ``async`` computes on
+    messages at most ``max_staleness`` exchanges old.  Exchange every ``every`` iterations."""
+
+    mode: Literal["sync", "async"] = "async"
+    every: int = opt(1, ge=1)
+    max_staleness: int = opt(4, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class SolverConfig(Section):
+    """Solver options.  ``c`` and ``damping`` are the re-weighted BP weight and learning
+    rate; ``tol`` is the relative residual (or delta ratio) at which to stop, None for
+    the dtype's default (see ``effective_tol``)."""
+
+    method: Literal["mp", "exact", "cg", "3dvar", "amg_cg"] = "mp"
+    c: float = opt(10.0, nonzero=True)
+    damping: float = opt(0.6, gt=0.0, le=1.0)
+    stopping: Literal["residual", "delta"] = "residual"
+    tol: float | None = opt(None, gt=0.0)
+    check_every: int = opt(50, ge=1)
+    max_iterations: int = opt(10000, ge=1)
+    dtype: Literal["float32", "float64"] = "float32"
+    multigrid: MultigridConfig = opt(factory=MultigridConfig)
+    exchange: ExchangeConfig = opt(factory=ExchangeConfig)
+
+    def effective_tol(self) -> float:
+        """The stopping tolerance in force: ``tol``, or 1e-5 (float32) / 1e-10 (float64)."""
+        return self.tol if self.tol is not None else DEFAULT_TOL[self.dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class DecompositionConfig(Section):
+    """``process_grid``: ``auto`` or ``(Px, Py)`` ranks along x and y.  Levels whose
+    blocks would have a shorter side below ``agglomerate_below`` nodes run on fewer
+    ranks."""
+
+    process_grid: Literal["auto"] | tuple[int, int] = opt("auto", ge=1)
+    agglomerate_below: int = opt(32, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConfig(Section):
+    """Where the analysis goes (HDF5, written atomically)."""
+
+    file: str = "analysis.h5"
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig(Section):
+    """Rank-0 logging ``level``; ``per_rank`` adds one log file per rank; a heartbeat
+    line every ``heartbeat_seconds`` (0 turns it off)."""
+
+    level: Literal["debug", "info", "warning"] = "info"
+    per_rank: bool = False
+    heartbeat_seconds: float = opt(10.0, ge=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Config(Section):
+    """The whole run configuration; every section has defaults."""
+
+    grid: GridConfig = opt(factory=GridConfig)
+    prior: PriorConfig = opt(factory=PriorConfig)
+    observations: ObservationsConfig = opt(factory=ObservationsConfig)
+    solver: SolverConfig = opt(factory=SolverConfig)
+    decomposition: DecompositionConfig = opt(factory=DecompositionConfig)
+    output: OutputConfig = opt(factory=OutputConfig)
+    logging: LoggingConfig = opt(factory=LoggingConfig)
+
+
+register_sections(Config)
+
+# Keys that exclude each other: an override that sets one drops the other if it came
+# from the file (so `--set observations.file=obs.h5` works on the synthetic demo).
+_ONE_OF: dict[tuple[str, ...], tuple[str, ...]] = {("observations",): ("synthetic", "file")}
+
+
+def _apply_override(raw: dict, text: str, origins: dict[str, str], source: str) -> None:
+    key, sep, vtext = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise ConfigError(
+            f"--set {text!r}: expected section.key=value, e.g. --set solver.dtype=float64"
+        )
+    value = parse_yaml(vtext, f"--set {key}")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(
+                f"{source}, --set {text}: '{'.'.join(parts[: i + 1])}' = {show(child)} "
+                "is a value, not a section",
+                key=".".join(parts[: i + 1]),
+            )
+        node = child
+    node[parts[-1]] = value
+    origins[key] = f"--set {key}={vtext}"
+    group = _ONE_OF.get(tuple(parts[:-1]), ())
+    if parts[-1] in group and value is not None:
+        parent = ".".join(parts[:-1])
+        for other in group:
+            if other != parts[-1] and f"{parent}.{other}" not in origins:
+                node.pop(other, None)
+
+
+def _source_for(key: str | None, source: str, origins: Mapping[str, str]) -> str:
+    """Name where a bad value came from: the file, or the file plus an override."""
+    if key is None:
+        return source
+    for okey, how in sorted(origins.items(), key=lambda kv: -len(kv[0])):
+        if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
+            return f"{source}, {how}"
+    return source
+
+
+def config_from_dict(
+    data: Mapping[str, Any] | None,
+    *,
+    source: str = "<config>",
+    overrides: Sequence[str] = (),
+) -> Config:
+    """Build a validated Config from a plain mapping (as YAML gives), applying overrides.
+
+    Errors are ConfigError naming ``source``, the dotted key, the value and what is
+    allowed.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections "
+            f"(grid, prior, ...), got {type_name(data)}"
+        )
+    raw = _deepcopy_mappings(data)
+    origins: dict[str, str] = {}
+    for text in overrides:
+        _apply_override(raw, text, origins, source)
+    try:
+        return coerce(raw, Config, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{_source_for(exc.key, source, origins)}: {exc}", key=exc.key) from None
+
+
+def _deepcopy_mappings(data: Mapping) -> dict:
+    return {k: _deepcopy_mappings(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config file (None: the bundled demo) and apply ``section.key=value``
+    overrides, whose values are parsed as YAML.  Raises ConfigError on any problem."""
+    if path is None:
+        source = BUNDLED_DEMO
+        text = resources.files("mpda_dist").joinpath("configs/demo.yaml").read_text("utf-8")
+    else:
+        source = os.fspath(path)
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{source}: no such config file")
+        if not p.is_file():
+            raise ConfigError(f"{source}: not a regular file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: cannot read config file ({exc})") from None
+    return config_from_dict(parse_yaml(text, source), source=source, overrides=overrides)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML-ready types (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of the full effective config; ``load_config`` reads it back unchanged."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,193 @@
+"""The process grid: one object owns the Cartesian communicator and the block arithmetic.
+
+The interior ``(n, m)`` (y, x) is cut into ``Py × Px`` non-overlapping blocks; block
+extents are pure functions of the coordinates (remainders spread over the first
+blocks), so any rank can answer for any other without communicating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mpda_dist.halo import DIRECTIONS
+
+MIN_BLOCK = 4  # messages reach 2 nodes; a block needs room for that on both sides
+
+
+class DecompositionError(ValueError):
+    """A process grid that does not fit the problem or the number of ranks."""
+
+
+def chunk(n: int, parts: int, index: int) -> tuple[int, int]:
+    """Half-open range of part ``index`` when ``n`` items are split into ``parts``."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def auto_grid(size: int, interior: tuple[int, int]) -> tuple[int, int]:
+    """``(Py, Px)`` with ``Py·Px = size`` that cuts the fewest edges (square-ish blocks)."""
+    n, m = interior
+    best: tuple[float, int, int] | None = None
+    for py in range(1, size + 1):
+        if size % py:
+            continue
+        px = size // py
+        cut = (px - 1) * n + (py - 1) * m
+        if best is None or cut < best[0]:
+            best = (cut, py, px)
+    assert best is not None
+    return best[1], best[2]
+
+
+def check_grid(grid: tuple[int, int], size: int, interior: tuple[int, int]) -> None:
+    py, px = grid
+    if py * px != size:
+        raise DecompositionError(
+            f"decomposition.process_grid = [{px}, {py}] has {px * py} blocks but the job "
+            f"has {size} MPI ranks; use [Px, Py] with Px·Py = {size}, or 'auto'"
+        )
+    n, m = interior
+    if n // py < MIN_BLOCK or m // px < MIN_BLOCK:
+        raise DecompositionError(
+            f"grid interior {m}x{n} (x by y) is too small for a {px}x{py} process grid: "
+            f"blocks need at least {MIN_BLOCK} nodes per side; use fewer ranks or a finer grid"
+        )
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Pure block arithmetic for an interior ``(n, m)`` on a ``(Py, Px)`` grid."""
+
+    interior: tuple[int, int]
+    grid: tuple[int, int]
+    periodic: tuple[bool, bool] = (False, False)
+
+    @property
+    def size(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        return divmod(rank, self.grid[1])  # row-major, as Create_cart without reorder
+
+    def extent(self, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        cy, cx = self.coords(rank)
+        return chunk(self.interior[0], self.grid[0], cy), chunk(self.interior[1], self.grid[1], cx)
+
+    def shape(self, rank: int) -> tuple[int, int]:
+        (r0, r1), (c0, c1) = self.extent(rank)
+        return r1 - r0, c1 - c0
+
+    def neighbour(self, rank: int, direction: tuple[int, int]) -> int | None:
+        """Rank of the neighbour in ``direction``, or None at a non-periodic edge."""
+        cy, cx = self.coords(rank)
+        ny, nx = cy + direction[0], cx + direction[1]
+        py, px = self.grid
+        if not 0 <= ny < py:
+            if not self.periodic[0]:
+                return None
+            ny %= py
+        if not 0 <= nx < px:
+            if not self.periodic[1]:
+                return None
+            nx %= px
+        return ny * px + nx
+
+    def assemble(self, blocks: list[np.ndarray]) -> np.ndarray:
+        """Place per-rank blocks ``(..., by, bx)`` into the whole interior."""
+        lead = blocks[0].shape[:-2]
+        out = np.empty(lead + tuple(self.interior), dtype=blocks[0].dtype)
+        for r, blk in enumerate(blocks):
+            (r0, r1), (c0, c1) = self.extent(r)
+            out[..., r0:r1, c0:c1] = blk
+        return out
+
+    def split(self, whole: np.ndarray) -> list[np.ndarray]:
+        """The per-rank blocks of a whole-interior array ``(..., n, m)``."""
+        out = []
+        for r in range(self.size):
+            (r0, r1), (c0, c1) = self.extent(r)
+            out.append(np.ascontiguousarray(whole[..., r0:r1, c0:c1]))
+        return out
+
+
+class Decomposition:
+    """This rank's view: the Cartesian communicator, its block and its neighbours."""
+
+    def __init__(
+        self,
+        comm: Any,
+        interior: tuple[int, int],
+        grid: tuple[int, int] | None = None,
+        periodic: tuple[bool, bool] = (False, False),
+    ) -> None:
+        size = comm.Get_size()
+        grid = grid or auto_grid(size, interior)
+        check_grid(grid, size, interior)
+        self.blocks = Blocks(tuple(interior), tuple(grid), tuple(periodic))
+        # reorder=False keeps cart rank == rank in comm, which Blocks.coords assumes.
+        self.comm = comm.Create_cart(dims=list(grid), periods=list(periodic), reorder=False)
+        self.rank = self.comm.Get_rank()
+        self.extent = self.blocks.extent(self.rank)
+        self.shape = self.blocks.shape(self.rank)
+        self.neighbours = tuple(self.blocks.neighbour(self.rank, d) for d in DIRECTIONS)
+
+    @property
+    def has_neighbours(self) -> bool:
+        return any(n is not None for n in self.neighbours)
+
+    def gather(self, block: np.ndarray, root: int = 0) -> np.ndarray | None:
+        """Whole-interior array on ``root`` from every rank's ``(..., by, bx)`` block."""
+        block = np.ascontiguousarray(block)
+        lead = block.shape[:-2]
+        sizes = [
+            int(np.prod(lead)) * int(np.prod(self.blocks.shape(r))) for r in range(self.blocks.size)
+        ]
+        recv = None
+        if self.rank == root:
+            flat = np.empty(sum(sizes), dtype=block.dtype)
+            recv = [flat, (sizes, _displacements(sizes))]
+        self.comm.Gatherv(block.ravel(), recv, root=root)
+        if self.rank != root:
+            return None
+        parts = np.split(flat, np.cumsum(sizes)[:-1])
+        return self.blocks.assemble(
+            [p.reshape(lead + self.blocks.shape(r)) for r, p in enumerate(parts)]
+        )
+
+    def scatter(
+        self, whole: np.ndarray | None, lead: tuple[int, ...], dtype: Any, root: int = 0
+    ) -> np.ndarray:
+        """This rank's block ``lead + (by, bx)`` of a whole-interior array held by ``root``."""
+        mine = np.empty(lead + self.shape, dtype=dtype)
+        send = None
+        if self.rank == root:
+            assert whole is not None
+            parts = [p.astype(dtype, copy=False).ravel() for p in self.blocks.split(whole)]
+            sizes = [p.size for p in parts]
+            send = [np.concatenate(parts), (sizes, _displacements(sizes))]
+        self.comm.Scatterv(send, mine, root=root)
+        return mine
+
+    def free(self) -> None:
+        self.comm.Free()
+
+
+def _displacements(sizes: list[int]) -> list[int]:
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+
+
+def blocks_min_side(interior: tuple[int, int], size: int) -> int:
+    py, px = auto_grid(size, interior)
+    return min(interior[0] // py, interior[1] // px)
+
+
+def agglomerated_size(interior: tuple[int, int], size: int, threshold: int) -> int:
+    """Largest rank count ≤ ``size`` whose auto blocks keep sides ≥ ``threshold``."""
+    for p in range(size, 0, -1):
+        if blocks_min_side(interior, p) >= max(threshold, MIN_BLOCK):
+            return p
+    return 1

@@ -1,0 +1,361 @@
+"""The thin per-rank driver behind ``mpda run`` and ``mpda simulate``.
+
+Rank 0 reads the inputs and builds the problem (truth, observations, background),
+every rank receives the observations mapped to grid nodes and builds its own blocks,
+rank 0 alone logs and writes.  Any error ends every rank with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from mpda_dist import runtime
+
+log = logging.getLogger("mpda_dist")
+T = TypeVar("T")
+
+EXIT_OK, EXIT_INPUT, EXIT_DIVERGED, EXIT_NOT_CONVERGED = 0, 2, 3, 4
+
+
+class RunError(RuntimeError):
+    """A failure with a message for the user and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Problem:
+    """What rank 0 knows about the problem (whole grid, y first)."""
+
+    shape: tuple[int, int]  # (ny, nx) incl. boundary
+    extent: tuple[float, float]  # (Lx, Ly)
+    background: np.ndarray  # (ny, nx)
+    observations: Any  # observations.Observations
+    used: np.ndarray  # bool per observation
+    nodes: Any  # observations.NodeObservations
+    truth: np.ndarray | None
+
+
+def _setup_logging(comm: Any, level: str = "info", per_rank: bool = False) -> None:
+    rank = comm.Get_rank()
+    root = logging.getLogger("mpda_dist")
+    root.handlers.clear()
+    root.propagate = False
+    lvl = getattr(logging, level.upper())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.setLevel(lvl if rank == 0 else logging.ERROR)
+    root.addHandler(handler)
+    if per_rank:
+        fh = logging.FileHandler(f"mpda-rank{rank:04d}.log", mode="w")
+        fh.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s"))
+        fh.setLevel(logging.DEBUG)
+        root.addHandler(fh)
+    root.setLevel(logging.DEBUG if per_rank else lvl)
+
+
+def on_root(comm: Any, fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0; a failure there becomes a :class:`RunError` on every rank."""
+    outcome: tuple[bool, Any] = (True, None)
+    value = None
+    if comm.Get_rank() == 0:
+        try:
+            value = fn()
+        except RunError as exc:
+            outcome = (False, (str(exc), exc.code))
+        except (ValueError, OSError) as exc:
+            outcome = (False, (str(exc), EXIT_INPUT))
+    outcome = comm.bcast(outcome, root=0)
+    if not outcome[0]:
+        raise RunError(*outcome[1])
+    return value
+
+
+def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
+    """Rank 0: background, observations (file or synthetic) and truth."""
+    from mpda_dist import io, prior
+    from mpda_dist import observations as obsmod
+
+    shape = (cfg.grid.ny, cfg.grid.nx)
+    extent = tuple(float(v) for v in cfg.grid.extent)
+    bg = cfg.prior.background
+    background = io.read_field(bg, shape) if isinstance(bg, str) else np.full(shape, float(bg))
+    truth = None
+    if cfg.observations.file is not None:
+        source = str(cfg.observations.file)
+        d = io.read_observations(source)
+        if cfg.observations.noise is not None:
+            d["noise"] = np.full_like(d["value"], float(cfg.observations.noise))
+        obs = obsmod.Observations(d["x"], d["y"], d["value"], d["noise"])
+        truth = io.read_truth(source)
+        if truth is not None and truth.shape != shape:
+            truth = None
+    else:
+        syn = cfg.observations.synthetic
+        source = "observations.synthetic"
+        rng = np.random.default_rng(syn.seed if rng_seed is None else rng_seed)
+        anomaly = prior.sample(shape, extent, cfg.prior.lengthscale, cfg.prior.amplitude, rng)
+        truth = background + anomaly
+        obs = obsmod.synthetic(truth, extent, syn.fraction, syn.noise, rng)
+    nodes, used = obsmod.to_nodes(obs, shape, extent, background, source)
+    if not np.any(used):
+        raise RunError(f"{source}: no observation falls on an interior grid node")
+    return Problem(shape, extent, background, obs, used, nodes, truth)
+
+
+def settings_from(cfg: Any) -> Any:
+    from mpda_dist.solver import Settings
+
+    s = cfg.solver
+    return Settings(
+        c=s.c,
+        damping=s.damping,
+        stopping=s.stopping,
+        tol=s.effective_tol(),
+        check_every=s.check_every,
+        max_iterations=s.max_iterations,
+        dtype=s.dtype,
+        mode=s.exchange.mode,
+        every=s.exchange.every,
+        max_staleness=s.exchange.max_staleness,
+        heartbeat_seconds=cfg.logging.heartbeat_seconds or math.inf,
+    )
+
+
+def _rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a - b) ** 2)))
+
+
+def execute(comm: Any, cfg: Any, output: str | None) -> int:
+    """Run the configured solve on every rank of ``comm``; rank 0 writes ``output``."""
+    import jax
+
+    from mpda_dist import __version__, io
+    from mpda_dist.config import dump_config
+    from mpda_dist.multigrid import schedule
+    from mpda_dist.solver import CAPPED, DIVERGED, solve
+
+    t0 = time.perf_counter()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    out_path = output or cfg.output.file
+    on_root(comm, lambda: io.check_writable(out_path))
+    rows = runtime.device_table(comm)
+    if rank == 0:
+        log.info("mpda_dist %s on %d rank(s)", __version__, size)
+        for r, host, dev in rows[:16]:
+            log.info("  rank %4d  %-20s %s", r, host, dev)
+        if len(rows) > 16:
+            log.info("  ... %d more ranks", len(rows) - 16)
+    problem = on_root(comm, lambda: build_problem(cfg))
+    nodes = comm.bcast(problem.nodes if rank == 0 else None, root=0)
+    ny, nx = cfg.grid.ny, cfg.grid.nx
+    lx, ly = cfg.grid.extent
+    dy, dx = ly / (ny - 1), lx / (nx - 1)
+    mg = cfg.solver.multigrid
+    levels = comm.bcast(
+        schedule(ny, nx, dy, dx, mg.min_size, mg.enabled and cfg.solver.method == "mp")
+        if rank == 0
+        else None,
+        root=0,
+    )
+    pg = cfg.decomposition.process_grid
+    grid = None if pg == "auto" else (int(pg[0]), int(pg[1]))
+    s = settings_from(cfg)
+    if rank == 0:
+        log.info(
+            "%d x %d grid, %d observations used (%d given), method %s, %s, tol %.1e",
+            nx,
+            ny,
+            len(nodes.iy),
+            len(problem.observations),
+            cfg.solver.method,
+            s.dtype,
+            s.tol,
+        )
+    with jax.enable_x64(s.dtype == "float64"):
+        if cfg.solver.method == "mp":
+            result = solve(
+                comm,
+                levels,
+                nodes,
+                cfg.prior.lengthscale,
+                cfg.prior.amplitude,
+                s,
+                process_grid=grid,
+                agglomerate_below=cfg.decomposition.agglomerate_below,
+            )
+            level_results, anomaly = result.levels, result.anomaly
+        else:
+            level_results, anomaly = _reference_solve(comm, cfg, levels[-1], nodes)
+    status = level_results[-1].status
+    if status == DIVERGED:
+        raise RunError(
+            f"the solver diverged at level {len(level_results)} "
+            f"(residual {level_results[-1].residual:.3e}); try a smaller solver.damping or "
+            f"another solver.c; no output was written",
+            EXIT_DIVERGED,
+        )
+    if status == CAPPED:
+        raise RunError(
+            f"not converged: residual {level_results[-1].residual:.3e} > tol {s.tol:.1e} after "
+            f"{level_results[-1].iterations} iterations (solver.max_iterations); "
+            "no output was written",
+            EXIT_NOT_CONVERGED,
+        )
+    if rank == 0:
+        mean = problem.background.copy()
+        mean[1:-1, 1:-1] += anomaly
+        wall = time.perf_counter() - t0
+        attrs: dict[str, Any] = {
+            "config": dump_config(cfg),
+            "method": cfg.solver.method,
+            "status": status,
+            "ranks": size,
+            "version": __version__,
+            "wall_seconds": wall,
+            "level_shapes": np.array([lr.shape for lr in level_results]),
+            "iterations": np.array([lr.iterations for lr in level_results]),
+            "residual": np.array([lr.residual for lr in level_results]),
+            "levels": [lr.summary() for lr in level_results],
+        }
+        summary = f"done in {wall:.2f} s: {status}, residual {level_results[-1].residual:.3e}"
+        if problem.truth is not None:
+            attrs["rmse_analysis"] = _rmse(mean, problem.truth)
+            attrs["rmse_background"] = _rmse(problem.background, problem.truth)
+            summary += (
+                f", RMSE vs truth {attrs['rmse_analysis']:.4g} "
+                f"(background {attrs['rmse_background']:.4g})"
+            )
+        obs = problem.observations
+        io.write_analysis(
+            out_path,
+            mean=mean,
+            x=np.linspace(0.0, lx, nx),
+            y=np.linspace(0.0, ly, ny),
+            observations={
+                "x": obs.x,
+                "y": obs.y,
+                "value": obs.value,
+                "noise": obs.noise,
+                "used": problem.used.astype(np.int8),
+            },
+            background=problem.background,
+            truth=problem.truth,
+            attrs=attrs,
+        )
+        log.info("%s; wrote %s", summary, out_path)
+    return EXIT_OK
+
+
+def _reference_solve(comm: Any, cfg: Any, level: Any, nodes: Any) -> tuple[list, Any]:
+    """``exact`` (sparse direct) on rank 0; the other ranks wait."""
+    from mpda_dist.baselines import exact_solve
+    from mpda_dist.solver import CONVERGED, LevelResult
+    from mpda_dist.stencil import build
+
+    method = cfg.solver.method
+    if method != "exact":
+        raise RunError(f"solver.method = {method!r} is not available yet; use mp or exact")
+    res = LevelResult((level.ny, level.nx), 1, (1, 1), status=CONVERGED, residual=0.0)
+    anomaly = None
+    if comm.Get_rank() == 0:
+        t0 = time.perf_counter()
+        st = build(
+            level,
+            cfg.prior.lengthscale,
+            cfg.prior.amplitude,
+            nodes,
+            (0, level.interior[0]),
+            (0, level.interior[1]),
+        )
+        anomaly = exact_solve(st)
+        res.solve_seconds = time.perf_counter() - t0
+        log.info("exact sparse solve on rank 0: %.2f s", res.solve_seconds)
+    comm.Barrier()
+    return [res], anomaly
+
+
+def _guard(comm: Any, fn: Callable[[], int]) -> int:
+    """Turn expected failures into a message and an exit code, on every rank alike."""
+    from mpda_dist.config import ConfigError
+
+    try:
+        return fn()
+    except RunError as exc:
+        if comm.Get_rank() == 0:
+            log.error("error: %s", exc)
+        return exc.code
+    except ConfigError as exc:
+        if comm.Get_rank() == 0:
+            sys.stderr.write(f"error: {exc}\n")
+        return EXIT_INPUT
+
+
+def run_from_cli(
+    config_path: str | None,
+    output: str | None,
+    overrides: Sequence[str] = (),
+    resume: str | None = None,
+) -> int:
+    comm = runtime.start()
+    _setup_logging(comm)
+
+    def main() -> int:
+        from mpda_dist.config import load_config
+
+        cfg = load_config(config_path, overrides)
+        _setup_logging(comm, cfg.logging.level, cfg.logging.per_rank)
+        if resume is not None:
+            raise RunError("--resume is not implemented yet (checkpointing is planned)")
+        return execute(comm, cfg, output)
+
+    return _guard(comm, main)
+
+
+def simulate_from_cli(config_path: str | None, output: str, overrides: Sequence[str] = ()) -> int:
+    """``mpda simulate``: write a synthetic truth and its observations (rank 0)."""
+    comm = runtime.start()
+    _setup_logging(comm)
+
+    def main() -> int:
+        from mpda_dist import io
+        from mpda_dist.config import load_config
+
+        cfg = load_config(config_path, overrides)
+        if cfg.observations.synthetic is None:
+            raise RunError("mpda simulate needs observations.synthetic in the config")
+
+        def write() -> None:
+            io.check_writable(output)
+            p = build_problem(cfg)
+            obs = p.observations
+            io.write_problem(
+                output,
+                truth=p.truth,
+                x=np.linspace(0.0, p.extent[0], p.shape[1]),
+                y=np.linspace(0.0, p.extent[1], p.shape[0]),
+                observations={"x": obs.x, "y": obs.y, "value": obs.value, "noise": obs.noise},
+                background=p.background,
+            )
+            log.info(
+                "wrote %s: %d observations on a %d x %d grid",
+                output,
+                len(obs),
+                p.shape[1],
+                p.shape[0],
+            )
+
+        on_root(comm, write)
+        return EXIT_OK
+
+    return _guard(comm, main)

@@ -1,0 +1,368 @@
+"""HDF5 input and output (h5py).
+
+Array layout: fields are ``(ny, nx)``, y first, the whole grid including the boundary;
+``/grid/x`` has shape ``(nx,)`` and ``/grid/y`` shape ``(ny,)`` in domain units.
+Observations are 1-D arrays of one length ``n``: ``x``, ``y`` (domain units),
+``value`` (field units) and ``noise`` (standard deviation, field units).
+
+Outputs are written to a temporary name in the target directory and renamed when
+complete, so a file at the final path is always a finished result.  Analysis files are
+laid out as netCDF-4 (dimension scales ``y``, ``x`` and ``obs``, CF attributes), so
+``xarray.open_dataset(path, engine="h5netcdf", group="analysis")`` reads them as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+__all__ = [
+    "InputError",
+    "atomic_output",
+    "check_writable",
+    "read_field",
+    "read_observations",
+    "read_truth",
+    "split_field_spec",
+    "write_analysis",
+    "write_problem",
+]
+
+OBS_KEYS = ("x", "y", "value", "noise")
+DEFAULT_FIELD_DATASET = "background"
+
+
+class InputError(ValueError):
+    """An input file (or the output location) is missing, unreadable or malformed."""
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+
+
+@contextlib.contextmanager
+def _open_h5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if not p.is_file():
+        raise InputError(f"{p}: not a regular file")
+    try:
+        f = h5py.File(p, "r")
+    except OSError as exc:
+        # h5py says "file signature not found" for non-HDF5 and "truncated file" for a
+        # copy cut short; both are worth passing on.
+        raise InputError(f"{p}: cannot open as HDF5 ({exc})") from None
+    with f:
+        yield f
+
+
+def _read_numeric(f: h5py.File, name: str, ndim: int) -> np.ndarray:
+    """Read dataset ``name`` as float64, checking it is real-valued with ``ndim`` dims."""
+    if name not in f:
+        raise InputError(f"{f.filename}: missing dataset '{name}'")
+    ds = f[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise InputError(f"{f.filename}: '{name}' is a group, expected a dataset")
+    if ds.dtype.kind not in "iuf":
+        raise InputError(
+            f"{f.filename}: dataset '{name}' has dtype {ds.dtype}; expected real numbers"
+        )
+    if ds.ndim != ndim:
+        raise InputError(
+            f"{f.filename}: dataset '{name}' has shape {ds.shape}; expected {ndim} dimension(s)"
+        )
+    try:
+        return np.asarray(ds[()], dtype=np.float64)
+    except OSError as exc:  # data blocks missing from a truncated or damaged file
+        raise InputError(f"{f.filename}: dataset '{name}' cannot be read ({exc})") from None
+
+
+def read_observations(
+    path: str | os.PathLike[str], *, default_noise: float | None = None
+) -> dict[str, np.ndarray]:
+    """Read an observation file: 1-D datasets ``x``, ``y``, ``value`` and ``noise``.
+
+    ``noise`` may instead be a scalar attribute ``noise`` on the root group, broadcast
+    to every observation; ``default_noise`` is used when the file has neither.  Returns
+    float64 arrays of one length ``n`` under keys x, y, value, noise.  Values are not
+    checked here (non-finite, outside the domain, ...): quality control does that and
+    reports rows.
+    """
+    with _open_h5(path) as f:
+        obs = {k: _read_numeric(f, k, 1) for k in ("x", "y", "value")}
+        n = obs["x"].shape[0]
+        if "noise" in f:
+            obs["noise"] = _read_numeric(f, "noise", 1)
+        elif "noise" in f.attrs:
+            attr = np.asarray(f.attrs["noise"])
+            if attr.size != 1 or attr.dtype.kind not in "iuf":
+                raise InputError(
+                    f"{f.filename}: root attribute 'noise' = {attr!r} must be one number "
+                    "(or make 'noise' a dataset with one value per observation)"
+                )
+            obs["noise"] = np.full(n, float(attr.reshape(())), dtype=np.float64)
+        elif default_noise is not None:
+            obs["noise"] = np.full(n, float(default_noise), dtype=np.float64)
+        else:
+            raise InputError(
+                f"{f.filename}: missing dataset 'noise' (and no scalar root attribute "
+                "'noise'; set observations.noise in the config to give one value for all)"
+            )
+        lengths = {k: v.shape[0] for k, v in obs.items()}
+        if len(set(lengths.values())) != 1:
+            listed = ", ".join(f"{k} has {m}" for k, m in lengths.items())
+            raise InputError(f"{f.filename}: observation datasets differ in length: {listed}")
+    return obs
+
+
+def split_field_spec(spec: str) -> tuple[Path, str]:
+    """Split ``file.h5[:dataset]`` into the path and the dataset (default ``background``).
+
+    A file that exists under the full name wins, so paths containing ``:`` still work.
+    """
+    if Path(spec).exists() or ":" not in spec:
+        return Path(spec), DEFAULT_FIELD_DATASET
+    file, _, dataset = spec.rpartition(":")
+    return Path(file), dataset or DEFAULT_FIELD_DATASET
+
+
+def read_field(spec: str, shape: tuple[int, int]) -> np.ndarray:
+    """Read a 2-D field from ``file.h5[:dataset]``; ``shape`` is ``(ny, nx)``, y first.
+
+    Returns float64 of that shape; a wrong shape (a transposed one included) is an
+    InputError that says what was expected.
+    """
+    path, dataset = split_field_spec(spec)
+    with _open_h5(path) as f:
+        field = _read_numeric(f, dataset, 2)
+    expected = tuple(int(s) for s in shape)
+    if field.shape != expected:
+        hint = " (transposed? fields are stored y first)" if field.shape == expected[::-1] else ""
+        raise InputError(
+            f"{path}: dataset '{dataset}' has shape {field.shape}; expected "
+            f"(ny, nx) = {expected}{hint}"
+        )
+    return field
+
+
+def read_truth(path: str | os.PathLike[str]) -> np.ndarray | None:
+    """The ``/truth`` field ``(ny, nx)`` of a problem or analysis file, or None."""
+    with _open_h5(path) as f:
+        if "truth" not in f:
+            return None
+        return _read_numeric(f, "truth", 2)
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Fail early (before hours of solving) if ``path`` cannot be written.
+
+    Creates and removes a probe file in the target directory: that also catches
+    read-only file systems and quotas, which permission bits do not show.
+    """
+    p = Path(path)
+    parent = p.parent
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory; give an output file name")
+    if not parent.is_dir():
+        raise InputError(f"{p}: output directory '{parent}' does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.probe-", dir=parent)
+    except OSError as exc:
+        raise InputError(f"{p}: output directory '{parent}' is not writable ({exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path ``.{name}.tmp-{pid}`` beside ``path``; on success rename it
+    onto ``path`` (atomic within one file system), on any exception remove it."""
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        # Flush to disk before the rename, so a crash cannot leave a complete-looking
+        # name over incomplete data.
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:  # SIGTERM/KeyboardInterrupt too: never leave the temporary
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _attr_value(key: str, value: Any) -> Any:
+    """Convert a value to something HDF5 and netCDF readers both understand."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | np.bool_):
+        return np.int8(value)  # netCDF has no boolean attribute type
+    if isinstance(value, int | float | np.integer | np.floating):
+        return value
+    if isinstance(value, Mapping) or value is None:
+        return json.dumps(value, default=str)
+    arr = np.asarray(value)
+    if arr.dtype.kind in "iuf" and arr.ndim <= 1:
+        return arr
+    if arr.dtype.kind == "b" and arr.ndim <= 1:
+        return arr.astype(np.int8)
+    try:
+        return json.dumps(value, default=str)
+    except TypeError:
+        raise TypeError(f"attribute {key!r}: cannot store {type(value).__name__}") from None
+
+
+def _field(name: str, value: Any, shape: tuple[int, int]) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.shape != shape:
+        raise ValueError(f"{name} has shape {arr.shape}; expected (ny, nx) = {shape}")
+    return arr
+
+
+def _obs_arrays(observations: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Observation arrays as float64 1-D of one length; a scalar noise is broadcast."""
+    missing = [k for k in OBS_KEYS if k not in observations]
+    if missing:
+        raise ValueError(f"observations lack {missing}; need {list(OBS_KEYS)}")
+    n = np.asarray(observations["x"]).shape[0]
+    out = {}
+    for k, v in observations.items():
+        arr = np.asarray(v)
+        if k == "noise" and arr.ndim == 0:
+            arr = np.full(n, float(arr))
+        if arr.shape != (n,):
+            raise ValueError(f"observations[{k!r}] has shape {arr.shape}; expected ({n},)")
+        out[k] = arr.astype(np.float64) if arr.dtype.kind in "iufb" and k in OBS_KEYS else arr
+    return out
+
+
+def _dim(group: h5py.Group, name: str, data: np.ndarray, **attrs: Any) -> h5py.Dataset:
+    ds = group.create_dataset(name, data=data)
+    ds.make_scale(name)
+    ds.attrs.update(attrs)
+    return ds
+
+
+def _attach(ds: h5py.Dataset, *scales: h5py.Dataset) -> None:
+    for axis, scale in enumerate(scales):
+        ds.dims[axis].attach_scale(scale)
+
+
+def write_analysis(
+    path: str | os.PathLike[str],
+    *,
+    mean: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    observations: Mapping[str, Any],
+    background: np.ndarray,
+    truth: np.ndarray | None = None,
+    increment: np.ndarray | None = None,
+    attrs: Mapping[str, Any],
+) -> None:
+    """Write the analysis file atomically.
+
+    Layout: ``/analysis/mean`` and ``/analysis/increment`` (``mean - background`` when
+    not given), ``/background``, ``/truth`` (when given), all ``(ny, nx)`` float64;
+    ``/grid/x`` ``(nx,)``, ``/grid/y`` ``(ny,)``; ``/observations/{x,y,value,noise}``
+    ``(n,)`` plus any further 1-D diagnostics of length n in ``observations`` (H f_b,
+    QC flags, ...).  Root attributes from ``attrs``: strings, numbers, numeric 1-D
+    arrays; dicts and other values are stored as JSON strings.  The netCDF dimensions
+    ``y``, ``x`` live at the root (children see their parents' dimensions).
+    """
+    xs = np.asarray(x, dtype=np.float64)
+    ys = np.asarray(y, dtype=np.float64)
+    if xs.ndim != 1 or ys.ndim != 1:
+        raise ValueError(f"x and y must be 1-D, got shapes {xs.shape} and {ys.shape}")
+    shape = (ys.size, xs.size)
+    fields = {
+        "mean": _field("mean", mean, shape),
+        "background": _field("background", background, shape),
+    }
+    fields["increment"] = (
+        fields["mean"] - fields["background"]
+        if increment is None
+        else _field("increment", increment, shape)
+    )
+    if truth is not None:
+        fields["truth"] = _field("truth", truth, shape)
+    obs = _obs_arrays(observations)
+    converted = {k: _attr_value(k, v) for k, v in attrs.items()}
+
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["Conventions"] = "CF-1.8"
+        f.attrs.update(converted)
+        dx = _dim(f, "x", xs, axis="X", long_name="x coordinate", units="1")
+        dy = _dim(f, "y", ys, axis="Y", long_name="y coordinate", units="1")
+        grid = f.create_group("grid")
+        for name, data, scale in (("x", xs, dx), ("y", ys, dy)):
+            grid.create_dataset(name, data=data)
+            _attach(grid[name], scale)
+            grid[name].attrs.update(dict(scale.attrs.items()) | {"units": "1"})
+        analysis = f.create_group("analysis")
+        names = {
+            "mean": (analysis, "posterior (analysis) mean"),
+            "increment": (analysis, "analysis increment (mean - background)"),
+            "background": (f, "background field"),
+            "truth": (f, "synthetic truth"),
+        }
+        for key, data in fields.items():
+            group, long_name = names[key]
+            ds = group.create_dataset(key, data=data)
+            _attach(ds, dy, dx)
+            ds.attrs["long_name"] = long_name
+        og = f.create_group("observations")
+        dobs = _dim(
+            og, "obs", np.arange(obs["x"].size, dtype=np.int64), long_name="observation index"
+        )
+        for key, data in obs.items():
+            ds = og.create_dataset(key, data=data)
+            _attach(ds, dobs)
+
+
+def write_problem(
+    path: str | os.PathLike[str],
+    *,
+    truth: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    observations: Mapping[str, Any],
+    background: np.ndarray,
+    attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a synthetic problem atomically (``mpda simulate``).
+
+    Observation datasets ``x, y, value, noise`` sit at the root, so the file is itself
+    a valid observation file for :func:`read_observations`; also ``/truth`` and
+    ``/background`` ``(ny, nx)``, ``/grid/x`` ``(nx,)``, ``/grid/y`` ``(ny,)``.
+    """
+    xs = np.asarray(x, dtype=np.float64)
+    ys = np.asarray(y, dtype=np.float64)
+    shape = (ys.size, xs.size)
+    fields = {
+        "truth": _field("truth", truth, shape),
+        "background": _field("background", background, shape),
+    }
+    obs = _obs_arrays(observations)
+    converted = {k: _attr_value(k, v) for k, v in (attrs or {}).items()}
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(converted)
+        for key, data in obs.items():
+            f.create_dataset(key, data=data)
+        for key, data in fields.items():
+            f.create_dataset(key, data=data)
+        f.create_dataset("grid/x", data=xs)
+        f.create_dataset("grid/y", data=ys)

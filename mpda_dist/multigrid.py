@@ -1,0 +1,63 @@
+"""Multigrid levels and the prolongation of messages between them (DESIGN §2).
+
+Level ``l`` keeps every ``2^l``-th node of the target grid, counted from node 0, so a
+coarse node *is* a fine node and an observation on it is used there as it is.  The
+coarse grid keeps the fine spacing ×2 (its far edge may sit up to one fine cell inside
+the domain); coarse levels only provide a starting point, so the target level's fixed
+point does not depend on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Level:
+    """One grid of the schedule: ``ny × nx`` points including the boundary."""
+
+    ny: int
+    nx: int
+    stride: int  # target-grid nodes per node of this level
+    dy: float
+    dx: float
+
+    @property
+    def interior(self) -> tuple[int, int]:
+        return (self.ny - 2, self.nx - 2)
+
+
+def schedule(
+    ny: int, nx: int, dy: float, dx: float, min_size: int = 32, enabled: bool = True
+) -> list[Level]:
+    """Levels from coarsest to the target, halving while the longest side > ``min_size``."""
+    levels = [Level(ny, nx, 1, dy, dx)]
+    while enabled:
+        top = levels[-1]
+        if max(top.ny, top.nx) <= min_size:
+            break
+        cy, cx = (top.ny - 1) // 2 + 1, (top.nx - 1) // 2 + 1
+        if min(cy, cx) < 5:  # fewer than 3 interior nodes: nothing left to solve
+            break
+        levels.append(Level(cy, cx, top.stride * 2, top.dy * 2, top.dx * 2))
+    return levels[::-1]
+
+
+def coarse_index(n_fine: int, n_coarse: int) -> np.ndarray:
+    """For each fine interior index, the coarse interior index nearest below it."""
+    full = np.arange(1, n_fine + 1)
+    return np.clip(full // 2 - 1, 0, n_coarse - 1)
+
+
+def prolong(messages: np.ndarray, fine_interior: tuple[int, int], mask: np.ndarray) -> np.ndarray:
+    """Coarse messages ``(..., nc_y, nc_x)`` → a fine start ``(..., n_y, n_x)``.
+
+    Each fine node takes the messages of the coarse node at (or just before) it, and
+    messages on edges that do not exist at the fine level (``mask`` false, shape of the
+    result) are zeroed.
+    """
+    iy = coarse_index(fine_interior[0], messages.shape[-2])
+    ix = coarse_index(fine_interior[1], messages.shape[-1])
+    return messages[..., iy[:, None], ix[None, :]] * mask

@@ -1,0 +1,114 @@
+"""Process start-up: MPI, fail-fast error handling and JAX's environment.
+
+Call :func:`start` before anything imports JAX: thread and GPU-memory settings are
+read from the environment when JAX initialises.  What the user already set is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import traceback
+from types import TracebackType
+from typing import Any
+
+log = logging.getLogger("mpda_dist")
+
+
+class LaunchError(RuntimeError):
+    """The job was started in a way that cannot work (e.g. plain ``srun`` copies)."""
+
+
+def _setdefault_env(name: str, value: str) -> None:
+    if name not in os.environ:
+        os.environ[name] = value
+
+
+def configure_jax_env(local_size: int, cores: int | None = None) -> None:
+    """Threads and GPU memory per rank when ``local_size`` ranks share a node.
+
+    Never overrides a variable (or an XLA flag) the user set.
+    """
+    cores = cores or os.cpu_count() or 1
+    threads = max(1, cores // max(1, local_size))
+    flags = os.environ.get("XLA_FLAGS", "")
+    if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        _setdefault_env(var, str(threads))
+    if local_size > 1:
+        # Ranks may share one GPU: no preallocation, and an even share of its memory.
+        _setdefault_env("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        _setdefault_env("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / local_size:.3f}")
+    _setdefault_env("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def install_abort_hook(comm: Any) -> None:
+    """An uncaught exception on any rank prints a rank-tagged traceback and aborts
+    every rank (otherwise the others hang in the next collective or in Finalize)."""
+    rank = comm.Get_rank()
+
+    def hook(etype: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        text = "".join(traceback.format_exception(etype, value, tb))
+        sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.splitlines()))
+        sys.stderr.flush()
+        comm.Abort(1)
+
+    sys.excepthook = hook
+
+
+def abort_on_error(comm: Any, exc: BaseException, code: int = 1) -> None:
+    """Report ``exc`` tagged with the rank and end the whole job."""
+    rank = comm.Get_rank()
+    sys.stderr.write(f"[rank {rank}] error: {exc}\n")
+    sys.stderr.flush()
+    if comm.Get_size() > 1:
+        comm.Abort(code)
+    raise SystemExit(code)
+
+
+def check_launch(world_size: int) -> None:
+    """Plain ``srun -n N`` without MPI wiring starts N independent 1-rank copies."""
+    ntasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if world_size == 1 and ntasks > 1 and "SLURM_STEP_ID" in os.environ:
+        raise LaunchError(
+            f"Slurm started {ntasks} tasks but MPI sees a single rank: the tasks were not "
+            "wired together. Launch with `srun --mpi=pmi2 mpda run ...` or "
+            "`mpiexec -n $SLURM_NTASKS mpda run ...`"
+        )
+
+
+def start() -> Any:
+    """Initialise MPI and the environment; returns ``COMM_WORLD``."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    install_abort_hook(comm)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_size, local_rank = local.Get_size(), local.Get_rank()
+    local.Free()
+    configure_jax_env(local_size)
+    os.environ.setdefault("MPDA_LOCAL_RANK", str(local_rank))
+    check_launch(comm.Get_size())
+    return comm
+
+
+def select_device(local_rank: int) -> Any:
+    """The JAX device for this rank: GPU by node-local rank when several are visible."""
+    import jax
+
+    devices = jax.devices()
+    return devices[local_rank % len(devices)]
+
+
+def device_table(comm: Any) -> list[tuple[int, str, str]]:
+    """``(rank, host, device)`` for every rank, gathered on rank 0 (others get [])."""
+    import jax
+
+    local_rank = int(os.environ.get("MPDA_LOCAL_RANK", "0"))
+    dev = select_device(local_rank)
+    jax.config.update("jax_default_device", dev)
+    rows = comm.gather((comm.Get_rank(), socket.gethostname(), str(dev)), root=0)
+    return rows or []

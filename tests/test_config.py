@@ -1,0 +1,398 @@
+"""Config loading: defaults, round trips, overrides and every class of error."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mpda_dist.config import (
+    Config,
+    ConfigError,
+    DecompositionConfig,
+    GridConfig,
+    ObservationsConfig,
+    SolverConfig,
+    SyntheticObsConfig,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------ defaults and files
+
+
+def test_dataclass_defaults() -> None:
+    cfg = Config()
+    assert (cfg.grid.nx, cfg.grid.ny, cfg.grid.extent) == (256, 256, (1.0, 1.0))
+    assert (cfg.prior.lengthscale, cfg.prior.amplitude, cfg.prior.background) == (0.15, 1.1, 0.0)
+    assert cfg.observations.synthetic == SyntheticObsConfig(fraction=0.05, noise=1e-3, seed=0)
+    assert cfg.observations.file is None
+    s = cfg.solver
+    assert (s.method, s.c, s.damping, s.stopping, s.dtype) == (
+        "mp",
+        10.0,
+        0.6,
+        "residual",
+        "float32",
+    )
+    assert (s.tol, s.check_every, s.max_iterations) == (None, 50, 10000)
+    assert (s.multigrid.min_size, s.multigrid.enabled) == (32, True)
+    assert (s.exchange.mode, s.exchange.every, s.exchange.max_staleness) == ("async", 1, 4)
+    assert cfg.decomposition == DecompositionConfig("auto", 32)
+    assert cfg.output.file == "analysis.h5"
+    assert (cfg.logging.level, cfg.logging.per_rank, cfg.logging.heartbeat_seconds) == (
+        "info",
+        False,
+        10.0,
+    )
+
+
+def test_bundled_demo_matches_contract() -> None:
+    cfg = load_config(None)
+    assert (cfg.grid.nx, cfg.grid.ny) == (256, 256)
+    assert cfg.observations.synthetic is not None
+    assert cfg.observations.synthetic.fraction == 0.05
+    assert cfg.solver.effective_tol() == 1e-5
+    # Apart from the explicit tol, the demo spells out the defaults.
+    assert dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, tol=None)) == Config()
+
+
+def test_top_level_demo_is_the_bundled_one() -> None:
+    bundled = ROOT / "mpda_dist" / "configs" / "demo.yaml"
+    assert (ROOT / "configs" / "demo.yaml").read_text() == bundled.read_text()
+    assert load_config(ROOT / "configs" / "demo.yaml") == load_config(None)
+
+
+def test_small_config() -> None:
+    cfg = load_config(ROOT / "configs" / "small.yaml")
+    assert (cfg.grid.nx, cfg.grid.ny, cfg.solver.dtype) == (64, 64, "float64")
+    assert cfg.solver.effective_tol() == 1e-10
+
+
+def test_empty_file_and_partial_sections_take_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == Config()
+    cfg = load_config(write(tmp_path, "grid: {nx: 33}\nsolver:\n  exchange: {mode: sync}\n"))
+    assert (cfg.grid.nx, cfg.grid.ny) == (33, 256)
+    assert cfg.solver.exchange.mode == "sync"
+    assert cfg.solver.exchange.every == 1
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("float64", 1e-10)])
+def test_effective_tol_follows_dtype(dtype: str, tol: float) -> None:
+    assert SolverConfig(dtype=dtype).effective_tol() == tol
+    assert SolverConfig(dtype=dtype, tol=1e-3).effective_tol() == 1e-3
+
+
+def test_int_accepted_for_float_and_lists_become_tuples(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "grid: {extent: [2, 1]}\nsolver: {c: -2, damping: 1}\n"))
+    assert cfg.grid.extent == (2.0, 1.0)
+    assert isinstance(cfg.grid.extent[0], float)
+    assert cfg.solver.c == -2.0 and isinstance(cfg.solver.c, float)
+
+
+def test_exponent_without_dot_is_a_float(tmp_path: Path) -> None:
+    # Plain PyYAML reads `1e-6` as a string (YAML 1.1); users write it anyway.
+    cfg = load_config(
+        write(tmp_path, "solver: {tol: 1e-6}\nobservations: {synthetic: {noise: 2E-3}}")
+    )
+    assert cfg.solver.tol == 1e-6
+    assert cfg.observations.synthetic is not None and cfg.observations.synthetic.noise == 2e-3
+
+
+def test_file_observations_and_background_file(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, "observations: {file: obs.h5, noise: 0.01}\nprior: {background: bg.h5:f}")
+    )
+    assert cfg.observations.file == "obs.h5" and cfg.observations.synthetic is None
+    assert cfg.observations.noise == 0.01
+    assert cfg.prior.background == "bg.h5:f"
+
+
+def test_process_grid_tuple(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "decomposition: {process_grid: [2, 3]}"))
+    assert cfg.decomposition.process_grid == (2, 3)
+
+
+def test_config_is_frozen_hashable_and_picklable() -> None:
+    cfg = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.grid.nx = 3  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert hash(cfg) == hash(load_config(None))
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("solver.dtype=float64", "decomposition.process_grid=[2,1]", "prior.background=b.h5"),
+        ("observations.file=o.h5", "observations.noise=0.5", "solver.tol=3e-7"),
+    ],
+)
+def test_dump_load_round_trip(tmp_path: Path, overrides: tuple[str, ...]) -> None:
+    cfg = load_config(None, overrides)
+    path = write(tmp_path, dump_config(cfg))
+    assert load_config(path) == cfg
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+    assert config_to_dict(cfg) == yaml.safe_load(dump_config(cfg))
+
+
+def test_config_to_dict_is_plain() -> None:
+    d = config_to_dict(Config())
+    assert d["grid"]["extent"] == [1.0, 1.0]
+    assert d["solver"]["multigrid"] == {"min_size": 32, "enabled": True}
+    assert set(d) == {f.name for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def test_overrides_apply_in_order_and_nest() -> None:
+    cfg = load_config(
+        None,
+        [
+            "grid.nx=64",
+            "grid.nx=65",
+            "solver.multigrid.min_size=8",
+            "solver.exchange.mode=sync",
+            "grid.extent=[2.0, 1.5]",
+            "logging.per_rank=true",
+        ],
+    )
+    assert cfg.grid.nx == 65
+    assert cfg.solver.multigrid.min_size == 8
+    assert cfg.solver.exchange.mode == "sync"
+    assert cfg.grid.extent == (2.0, 1.5)
+    assert cfg.logging.per_rank is True
+
+
+def test_override_to_observation_file_replaces_synthetic() -> None:
+    cfg = load_config(None, ["observations.file=problem.h5"])
+    assert cfg.observations.file == "problem.h5"
+    assert cfg.observations.synthetic is None
+
+
+def test_override_error_names_file_and_override() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "demo.yaml", ["solver.dtype=float16"])
+    msg = str(err.value)
+    assert msg.startswith(str(ROOT / "configs" / "demo.yaml"))
+    assert "--set solver.dtype=float16" in msg
+    assert "solver.dtype = 'float16' is not allowed; choose one of: float32, float64" in msg
+    assert err.value.key == "solver.dtype"
+
+
+@pytest.mark.parametrize("bad", ["nonsense", "=3", "grid.=3", ".nx=3"])
+def test_malformed_override(bad: str) -> None:
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, [bad])
+
+
+def test_override_into_a_value_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"'grid.nx' = 256 is a value, not a section"):
+        load_config(None, ["grid.nx.deep=1"])
+
+
+def test_override_with_bad_yaml() -> None:
+    with pytest.raises(ConfigError, match=r"--set grid.extent: invalid YAML"):
+        load_config(None, ["grid.extent=[1, 2"])
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: "), msg
+    return msg
+
+
+def test_exact_message_for_bad_choice(tmp_path: Path) -> None:
+    path = write(tmp_path, "solver: {dtype: float16}\n", "x.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"{path}: solver.dtype = 'float16' is not allowed; choose one of: float32, float64"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "solver: {dtpye: float64}",
+            "solver.dtpye = 'float64' is not a known key; did you mean 'solver.dtype'?",
+        ),
+        ("gird: {nx: 3}", "did you mean 'grid'?"),
+        ("solver: {multigrid: {min_sise: 8}}", "did you mean 'solver.multigrid.min_size'?"),
+        ("grid: {nz: 3}", "allowed in 'grid': nx, ny, extent"),
+        ("grid: {zzzz: 3}", "grid.zzzz = 3 is not a known key (allowed in 'grid'"),
+    ],
+)
+def test_unknown_keys_with_suggestions(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("grid: {nx: 12.5}", "grid.nx = 12.5 has the wrong type (number); expected an integer"),
+        ("grid: {nx: '64'}", "grid.nx = '64' has the wrong type (string); expected an integer"),
+        ("solver: {c: ten}", "solver.c = 'ten' has the wrong type (string); expected a number"),
+        (
+            "grid: {extent: 1.0}",
+            "grid.extent = 1.0 has the wrong type (number); expected a list of 2 numbers",
+        ),
+        ("grid: {extent: [1.0, 1.0, 1.0]}", "expected a list of 2 numbers"),
+        (
+            "grid: 5",
+            "grid = 5 has the wrong type (integer); expected a mapping with keys: nx, ny, extent",
+        ),
+        ("solver: {multigrid: {enabled: 1}}", "expected a boolean (true or false)"),
+        ("prior: {background: [1, 2]}", "expected a number or a string"),
+        ("output: {file: 3}", "output.file = 3 has the wrong type (integer); expected a string"),
+        (
+            "observations: {synthetic: 3}",
+            "expected a mapping with keys: fraction, noise, seed or null",
+        ),
+    ],
+)
+def test_wrong_types(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("grid: {nx: true}", "grid.nx"),
+        ("observations: {synthetic: {seed: false}}", "observations.synthetic.seed"),
+        ("solver: {damping: true}", "solver.damping"),
+    ],
+)
+def test_bool_is_not_a_number(tmp_path: Path, text: str, key: str) -> None:
+    msg = error_of(tmp_path, text)
+    assert f"{key} = " in msg
+    assert "wrong type (boolean; true/false is not a number)" in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("grid: {nx: 4}", "grid.nx = 4 is out of range; must be >= 5"),
+        (
+            "grid: {extent: [1.0, 0.0]}",
+            "grid.extent = [1.0, 0.0] is out of range; each value must be > 0.0",
+        ),
+        ("solver: {damping: 0}", "solver.damping = 0.0 is out of range; must be > 0.0 and <= 1.0"),
+        ("solver: {damping: 1.5}", "must be > 0.0 and <= 1.0"),
+        ("solver: {c: 0}", "solver.c = 0.0 is out of range; must be != 0"),
+        ("solver: {tol: -1.0e-5}", "solver.tol = -1e-05 is out of range; must be > 0.0"),
+        ("solver: {check_every: 0}", "solver.check_every = 0 is out of range; must be >= 1"),
+        ("solver: {exchange: {every: 0}}", "solver.exchange.every = 0 is out of range"),
+        ("solver: {exchange: {max_staleness: -1}}", "must be >= 0"),
+        (
+            "observations: {synthetic: {fraction: 0}}",
+            "observations.synthetic.fraction = 0.0 is out of range",
+        ),
+        ("observations: {synthetic: {fraction: 1.01}}", "must be > 0.0 and <= 1.0"),
+        (
+            "observations: {synthetic: {noise: 0}}",
+            "observations.synthetic.noise = 0.0 is out of range",
+        ),
+        ("observations: {file: o.h5, noise: -1}", "observations.noise = -1.0 is out of range"),
+        ("decomposition: {process_grid: [2, 0]}", "each value must be >= 1"),
+        ("prior: {lengthscale: .nan}", "prior.lengthscale = nan must be a finite number"),
+        ("prior: {amplitude: .inf}", "must be a finite number"),
+        ("output: {file: ''}", "output.file = '' must not be empty"),
+    ],
+)
+def test_out_of_range(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "solver: {method: gbp}",
+            "solver.method = 'gbp' is not allowed; choose one of: mp, exact, cg, 3dvar, amg_cg",
+        ),
+        ("solver: {stopping: never}", "choose one of: residual, delta"),
+        ("solver: {exchange: {mode: blocking}}", "choose one of: sync, async"),
+        ("logging: {level: verbose}", "choose one of: debug, info, warning"),
+        ("decomposition: {process_grid: manual}", "choose one of: auto, or a list of 2 integers"),
+        (
+            "solver: {dtype: 32}",
+            "solver.dtype = 32 is not allowed; choose one of: float32, float64",
+        ),
+    ],
+)
+def test_enums(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, text)
+
+
+def test_both_observation_sources(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "observations: {file: o.h5, synthetic: {seed: 1}}")
+    assert "both 'synthetic' and 'file' are given; choose exactly one" in msg
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=rf"^{path}: no such config file$"):
+        load_config(path)
+
+
+def test_directory_is_not_a_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("grid: {nx: 3\n", "invalid YAML at line"),
+        ("grid:\n  nx: 64\n nx: 3\n", "invalid YAML at line 3"),
+        ("grid:\n  nx: 64\n  nx: 65\n", "found duplicate key 'nx'"),
+        ("- 1\n- 2\n", "the top level must be a mapping of sections"),
+    ],
+)
+def test_bad_yaml(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, text)
+
+
+def test_errors_are_value_errors() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+# ----------------------------------------------------------- direct construction checks
+
+
+def test_direct_construction_is_validated() -> None:
+    with pytest.raises(ConfigError, match=r"^grid.nx = 2 is out of range; must be >= 5$"):
+        GridConfig(nx=2)
+    with pytest.raises(ConfigError, match="solver.damping = 2.0 is out of range"):
+        dataclasses.replace(SolverConfig(), damping=2)
+    with pytest.raises(ConfigError, match="choose exactly one"):
+        ObservationsConfig(synthetic=SyntheticObsConfig(), file="o.h5")
+    assert ObservationsConfig().synthetic == SyntheticObsConfig()
+    assert GridConfig(extent=[3, 2]).extent == (3.0, 2.0)  # type: ignore[arg-type]

@@ -1,0 +1,398 @@
+"""HDF5 input/output: round trips, atomic writes and every input error."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mpda_dist.io import (
+    InputError,
+    atomic_output,
+    check_writable,
+    read_field,
+    read_observations,
+    read_truth,
+    split_field_spec,
+    write_analysis,
+    write_problem,
+)
+
+NX, NY = 7, 5  # deliberately unequal: catches x/y mix-ups
+
+
+def grid() -> tuple[np.ndarray, np.ndarray]:
+    return np.linspace(0.0, 2.0, NX), np.linspace(0.0, 1.0, NY)
+
+
+def obs(n: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {
+        "x": rng.uniform(0, 2, n),
+        "y": rng.uniform(0, 1, n),
+        "value": rng.normal(size=n),
+        "noise": np.full(n, 1e-3),
+    }
+
+
+def make_obs_file(path: Path, **datasets: object) -> Path:
+    with h5py.File(path, "w") as f:
+        for k, v in datasets.items():
+            f.create_dataset(k, data=v)
+    return path
+
+
+def no_temporaries(directory: Path) -> bool:
+    return not [p for p in directory.iterdir() if ".tmp-" in p.name or ".probe-" in p.name]
+
+
+# ------------------------------------------------------------------------ observations
+
+
+def test_read_observations_round_trip(tmp_path: Path) -> None:
+    o = obs()
+    path = make_obs_file(tmp_path / "o.h5", **o)
+    got = read_observations(path)
+    assert set(got) == {"x", "y", "value", "noise"}
+    for k in o:
+        assert got[k].dtype == np.float64 and got[k].ndim == 1
+        np.testing.assert_array_equal(got[k], o[k])
+
+
+def test_integer_datasets_become_float64(tmp_path: Path) -> None:
+    path = make_obs_file(
+        tmp_path / "o.h5",
+        x=np.arange(3),
+        y=np.arange(3, dtype=np.int16),
+        value=[1, 2, 3],
+        noise=np.ones(3, dtype=np.float32),
+    )
+    got = read_observations(path)
+    assert all(v.dtype == np.float64 for v in got.values())
+    np.testing.assert_array_equal(got["y"], [0.0, 1.0, 2.0])
+
+
+def test_scalar_noise_attribute_is_broadcast(tmp_path: Path) -> None:
+    o = obs(5)
+    del o["noise"]
+    path = make_obs_file(tmp_path / "o.h5", **o)
+    with h5py.File(path, "a") as f:
+        f.attrs["noise"] = 0.25
+    np.testing.assert_array_equal(read_observations(path)["noise"], np.full(5, 0.25))
+
+
+def test_default_noise_when_file_has_none(tmp_path: Path) -> None:
+    o = obs(3)
+    del o["noise"]
+    path = make_obs_file(tmp_path / "o.h5", **o)
+    with pytest.raises(InputError, match=rf"{path}: missing dataset 'noise'"):
+        read_observations(path)
+    np.testing.assert_array_equal(read_observations(path, default_noise=0.5)["noise"], [0.5] * 3)
+
+
+def test_values_are_not_checked_here(tmp_path: Path) -> None:
+    o = obs(3)
+    o["value"][1] = np.nan
+    o["noise"][0] = -1.0
+    got = read_observations(make_obs_file(tmp_path / "o.h5", **o))
+    assert np.isnan(got["value"][1]) and got["noise"][0] == -1.0
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.h5"
+    with pytest.raises(InputError, match=rf"^{path}: no such file$"):
+        read_observations(path)
+    with pytest.raises(InputError, match=rf"^{path}: no such file$"):
+        read_truth(path)
+    with pytest.raises(InputError, match="not a regular file"):
+        read_observations(tmp_path)
+
+
+def test_not_hdf5(tmp_path: Path) -> None:
+    path = tmp_path / "o.h5"
+    path.write_text("x,y,value\n0.1,0.2,3\n")
+    with pytest.raises(InputError, match=rf"^{path}: cannot open as HDF5"):
+        read_observations(path)
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    path = make_obs_file(tmp_path / "o.h5", **obs(20000))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=str(path)):
+        read_observations(path)
+
+
+@pytest.mark.parametrize("name", ["x", "y", "value"])
+def test_missing_dataset(tmp_path: Path, name: str) -> None:
+    o = obs()
+    del o[name]
+    path = make_obs_file(tmp_path / "o.h5", **o)
+    with pytest.raises(InputError, match=rf"^{path}: missing dataset '{name}'$"):
+        read_observations(path)
+
+
+def test_group_instead_of_dataset(tmp_path: Path) -> None:
+    o = obs()
+    del o["value"]
+    path = make_obs_file(tmp_path / "o.h5", **o)
+    with h5py.File(path, "a") as f:
+        f.create_group("value")
+    with pytest.raises(InputError, match="'value' is a group, expected a dataset"):
+        read_observations(path)
+
+
+def test_wrong_shape(tmp_path: Path) -> None:
+    o = obs()
+    o["x"] = np.zeros((2, 2))
+    path = make_obs_file(tmp_path / "o.h5", **o)
+    with pytest.raises(InputError, match=r"dataset 'x' has shape \(2, 2\); expected 1 dimension"):
+        read_observations(path)
+
+
+@pytest.mark.parametrize(
+    "bad", [np.array([b"a", b"b", b"c", b"d"]), np.array([1 + 1j, 2, 3, 4]), np.ones(4, bool)]
+)
+def test_non_numeric_dtype(tmp_path: Path, bad: np.ndarray) -> None:
+    o = obs()
+    o["value"] = bad
+    path = make_obs_file(tmp_path / "o.h5", **o)
+    with pytest.raises(InputError, match=rf"{path}: dataset 'value' has dtype .*expected real"):
+        read_observations(path)
+
+
+def test_length_mismatch(tmp_path: Path) -> None:
+    o = obs(4)
+    o["y"] = o["y"][:3]
+    path = make_obs_file(tmp_path / "o.h5", **o)
+    with pytest.raises(InputError, match=r"differ in length: x has 4, y has 3, value has 4"):
+        read_observations(path)
+
+
+def test_noise_attribute_must_be_one_number(tmp_path: Path) -> None:
+    o = obs(3)
+    del o["noise"]
+    path = make_obs_file(tmp_path / "o.h5", **o)
+    with h5py.File(path, "a") as f:
+        f.attrs["noise"] = [1.0, 2.0]
+    with pytest.raises(InputError, match="root attribute 'noise'"):
+        read_observations(path)
+
+
+# -------------------------------------------------------------------------- fields
+
+
+def test_read_field_default_and_named_dataset(tmp_path: Path) -> None:
+    bg = np.arange(NY * NX, dtype=np.float32).reshape(NY, NX)
+    path = tmp_path / "bg.h5"
+    with h5py.File(path, "w") as f:
+        f["background"] = bg
+        f["other"] = 2 * bg
+    np.testing.assert_array_equal(read_field(str(path), (NY, NX)), bg)
+    got = read_field(f"{path}:other", (NY, NX))
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, 2 * bg)
+
+
+def test_split_field_spec(tmp_path: Path) -> None:
+    assert split_field_spec("a.h5") == (Path("a.h5"), "background")
+    assert split_field_spec("a.h5:f") == (Path("a.h5"), "f")
+    assert split_field_spec("dir/a.h5:") == (Path("dir/a.h5"), "background")
+    odd = tmp_path / "odd:name.h5"  # an existing file with a colon keeps its full name
+    odd.touch()
+    assert split_field_spec(str(odd)) == (odd, "background")
+
+
+def test_read_field_errors(tmp_path: Path) -> None:
+    path = tmp_path / "bg.h5"
+    with h5py.File(path, "w") as f:
+        f["background"] = np.zeros((NX, NY))
+        f["flat"] = np.zeros(NX * NY)
+    with pytest.raises(InputError, match=r"expected \(ny, nx\) = \(5, 7\) \(transposed\?"):
+        read_field(str(path), (NY, NX))
+    with pytest.raises(InputError, match=r"has shape \(7, 5\); expected \(ny, nx\) = \(5, 5\)$"):
+        read_field(str(path), (5, 5))
+    with pytest.raises(InputError, match="'flat' has shape"):
+        read_field(f"{path}:flat", (NY, NX))
+    with pytest.raises(InputError, match="missing dataset 'nope'"):
+        read_field(f"{path}:nope", (NY, NX))
+    with pytest.raises(InputError, match="no such file"):
+        read_field(str(tmp_path / "absent.h5"), (NY, NX))
+
+
+# ------------------------------------------------------------------- atomic writing
+
+
+def test_atomic_output_renames_on_success(tmp_path: Path) -> None:
+    final = tmp_path / "out.h5"
+    with atomic_output(final) as tmp:
+        assert tmp.parent == final.parent
+        assert tmp.name == f".out.h5.tmp-{os.getpid()}"
+        tmp.write_text("done")
+        assert not final.exists()
+    assert final.read_text() == "done"
+    assert no_temporaries(tmp_path)
+
+
+def test_atomic_output_leaves_old_file_on_failure(tmp_path: Path) -> None:
+    final = tmp_path / "out.h5"
+    final.write_text("previous result")
+    with pytest.raises(RuntimeError, match="boom"), atomic_output(final) as tmp:
+        tmp.write_text("half written")
+        raise RuntimeError("boom")
+    assert final.read_text() == "previous result"
+    assert no_temporaries(tmp_path)
+
+
+def test_atomic_output_cleans_up_on_keyboard_interrupt(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt), atomic_output(tmp_path / "o.h5") as tmp:
+        tmp.write_text("x")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_writable(tmp_path: Path) -> None:
+    check_writable(tmp_path / "out.h5")
+    assert no_temporaries(tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        check_writable(tmp_path / "missing" / "out.h5")
+    with pytest.raises(InputError, match="is a directory"):
+        check_writable(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to read-only directories")
+def test_check_writable_read_only_directory(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(InputError, match="not writable"):
+            check_writable(ro / "out.h5")
+    finally:
+        ro.chmod(0o755)
+
+
+# -------------------------------------------------------------------- analysis file
+
+
+def analysis_inputs() -> dict:
+    x, y = grid()
+    rng = np.random.default_rng(0)
+    return dict(
+        mean=rng.normal(size=(NY, NX)).astype(np.float32),
+        x=x,
+        y=y,
+        observations=obs() | {"noise": 1e-3, "hfb": np.zeros(4)},
+        background=np.full((NY, NX), 0.5),
+        truth=rng.normal(size=(NY, NX)),
+        attrs={
+            "config": "grid: {nx: 7}\n",
+            "iterations": np.array([120, 80]),
+            "final_residual": [1e-6, 2e-7],
+            "ranks": 4,
+            "wall_time_s": 1.5,
+            "converged": True,
+            "levels": {"0": {"status": "converged"}},
+        },
+    )
+
+
+def test_write_analysis_layout(tmp_path: Path) -> None:
+    inp = analysis_inputs()
+    path = tmp_path / "out.h5"
+    write_analysis(path, **inp)
+    assert no_temporaries(tmp_path)
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["analysis/mean"][()], inp["mean"])
+        assert f["analysis/mean"].dtype == np.float64 and f["analysis/mean"].shape == (NY, NX)
+        np.testing.assert_allclose(f["analysis/increment"][()], inp["mean"] - 0.5)
+        np.testing.assert_array_equal(f["grid/x"][()], inp["x"])
+        np.testing.assert_array_equal(f["grid/y"][()], inp["y"])
+        np.testing.assert_array_equal(f["background"][()], inp["background"])
+        np.testing.assert_array_equal(f["truth"][()], inp["truth"])
+        for k in ("x", "y", "value"):
+            np.testing.assert_array_equal(f[f"observations/{k}"][()], inp["observations"][k])
+        np.testing.assert_array_equal(f["observations/noise"][()], np.full(4, 1e-3))
+        assert f["observations/hfb"].shape == (4,)
+        a = f.attrs
+        assert a["config"] == "grid: {nx: 7}\n"
+        np.testing.assert_array_equal(a["iterations"], [120, 80])
+        np.testing.assert_array_equal(a["final_residual"], [1e-6, 2e-7])
+        assert a["ranks"] == 4 and a["wall_time_s"] == 1.5 and a["converged"] == 1
+        assert json.loads(a["levels"]) == {"0": {"status": "converged"}}
+    assert read_truth(path) is not None
+
+
+def test_write_analysis_without_truth_and_with_increment(tmp_path: Path) -> None:
+    inp = analysis_inputs()
+    del inp["truth"]
+    inc = np.ones((NY, NX))
+    path = tmp_path / "out.h5"
+    write_analysis(path, increment=inc, **inp)
+    with h5py.File(path, "r") as f:
+        assert "truth" not in f
+        np.testing.assert_array_equal(f["analysis/increment"][()], inc)
+    assert read_truth(path) is None
+
+
+def test_write_analysis_rejects_wrong_shapes(tmp_path: Path) -> None:
+    inp = analysis_inputs()
+    inp["mean"] = inp["mean"].T
+    with pytest.raises(
+        ValueError, match=r"mean has shape \(7, 5\); expected \(ny, nx\) = \(5, 7\)"
+    ):
+        write_analysis(tmp_path / "out.h5", **inp)
+    inp = analysis_inputs()
+    inp["observations"]["value"] = np.zeros(3)
+    with pytest.raises(ValueError, match=r"observations\['value'\] has shape \(3,\)"):
+        write_analysis(tmp_path / "out.h5", **inp)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_analysis_opens_in_xarray(tmp_path: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    inp = analysis_inputs()
+    path = tmp_path / "out.h5"
+    write_analysis(path, **inp)
+    with xr.open_dataset(path, engine="h5netcdf") as root:
+        assert root["truth"].dims == ("y", "x")
+        np.testing.assert_array_equal(root["x"], inp["x"])
+    with xr.open_dataset(path, engine="h5netcdf", group="analysis") as ana:
+        assert ana["mean"].dims == ("y", "x")
+        np.testing.assert_array_equal(ana["mean"], inp["mean"])
+    with xr.open_dataset(path, engine="h5netcdf", group="observations") as ob:
+        assert ob["value"].dims == ("obs",)
+
+
+# --------------------------------------------------------------------- problem file
+
+
+def test_problem_file_is_an_observation_file(tmp_path: Path) -> None:
+    x, y = grid()
+    o = obs()
+    truth = np.random.default_rng(3).normal(size=(NY, NX))
+    path = tmp_path / "problem.h5"
+    write_problem(
+        path,
+        truth=truth,
+        x=x,
+        y=y,
+        observations=o,
+        background=np.zeros((NY, NX)),
+        attrs={"seed": 3},
+    )
+    assert no_temporaries(tmp_path)
+    got = read_observations(path)
+    for k in o:
+        np.testing.assert_array_equal(got[k], o[k])
+    np.testing.assert_array_equal(read_truth(path), truth)
+    np.testing.assert_array_equal(read_field(str(path), (NY, NX)), np.zeros((NY, NX)))
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["grid/x"][()], x)
+        np.testing.assert_array_equal(f["grid/y"][()], y)
+        assert f.attrs["seed"] == 3
