@@ -137,12 +137,14 @@ class ExchangeConfig(Section):
 @dataclass(frozen=True, slots=True)
 class SolverConfig(Section):
     """Solver options.  ``c`` and ``damping`` are the re-weighted BP weight and learning
-    rate; ``tol`` is the relative residual (or delta ratio) at which to stop, None for
+    rate; ``momentum`` a heavy-ball term on the ``b`` messages (0 turns it off; it
+    vanishes at the fixed point); ``tol`` is the relative residual (or delta ratio) at which to stop, None for
     the dtype's default (see ``effective_tol``)."""
 
     method: Literal["mp", "exact", "cg", "3dvar", "amg_cg"] = "mp"
     c: float = opt(10.0, nonzero=True)
     damping: float = opt(0.6, gt=0.0, le=1.0)
+    momentum: float = opt(0.5, ge=0.0, lt=1.0)
     stopping: Literal["residual", "delta"] = "residual"
     tol: float | None = opt(None, gt=0.0)
     check_every: int = opt(50, ge=1)

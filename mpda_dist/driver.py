@@ -120,6 +120,7 @@ def settings_from(cfg: Any) -> Any:
     return Settings(
         c=s.c,
         damping=s.damping,
+        momentum=s.momentum,
         stopping=s.stopping,
         tol=s.effective_tol(),
         check_every=s.check_every,

@@ -112,26 +112,48 @@ def pack_cavities(a: Array, b: Array, op: Operator, p: Params, layout: Layout) -
     return jnp.concatenate(parts)
 
 
-@partial(jax.jit, static_argnames=("n",), donate_argnums=(0, 1))
+@partial(jax.jit, static_argnames=("n", "momentum", "delta"), donate_argnums=(0, 1, 2))
 def iterate(
-    a: Array, b: Array, op: Operator, halo_flat: Array, p: Params, n: int
-) -> tuple[Array, Array, Array, Array]:
+    a: Array,
+    b: Array,
+    b_prev: Array,
+    op: Operator,
+    halo_flat: Array,
+    p: Params,
+    n: int,
+    momentum: float = 0.0,
+    delta: bool = True,
+) -> tuple[Array, Array, Array, Array, Array]:
     """``n ≥ 1`` updates with the halo held fixed.
 
-    Returns the new messages, the flat outgoing cavity buffer for the neighbours, and
-    ``[Σ|Δa|, Σ|Δb|]`` of the last update (for the paper's δ stopping rule).
+    ``momentum > 0`` adds a heavy-ball term ``momentum·(b_t − b_{t−1})`` to the
+    ``b`` update; it vanishes at a fixed point, so the answer is unchanged.  ``b_prev``
+    is the previous ``b`` (any array when ``momentum == 0``; returned as given).
+
+    Returns the new messages, ``b_prev``, the flat outgoing cavity buffer for the
+    neighbours, and ``[Σ|Δa|, Σ|Δb|]`` of the last update (for the paper's δ rule;
+    zeros when ``delta`` is false, which compiles a smaller program).
     """
     by, bx = a.shape[1:]
     layout = message_layout(by, bx)
     halo = _split(halo_flat, layout.incoming)
 
-    def body(_, ab):
-        return update(ab[0], ab[1], op, halo, p)
+    def step(a, b, bp):
+        a2, b2 = update(a, b, op, halo, p)
+        if momentum:
+            return a2, b2 + momentum * (b - bp), b
+        return a2, b2, bp
 
-    a, b = lax.fori_loop(0, n - 1, body, (a, b))
-    a2, b2 = update(a, b, op, halo, p)
-    delta = jnp.stack([jnp.sum(jnp.abs(a2 - a)), jnp.sum(jnp.abs(b2 - b))])
-    return a2, b2, pack_cavities(a2, b2, op, p, layout), delta
+    def body(_, s):
+        return step(*s)
+
+    if not delta:
+        a, b, b_prev = lax.fori_loop(0, n, body, (a, b, b_prev))
+        return a, b, b_prev, pack_cavities(a, b, op, p, layout), jnp.zeros(2, a.dtype)
+    a, b, b_prev = lax.fori_loop(0, n - 1, body, (a, b, b_prev))
+    a2, b2, bp2 = step(a, b, b_prev)
+    change = jnp.stack([jnp.sum(jnp.abs(a2 - a)), jnp.sum(jnp.abs(b2 - b))])
+    return a2, b2, bp2, pack_cavities(a2, b2, op, p, layout), change
 
 
 @jax.jit

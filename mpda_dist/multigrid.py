@@ -39,7 +39,7 @@ def schedule(
         if max(top.ny, top.nx) <= min_size:
             break
         cy, cx = (top.ny - 1) // 2 + 1, (top.nx - 1) // 2 + 1
-        if min(cy, cx) < 5:  # fewer than 3 interior nodes: nothing left to solve
+        if min(cy, cx) < 6:  # a block needs 4 interior nodes per side (decomposition)
             break
         levels.append(Level(cy, cx, top.stride * 2, top.dy * 2, top.dx * 2))
     return levels[::-1]

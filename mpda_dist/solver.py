@@ -37,6 +37,7 @@ class Settings:
 
     c: float = 10.0
     damping: float = 0.6
+    momentum: float = 0.0
     stopping: str = "residual"
     tol: float = 1e-5
     check_every: int = 50
@@ -136,6 +137,7 @@ def solve_level(
     halo = jnp.asarray(mex.edge)
     frame_edge = jnp.asarray(fex.edge)
     jit = _Compiled()
+    bp = b.copy() if s.momentum else jnp.zeros((0,), b.dtype)
 
     t_start = time.perf_counter()
     if neighbours:
@@ -145,9 +147,21 @@ def solve_level(
     last_beat = time.perf_counter()
     while True:
         n = min(chunk, s.max_iterations - it)
-        step = jit(kernel.iterate, ("iterate", n), a, b, op, halo, p, n=n)
+        step = jit(
+            kernel.iterate,
+            n,
+            a,
+            b,
+            bp,
+            op,
+            halo,
+            p,
+            n=n,
+            momentum=s.momentum,
+            delta=s.stopping == "delta",
+        )
         t0 = time.perf_counter()
-        a, b, out, d = step(a, b, op, halo, p)
+        a, b, bp, out, d = step(a, b, bp, op, halo, p)
         it += n
         if neighbours:
             out_host = np.asarray(out)  # waits for the device

@@ -1,0 +1,58 @@
+"""Distributed runs under ``mpiexec -n P`` subprocesses, each with a hard timeout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+MPIEXEC = Path(sys.executable).with_name("mpiexec")
+
+pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="mpiexec not in the venv")
+
+
+def mpirun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [str(MPIEXEC), "-n", str(n), sys.executable, str(HERE / "mpi_cases.py"), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def check(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize(
+    "n,px,py",
+    [(2, 1, 2), (2, 2, 1), (4, 2, 2), (4, 4, 1)],
+)
+def test_sync_equals_one_rank(n, px, py):
+    check(mpirun(n, "sync_equals_serial", "26", "30", str(px), str(py)))
+
+
+def test_uneven_blocks_three_ranks():
+    check(mpirun(3, "sync_equals_serial", "29", "37"))
+
+
+def test_async_converges_to_exact():
+    check(mpirun(4, "async_equals_exact", "30", "30"))
+
+
+@pytest.mark.parametrize("n,px,py", [(1, 1, 1), (2, 2, 1), (3, 3, 1), (4, 2, 2)])
+def test_periodic_seam_exchange(n, px, py):
+    check(mpirun(n, "periodic_seam", "13", "23", str(px), str(py)))
+
+
+def test_failure_on_one_rank_ends_the_job():
+    t0 = time.perf_counter()
+    proc = mpirun(4, "fail_on_rank1", timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode != 0
+    assert elapsed < 30, elapsed
+    assert "[rank 1]" in proc.stderr and "injected failure on rank 1" in proc.stderr

@@ -1,0 +1,74 @@
+"""Message passing on one process (a 1 × 1 process grid) against the exact solve."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from _problems import problem, rel_rmse
+from mpi4py import MPI
+
+from mpda_dist.solver import CONVERGED, DIVERGED, Settings, solve
+
+
+def run(levels, nodes, **kw):
+    s = Settings(**({"max_iterations": 40000} | kw))
+    with jax.enable_x64(s.dtype == "float64"):
+        return solve(MPI.COMM_WORLD, levels, nodes, 0.15, 1.1, s)
+
+
+@pytest.mark.parametrize(
+    "ny,nx,fraction,extent,c,damping,momentum",
+    [
+        (24, 32, 0.05, (1.0, 1.0), 10.0, 0.6, 0.5),
+        (30, 22, 0.5, (1.5, 0.8), 10.0, 0.6, 0.0),
+        (40, 40, 0.01, (1.0, 1.0), 10.0, 0.6, 0.5),
+        (24, 32, 0.2, (1.0, 1.0), -2.0, 0.7, 0.5),
+        (26, 26, 0.1, (1.0, 1.0), 5.0, 0.5, 0.3),
+    ],
+)
+def test_mp_equals_exact_float64(ny, nx, fraction, extent, c, damping, momentum):
+    _, nodes, levels, exact = problem(ny, nx, fraction, extent)
+    res = run(levels, nodes, c=c, damping=damping, momentum=momentum, dtype="float64", tol=1e-12)
+    assert res.status == CONVERGED
+    assert rel_rmse(res.anomaly, exact) <= 1e-8
+
+
+def test_mp_equals_exact_float32():
+    _, nodes, levels, exact = problem(32, 32, 0.05)
+    res = run(levels, nodes, dtype="float32", tol=5e-7, max_iterations=20000)
+    assert res.levels[-1].residual < 1e-6
+    assert res.anomaly.dtype == np.float64
+    assert rel_rmse(res.anomaly, exact) <= 1e-4
+
+
+def test_multigrid_reaches_the_single_level_fixed_point():
+    _, nodes, levels, exact = problem(34, 34, 0.1)
+    assert len(levels) >= 2
+    multi = run(levels, nodes, dtype="float64", tol=1e-12)
+    single = run(levels[-1:], nodes, dtype="float64", tol=1e-12)
+    assert all(lv.status == CONVERGED for lv in multi.levels)
+    assert rel_rmse(multi.anomaly, single.anomaly) <= 1e-8
+    assert rel_rmse(multi.anomaly, exact) <= 1e-8
+
+
+def test_delta_rule_stops_early_and_is_less_accurate():
+    _, nodes, levels, exact = problem(24, 32, 0.05)
+    delta = run(levels[-1:], nodes, dtype="float64", stopping="delta", momentum=0.0)
+    resid = run(levels[-1:], nodes, dtype="float64", tol=1e-12, momentum=0.0)
+    assert delta.status == CONVERGED
+    assert delta.levels[-1].iterations < resid.levels[-1].iterations
+    assert rel_rmse(resid.anomaly, exact) < rel_rmse(delta.anomaly, exact)
+
+
+def test_diverging_setting_is_reported():
+    _, nodes, levels, _ = problem(24, 24, 0.05)
+    res = run(levels[-1:], nodes, dtype="float64", c=1.0, damping=1.0, momentum=0.0)
+    assert res.status == DIVERGED
+    assert res.levels[-1].iterations <= 200
+
+
+def test_iteration_cap_is_reported():
+    _, nodes, levels, _ = problem(24, 24, 0.05)
+    res = run(levels[-1:], nodes, dtype="float64", tol=1e-14, max_iterations=100)
+    assert res.status == "max_iterations" and res.levels[-1].iterations == 100
