@@ -1,0 +1,161 @@
+"""The ``mpda`` command end to end: outputs, and bad input that writes nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+MPDA = Path(sys.executable).with_name("mpda")
+DEMO = Path(__file__).parents[1] / "configs" / "demo.yaml"
+MPIEXEC = Path(sys.executable).with_name("mpiexec")
+SMALL = ["--set", "grid.nx=40", "--set", "grid.ny=40", "--set", "solver.multigrid.min_size=20"]
+
+
+def mpda(*args: str, cwd: Path | None = None, ranks: int = 1, timeout: float = 240):
+    cmd = [str(MPDA), *args]
+    if ranks > 1:
+        cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=dict(os.environ)
+    )
+
+
+def write_obs(path: Path, **cols) -> Path:
+    base = {
+        "x": [0.25, 0.5, 0.75],
+        "y": [0.5, 0.5, 0.25],
+        "value": [0.1, -0.2, 0.3],
+        "noise": [1e-3, 1e-3, 1e-3],
+    }
+    base.update(cols)
+    with h5py.File(path, "w") as f:
+        for k, v in base.items():
+            if v is not None:
+                f[k] = np.asarray(v, dtype=float)
+    return path
+
+
+def test_run_writes_the_documented_layout(tmp_path):
+    out = tmp_path / "a.h5"
+    proc = mpda(
+        "run", "-o", str(out), *SMALL, "--set", "observations.synthetic.fraction=0.2", ranks=2
+    )
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out) as f:
+        mean, truth, bg = f["analysis/mean"][:], f["truth"][:], f["background"][:]
+        assert mean.shape == (40, 40) and f["grid/x"].shape == (40,)
+        assert np.all(mean[0] == bg[0])  # the boundary holds the background
+        for k in ("x", "y", "value", "noise"):
+            assert f[f"observations/{k}"].shape == f["observations/x"].shape
+        assert f.attrs["ranks"] == 2 and f.attrs["status"] == "converged"
+        assert "grid:" in f.attrs["config"] and len(f.attrs["iterations"]) >= 1
+        rmse = np.sqrt(np.mean((mean - truth) ** 2))
+        assert rmse < 0.5 * np.sqrt(np.mean((bg - truth) ** 2))
+    assert "RMSE vs truth" in proc.stderr
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_simulate_then_run_consumes_the_file(tmp_path):
+    prob = tmp_path / "problem.h5"
+    assert mpda("simulate", str(DEMO), "-o", str(prob), *SMALL).returncode == 0
+    out = tmp_path / "b.h5"
+    proc = mpda("run", "-o", str(out), *SMALL, "--set", f"observations.file={prob}")
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out) as f, h5py.File(prob) as p:
+        np.testing.assert_array_equal(f["truth"][:], p["truth"][:])
+
+
+def test_exact_method_matches_mp(tmp_path):
+    outs = {}
+    for method in ("exact", "mp"):
+        outs[method] = tmp_path / f"{method}.h5"
+        proc = mpda(
+            "run",
+            "-o",
+            str(outs[method]),
+            *SMALL,
+            "--set",
+            f"solver.method={method}",
+            "--set",
+            "solver.dtype=float64",
+            "--set",
+            "solver.tol=1e-12",
+        )
+        assert proc.returncode == 0, proc.stderr
+    with h5py.File(outs["exact"]) as e, h5py.File(outs["mp"]) as m:
+        a, b = e["analysis/mean"][:], m["analysis/mean"][:]
+        assert np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(a**2)) < 1e-8
+
+
+@pytest.mark.parametrize(
+    "setting,needle",
+    [
+        ("solver.dampin=0.5", "solver.dampin"),
+        ("solver.dtype=float16", "float16"),
+        ("grid.nx=true", "grid.nx"),
+    ],
+)
+def test_bad_config_is_named_and_writes_nothing(tmp_path, setting, needle):
+    out = tmp_path / "o.h5"
+    proc = mpda("run", "-o", str(out), "--set", setting)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "cols,needle",
+    [
+        ({"value": None}, "value"),
+        ({"value": [0.1, np.nan, 0.3]}, "value[1]"),
+        ({"x": [0.25, 1.5, 0.75]}, "row 1"),
+        ({"noise": [1e-3, 0.0, 1e-3]}, "noise[1]"),
+    ],
+)
+def test_bad_observation_file_is_named_and_writes_nothing(tmp_path, cols, needle):
+    obs = write_obs(tmp_path / "obs.h5", **cols)
+    out = tmp_path / "o.h5"
+    proc = mpda("run", "-o", str(out), *SMALL, "--set", f"observations.file={obs}", ranks=2)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "obs.h5" in proc.stderr
+    assert not out.exists()
+
+
+def test_divergence_is_an_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "o.h5"
+    proc = mpda(
+        "run",
+        "-o",
+        str(out),
+        *SMALL,
+        "--set",
+        "solver.c=1.0",
+        "--set",
+        "solver.damping=1.0",
+        "--set",
+        "solver.momentum=0.0",
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "diverged" in proc.stderr
+    assert not out.exists()
+
+
+def test_iteration_cap_is_an_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "o.h5"
+    proc = mpda("run", "-o", str(out), *SMALL, "--set", "solver.max_iterations=50")
+    assert proc.returncode == 4, proc.stderr
+    assert "not converged" in proc.stderr
+    assert not out.exists()
+
+
+def test_unwritable_output_directory_fails_before_solving(tmp_path):
+    out = tmp_path / "missing" / "o.h5"
+    proc = mpda("run", "-o", str(out), *SMALL)
+    assert proc.returncode == 2
+    assert "missing" in proc.stderr
