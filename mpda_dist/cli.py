@@ -23,7 +23,8 @@ examples:
   mpda run configs/small.yaml --set observations.file=problem.h5
   mpda config configs/demo.yaml --set grid.nx=512 # print the effective config
 
-Under Slurm: srun mpda run CONFIG (or mpiexec -n $SLURM_NTASKS mpda run CONFIG).
+Under Slurm: srun --mpi=pmi2 mpda run CONFIG (or mpiexec -n $SLURM_NTASKS mpda run CONFIG);
+plain srun without --mpi=pmi2 starts independent copies and is refused.
 """
 
 _SET_HELP = (

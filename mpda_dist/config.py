@@ -138,8 +138,8 @@ class ExchangeConfig(Section):
 class SolverConfig(Section):
     """Solver options.  ``c`` and ``damping`` are the re-weighted BP weight and learning
     rate; ``momentum`` a heavy-ball term on the ``b`` messages (0 turns it off; it
-    vanishes at the fixed point); ``tol`` is the relative residual (or delta ratio) at which to stop, None for
-    the dtype's default (see ``effective_tol``)."""
+    vanishes at the fixed point); ``tol`` is the Jacobi-scaled relative residual (or
+    delta ratio) at which to stop, None for the dtype's default (see ``effective_tol``)."""
 
     method: Literal["mp", "exact", "cg", "3dvar", "amg_cg"] = "mp"
     c: float = opt(10.0, nonzero=True)

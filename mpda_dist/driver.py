@@ -224,7 +224,8 @@ def execute(comm: Any, cfg: Any, output: str | None) -> int:
             "ranks": size,
             "version": __version__,
             "wall_seconds": wall,
-            "level_shapes": np.array([lr.shape for lr in level_results]),
+            "level_ny": np.array([lr.shape[0] for lr in level_results]),
+            "level_nx": np.array([lr.shape[1] for lr in level_results]),
             "iterations": np.array([lr.iterations for lr in level_results]),
             "residual": np.array([lr.residual for lr in level_results]),
             "levels": [lr.summary() for lr in level_results],
@@ -289,6 +290,7 @@ def _reference_solve(comm: Any, cfg: Any, level: Any, nodes: Any) -> tuple[list,
 def _guard(comm: Any, fn: Callable[[], int]) -> int:
     """Turn expected failures into a message and an exit code, on every rank alike."""
     from mpda_dist.config import ConfigError
+    from mpda_dist.decomposition import DecompositionError
 
     try:
         return fn()
@@ -296,10 +298,19 @@ def _guard(comm: Any, fn: Callable[[], int]) -> int:
         if comm.Get_rank() == 0:
             log.error("error: %s", exc)
         return exc.code
-    except ConfigError as exc:
+    except (ConfigError, DecompositionError) as exc:
         if comm.Get_rank() == 0:
             sys.stderr.write(f"error: {exc}\n")
         return EXIT_INPUT
+
+
+def _start() -> Any:
+    """``runtime.start`` with a launch mistake reported as an input error."""
+    try:
+        return runtime.start()
+    except runtime.LaunchError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(EXIT_INPUT) from None
 
 
 def run_from_cli(
@@ -308,7 +319,7 @@ def run_from_cli(
     overrides: Sequence[str] = (),
     resume: str | None = None,
 ) -> int:
-    comm = runtime.start()
+    comm = _start()
     _setup_logging(comm)
 
     def main() -> int:
@@ -325,7 +336,7 @@ def run_from_cli(
 
 def simulate_from_cli(config_path: str | None, output: str, overrides: Sequence[str] = ()) -> int:
     """``mpda simulate``: write a synthetic truth and its observations (rank 0)."""
-    comm = runtime.start()
+    comm = _start()
     _setup_logging(comm)
 
     def main() -> int:
