@@ -49,6 +49,7 @@ __all__ = [
     "ObservationsConfig",
     "OutputConfig",
     "PriorConfig",
+    "QCConfig",
     "SolverConfig",
     "SyntheticObsConfig",
     "config_from_dict",
@@ -117,11 +118,27 @@ class ObservationsConfig(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class QCConfig(Section):
+    """Observation quality control (see ``mpda_dist.qc`` for the flags).  ``on_error``:
+    ``flag`` flags bad rows and assimilates the rest, ``fail`` stops (exit 2) at the
+    first bad row.  ``duplicates`` at one location: ``merge`` by inverse variance, or
+    ``reject`` all but the first.  ``gross_error_k``: flag ``|y - H f_b| > k * noise``
+    (null: off)."""
+
+    on_error: Literal["flag", "fail"] = "flag"
+    duplicates: Literal["merge", "reject"] = "merge"
+    gross_error_k: float | None = opt(None, gt=0.0)
+
+
+@dataclass(frozen=True, slots=True)
 class MultigridConfig(Section):
     """Coarse-to-fine levels, halving down to a longest side of ``min_size`` nodes."""
 
     min_size: int = opt(32, ge=5)
     enabled: bool = True
+    # How a level starts from the coarser one: "mean" sets the b messages from the
+    # bilinearly interpolated coarse mean; "messages" copies the coarse messages.
+    prolong: Literal["mean", "messages"] = "mean"
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +209,7 @@ class Config(Section):
     grid: GridConfig = opt(factory=GridConfig)
     prior: PriorConfig = opt(factory=PriorConfig)
     observations: ObservationsConfig = opt(factory=ObservationsConfig)
+    qc: QCConfig = opt(factory=QCConfig)
     solver: SolverConfig = opt(factory=SolverConfig)
     decomposition: DecompositionConfig = opt(factory=DecompositionConfig)
     output: OutputConfig = opt(factory=OutputConfig)

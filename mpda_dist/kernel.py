@@ -247,6 +247,24 @@ def apply_operator(x: Array, frame_flat: Array, op: Operator) -> Array:
 
 
 @jax.jit
+def messages_from_mean(m: Array, frame_flat: Array, op: Operator, c: float) -> Array:
+    """``b`` messages ``(12, by, bx)`` whose cavity means all equal the field ``m``.
+
+    At a fixed point ``b_ij = −(Γ_ij/c)·β_i\\j/α_i\\j`` and the cavity mean
+    ``β/α`` is close to ``μ_i``; so a mean interpolated from a coarser level becomes a
+    starting point for the fine messages (the fixed point itself is unchanged).
+    """
+    by, bx = m.shape
+    mp = _padded(m, frame_flat, 2)
+    return jnp.stack(
+        [
+            -(op.weights[k] / c) * mp[2 + dy : 2 + dy + by, 2 + dx : 2 + dx + bx]
+            for k, (dy, dx) in enumerate(OFFSETS)
+        ]
+    )
+
+
+@jax.jit
 def residual_sq(mu: Array, frame_flat: Array, op: Operator) -> Array:
     """Local ``[Σ (D⁻¹(h − Qμ))², non-finite flag]`` on the block, ``D = diag(Q)``.
 

@@ -61,3 +61,24 @@ def prolong(messages: np.ndarray, fine_interior: tuple[int, int], mask: np.ndarr
     iy = coarse_index(fine_interior[0], messages.shape[-2])
     ix = coarse_index(fine_interior[1], messages.shape[-1])
     return messages[..., iy[:, None], ix[None, :]] * mask
+
+
+def _interp_axis(values: np.ndarray, n_fine: int, axis: int) -> np.ndarray:
+    """Linear interpolation along ``axis`` from a coarse interior (its boundary 0) to
+    ``n_fine`` fine interior nodes; fine full index ``F`` sits at coarse ``F/2``."""
+    nc = values.shape[axis]
+    padded = np.moveaxis(values, axis, -1)
+    padded = np.concatenate(
+        [np.zeros(padded.shape[:-1] + (1,)), padded, np.zeros(padded.shape[:-1] + (1,))], -1
+    )
+    pos = np.minimum(np.arange(1, n_fine + 1) / 2.0, nc + 1)
+    lo = np.minimum(np.floor(pos).astype(int), nc)
+    frac = pos - lo
+    out = padded[..., lo] * (1 - frac) + padded[..., np.minimum(lo + 1, nc + 1)] * frac
+    return np.moveaxis(out, -1, axis)
+
+
+def prolong_mean(mean: np.ndarray, fine_interior: tuple[int, int]) -> np.ndarray:
+    """Bilinear interpolation of a coarse interior mean ``(nc_y, nc_x)`` to the fine
+    interior ``(n_y, n_x)`` (zero anomaly on the boundary)."""
+    return _interp_axis(_interp_axis(mean, fine_interior[0], 0), fine_interior[1], 1)

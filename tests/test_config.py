@@ -157,7 +157,7 @@ def test_dump_load_round_trip(tmp_path: Path, overrides: tuple[str, ...]) -> Non
 def test_config_to_dict_is_plain() -> None:
     d = config_to_dict(Config())
     assert d["grid"]["extent"] == [1.0, 1.0]
-    assert d["solver"]["multigrid"] == {"min_size": 32, "enabled": True}
+    assert d["solver"]["multigrid"] == {"min_size": 32, "enabled": True, "prolong": "mean"}
     assert set(d) == {f.name for f in dataclasses.fields(Config)}
 
 
