@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# One-call GPU benchmark for mpda_dist: fits a single device call of <= 8 minutes on an
+# H100 machine (JAX with CUDA, mpi4py, h5py preinstalled); the package is NOT installed,
+# it runs from the repo root with PYTHONPATH=.  Every stage runs under `timeout`, and the
+# stages share a deadline (GPU_BENCH_BUDGET seconds, default 400) so the whole stays
+# under 7 minutes.  Stages (see benchmarks/gpu_bench.py):
+#   kernel  per-iteration time at 1024², 2048², 4096² float32; GB/s vs the 3.0 TB/s floor
+#   exact   (background, host CPU) exact sparse solves for the 1024² problems, if scipy
+#   solve   time to solution 1024² at 1 %, 5 %, 10 % observations (first + warm run),
+#           RMSE vs truth and vs exact
+#   big     4096² at 5 % (compile warm-up, then the warm run)
+#   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists
+#   report  all tables again
+# Results: $OUT/gpu_results.csv (+ .json metadata, + gpu_log.txt) when OUT is set,
+# else ./gpu_results.csv.
+#
+#   bash benchmarks/gpu.sh            # on the GPU machine
+#   bash benchmarks/gpu.sh --quick    # small sizes: a smoke test on a CPU
+set -u
+cd "$(dirname "$0")/.."
+
+QUICK=""
+case "${1:-}" in
+    --quick) QUICK="--quick" ;;
+    -h | --help)
+        sed -n '2,/^set -u/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    "") ;;
+    *)
+        echo "usage: $0 [--quick | --help]" >&2
+        exit 2
+        ;;
+esac
+PY=${PYTHON:-python3}
+# An absolute interpreter path: mpiexec (Open MPI in particular) may put its own bin
+# directory first on the ranks' PATH, where `python3` can be another Python without
+# our dependencies (seen on the H100 image: the ranks found no yaml).
+PY=$(command -v "$PY") || { echo "no python interpreter '${PYTHON:-python3}'"; exit 1; }
+OUTDIR=${OUT:-.}
+mkdir -p "$OUTDIR"
+CSV="$OUTDIR/gpu_results.csv"
+LOG="$OUTDIR/gpu_log.txt"
+rm -f "$CSV" "$CSV.json"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+BUDGET=${GPU_BENCH_BUDGET:-400}
+START=$(date +%s)
+EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
+
+exec > >(tee "$LOG") 2>&1
+
+remaining() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# stage NAME LIMIT CMD...: run CMD under timeout min(LIMIT, time left); never fails the script
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    local left
+    left=$(remaining)
+    local t=$((limit < left ? limit : left))
+    if [ "$t" -lt 15 ]; then
+        echo "SKIPPED stage $name: only ${left} s of the ${BUDGET} s budget left"
+        return 0
+    fi
+    echo
+    echo "=== stage $name (limit ${t} s, $(remaining) s of budget left) ==="
+    local t0
+    t0=$(date +%s)
+    timeout -k 10 "$t" "$@"
+    local rc=$?
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        echo "TIMEOUT stage $name after ${t} s (its rows so far, if any, are in the CSV)"
+    elif [ $rc -ne 0 ]; then
+        echo "FAILED stage $name (exit $rc)"
+    fi
+    echo "=== stage $name took $(($(date +%s) - t0)) s ==="
+    return 0
+}
+
+echo "mpda_dist GPU benchmark $QUICK on $(hostname) at $(date -u +%FT%TZ)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv,noheader || echo "nvidia-smi: not found"
+"$PY" -c "import sys, jax; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())" \
+    || { echo "JAX does not import: nothing to measure"; exit 1; }
+
+# Dependencies the package needs beyond JAX/mpi4py/h5py: install carried wheels if any
+# are missing (never from the network).
+missing=""
+for mod in numpy scipy yaml; do
+    "$PY" -c "import $mod" 2>/dev/null || missing="$missing $mod"
+done
+if [ -n "$missing" ]; then
+    echo "missing python modules:$missing"
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+            && export PYTHONPATH="/tmp/site:$PYTHONPATH" && echo "installed .whl/*.whl into /tmp/site"
+    else
+        echo "no .whl/ wheels to install: stages that need$missing will fail or fall back"
+    fi
+fi
+HAVE_SCIPY=0
+"$PY" -c "import scipy" 2>/dev/null && HAVE_SCIPY=1
+
+# Exact reference solves on the host CPU, in the background (they overlap the GPU stages;
+# the solve stage waits for them at most --exact-wait seconds).
+EXACT_PIDS=""
+if [ $HAVE_SCIPY -eq 1 ]; then
+    for f in 0.01 0.05 0.1; do
+        timeout -k 5 $((BUDGET - 30)) "$PY" benchmarks/gpu_bench.py exact $QUICK \
+            --fractions $f --dir "$EXACT_DIR" >>"$EXACT_DIR/exact.log" 2>&1 &
+        EXACT_PIDS="$EXACT_PIDS $!"
+    done
+    echo "exact reference solves started in the background (pids$EXACT_PIDS)"
+else
+    echo "scipy missing: RMSE vs exact skipped"
+fi
+
+if [ -n "$QUICK" ]; then L_K=120 L_S=120 L_B=90 L_M=90; else L_K=80 L_S=110 L_B=150 L_M=70; fi
+
+stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV"
+stage solve $L_S "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
+    --exact-dir "$EXACT_DIR" --exact-wait 40
+stage big $L_B "$PY" benchmarks/gpu_bench.py big $QUICK --csv "$CSV"
+
+MPIEXEC=$(command -v mpiexec || true)
+[ -z "$MPIEXEC" ] && [ -x "$(dirname "$(command -v "$PY")")/mpiexec" ] \
+    && MPIEXEC="$(dirname "$(command -v "$PY")")/mpiexec"
+if [ -n "$MPIEXEC" ]; then
+    MPIFLAGS=""
+    if "$MPIEXEC" --version 2>&1 | grep -qi "open mpi\|open-mpi\|openrte"; then
+        MPIFLAGS="--allow-run-as-root --oversubscribe"
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    fi
+    stage mpi $L_M "$MPIEXEC" $MPIFLAGS -n 2 "$PY" benchmarks/gpu_bench.py mpi $QUICK --csv "$CSV"
+else
+    echo
+    echo "SKIPPED stage mpi: no mpiexec on PATH or next to $PY"
+fi
+
+for pid in $EXACT_PIDS; do kill "$pid" 2>/dev/null; done
+[ -f "$EXACT_DIR/exact.log" ] && { echo; echo "--- exact stage log:"; cat "$EXACT_DIR/exact.log"; }
+echo
+echo "=== report ($(($(date +%s) - START)) s since start) ==="
+timeout 30 "$PY" benchmarks/gpu_bench.py report --csv "$CSV"
+rm -rf "$EXACT_DIR"
+echo "total $(($(date +%s) - START)) s"

@@ -1,0 +1,552 @@
+"""Stages of the one-call GPU benchmark (run by ``benchmarks/gpu.sh``, one process each).
+
+    python benchmarks/gpu_bench.py kernel [--quick] --csv gpu_results.csv
+    python benchmarks/gpu_bench.py exact  [--quick] --fractions F --dir /tmp/mpda_exact
+    python benchmarks/gpu_bench.py solve  [--quick] --csv ... --exact-dir /tmp/mpda_exact
+    python benchmarks/gpu_bench.py big    [--quick] --csv ...
+    mpiexec -n 2 python benchmarks/gpu_bench.py mpi [--quick] --csv ...
+    python benchmarks/gpu_bench.py report --csv ...
+
+Stages:
+  kernel  per-iteration time of ``kernel.iterate`` (one block, constant edge halo,
+          momentum off, float32) at 1024², 2048², 4096²; bytes/iter = 62·4·N (DESIGN §2)
+          → achieved GB/s, ratio to the 3.0 TB/s floor (DESIGN §2) and to a jitted
+          device triad measured here.
+  exact   the exact sparse solve (scipy, float64) of a 1024² problem on the host CPU;
+          gpu.sh starts one per fraction in the background so they overlap the GPU
+          stages.  Writes one .npz per fraction.
+  solve   time to solution at 1024² for 1 %, 5 %, 10 % observations, float32, residual
+          1e-5, demo solver settings: first run (the first fraction's includes every
+          compile; later fractions find the kernels in JAX's in-process cache) and a
+          second, warm run in the same process; RMSE vs truth and vs the exact solve
+          when the exact stage produced it.
+  big     4096², 5 %: a compile warm-up (50 iterations per level), then the warm run.
+  mpi     two ranks sharing the GPU (run under ``mpiexec -n 2``), 1024², 5 %: first and
+          warm run; time = max over ranks.
+  report  the tables of every stage from the CSV.
+
+Every stage appends rows ``stage, case, metric, value, unit`` to the CSV (metadata as
+``#`` lines at its top, written by the first stage) and its metadata to
+``<csv>.json``; peak device memory (``memory_stats()['peak_bytes_in_use']``) is recorded
+per stage.  ``--quick`` uses small sizes so the whole script runs on a CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+FLOOR_BPS = 3.0e12  # DESIGN §2: H100 HBM ≈ 3 TB/s
+FIELDS = ["stage", "case", "metric", "value", "unit"]
+
+SIZES = {  # full, quick
+    "kernel": ([1024, 2048, 4096], [64, 128, 256]),
+    "solve": (1024, 128),
+    "big": (4096, 160),
+    "mpi": (1024, 128),
+}
+
+
+def pick(name: str, quick: bool):
+    full, small = SIZES[name]
+    return small if quick else full
+
+
+# ---------------------------------------------------------------- output
+
+
+def append_rows(path: Path, rows: list[tuple], meta: dict | None = None) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        if new:
+            for k, v in C._flatten(meta or {}):
+                fh.write(f"# {k}: {v}\n")
+            fh.write("# note: long format; see benchmarks/gpu_bench.py for each metric\n")
+            csv.writer(fh).writerow(FIELDS)
+        w = csv.writer(fh)
+        for r in rows:
+            w.writerow(r)
+
+
+def add_meta(path: Path, stage: str, meta: dict) -> None:
+    side = path.with_suffix(path.suffix + ".json")
+    data = json.loads(side.read_text()) if side.exists() else {}
+    data[stage] = meta
+    side.write_text(json.dumps(data, indent=1, default=str))
+
+
+def peak_memory() -> int | None:
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def stage_meta(args, extra: dict | None = None) -> dict:
+    m = C.machine_info(extra={"command": C.command_line(), "quick": args.quick, **(extra or {})})
+    try:
+        import jax
+
+        d = jax.devices()[0]
+        m["device_kind"] = d.device_kind
+    except Exception:  # noqa: BLE001
+        pass
+    return m
+
+
+class Sink:
+    """Rows of one stage, appended to the CSV as they come (a stage that times out
+    keeps what it finished)."""
+
+    def __init__(self, args, stage: str, meta: dict) -> None:
+        self.path, self.stage, self.meta = Path(args.csv), stage, meta
+        self.rows: list[tuple] = []
+        add_meta(self.path, stage, meta)
+
+    def add(self, rows: list[tuple]) -> None:
+        append_rows(self.path, rows, self.meta)
+        self.rows += rows
+
+
+def finish(sink: Sink) -> None:
+    stage, rows, meta = sink.stage, sink.rows, sink.meta
+    pk = peak_memory()
+    sink.add([(stage, "all", "peak_device_bytes", pk if pk is not None else "", "B")])
+    meta["peak_bytes_in_use"] = pk
+    add_meta(sink.path, stage, meta)
+    print(render(stage, rows))
+    print(
+        f"peak device memory: {pk / 2**30:.2f} GiB"
+        if pk
+        else "peak device memory: n/a (memory_stats() not available on this device)"
+    )
+    sys.stdout.flush()
+
+
+def render(stage: str, rows: list[tuple]) -> str:
+    """Wide markdown table of one stage's long rows (case × metric)."""
+    cases: dict[str, dict] = {}
+    heads: list[str] = []
+    for st, case, metric, value, unit in rows:
+        if st != stage or case == "all":
+            continue
+        h = f"{metric} [{unit}]" if unit else metric
+        if h not in heads:
+            heads.append(h)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            pass
+        cases.setdefault(case, {"case": case})[h] = value
+    if not cases:
+        return f"({stage}: no rows)"
+    return f"\n### {stage}\n\n" + C.markdown_table(list(cases.values()), ["case"] + heads)
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _start(need_mpi: bool = True):
+    """MPI + JAX environment; without a working mpi4py only the kernel stage can run
+    (the solver imports mpi4py)."""
+    try:
+        from mpda_dist import runtime
+
+        return runtime.start()
+    except Exception as exc:  # noqa: BLE001
+        if need_mpi:
+            raise SystemExit(
+                f"this stage needs mpda_dist's dependencies and mpi4py with an MPI library "
+                f"({sys.executable}): {type(exc).__name__}: {exc}"
+            ) from None
+        print(f"note: no MPI ({exc}); running without it", flush=True)
+        return None
+
+
+def _fallback_block(n: int, dtype: str):
+    """An operator without scipy (constant 13-point weights, 5 % observed nodes)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mpda_dist._offsets import OFFSETS
+    from mpda_dist.halo import DIRECTIONS, message_layout
+    from mpda_dist.kernel import Operator
+
+    rng = np.random.default_rng(0)
+    w = np.zeros((12, n, n))
+    for k, (dy, dx) in enumerate(OFFSETS):
+        val = -0.5 if abs(dy) + abs(dx) == 1 else 0.05
+        w[k, max(0, -dy) : n - max(0, dy), max(0, -dx) : n - max(0, dx)] = val
+    diag = np.full((n, n), 4.0)
+    obs = rng.random((n, n)) < 0.05
+    diag[obs] += 1e6
+    rhs = np.where(obs, 1e6 * rng.standard_normal((n, n)), 0.0)
+    op = Operator(*(jnp.asarray(v, dtype) for v in (diag, w, rhs)))
+    lay = message_layout(n, n)
+    halo = jnp.asarray(
+        np.concatenate([lay.fill_segment(i) for i in range(len(DIRECTIONS))]).astype(dtype)
+    )
+    return (
+        op,
+        jnp.zeros((12, n, n), dtype),
+        jnp.full((12, n, n), 1e-8, dtype),
+        jnp.zeros((0,), dtype),
+        halo,
+    )
+
+
+def stage_kernel(args) -> None:
+    _start(need_mpi=False)
+    import jax  # noqa: F401
+    import kernel as kb  # benchmarks/kernel.py
+
+    warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+    try:
+        import scipy  # noqa: F401
+    except ImportError:
+        print("note: scipy missing: kernel stage uses a constant-coefficient operator")
+        kb.make_block = lambda n, dtype, **kw: _fallback_block(n, dtype)
+    meta = stage_meta(args)
+    iters, reps = (10, 3) if args.quick else (50, 5)
+    meta["note"] = (
+        "bytes/iter = 62 x 4 B x nodes (24 messages in, 24 out, 12 weights, diag, "
+        f"rhs); {iters} iterations per call, median of {reps} calls"
+    )
+    sink = Sink(args, "kernel", meta)
+    mib = 32 if args.quick else 1024
+    tri = C.jax_triad(mib * 2**20)
+    meta["device_triad"] = tri
+    sink.add([("kernel", "device triad", "bandwidth", tri["triad_gbs"], "GB/s")])
+    for n in pick("kernel", args.quick):
+        r = kb.bench_size(n, "float32", iters, reps, 10.0, 0.6)
+        t = r["t_iter_median_ms"] / 1e3
+        floor_t = r["mb_per_iter"] * 1e6 / FLOOR_BPS
+        case = f"{n}x{n}"
+        sink.add(
+            [
+                ("kernel", case, "compile", r["compile_s"], "s"),
+                ("kernel", case, "t_iter_median", r["t_iter_median_ms"] * 1e3, "us"),
+                ("kernel", case, "t_iter_min", r["t_iter_min_ms"] * 1e3, "us"),
+                ("kernel", case, "floor_t_iter_3TBps", floor_t * 1e6, "us"),
+                ("kernel", case, "achieved", r["achieved_gbs"], "GB/s"),
+                ("kernel", case, "ratio_to_3TBps_floor", r["achieved_gbs"] * 1e9 / FLOOR_BPS, ""),
+                ("kernel", case, "ratio_to_device_triad", r["achieved_gbs"] / tri["triad_gbs"], ""),
+            ]
+        )
+        print(
+            f"  kernel {case}: {t * 1e6:.1f} us/iter, {r['achieved_gbs']:.1f} GB/s "
+            f"(floor {floor_t * 1e6:.1f} us)",
+            flush=True,
+        )
+    finish(sink)
+
+
+def _cfg(n: int, fraction: float):
+    from mpda_dist.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"grid.nx={n}",
+            f"grid.ny={n}",
+            f"observations.synthetic.fraction={fraction}",
+            "solver.dtype=float32",
+            "solver.tol=1.0e-5",
+            "logging.heartbeat_seconds=0",
+        ],
+    )
+
+
+def exact_case(n: int, fraction: float, out_dir: str) -> str:
+    """Exact anomaly of the (deterministic) synthetic problem; writes an .npz."""
+    import numpy as np
+
+    from mpda_dist import driver
+    from mpda_dist.multigrid import schedule
+    from mpda_dist.stencil import build
+
+    cfg = _cfg(n, fraction)
+    p = driver.build_problem(cfg)
+    lv = schedule(n, n, 1 / (n - 1), 1 / (n - 1), 32, False)[-1]
+    t0 = time.perf_counter()
+    st = build(
+        lv,
+        cfg.prior.lengthscale,
+        cfg.prior.amplitude,
+        p.nodes,
+        (0, lv.interior[0]),
+        (0, lv.interior[1]),
+    )
+    x = C.exact_anomaly(st)
+    path = Path(out_dir) / f"exact_{n}_{fraction:g}.npz"
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, anomaly=x, seconds=time.perf_counter() - t0)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def stage_exact(args) -> None:
+    """CPU only (no JAX): one process per fraction, so gpu.sh can run them side by side."""
+    n = pick("solve", args.quick)
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    for f in args.fractions:
+        print(f"  exact: wrote {exact_case(n, f, args.dir)}", flush=True)
+
+
+def solve_case(
+    comm, n: int, fraction: float, runs: int = 2, on_run=None, first_max_iterations=None
+) -> dict:
+    """Build the problem on rank 0, solve it ``runs`` times; per run: wall (max over
+    ranks), compile and solve seconds (sums over levels), iterations, status.
+    ``on_run(index, run, out)`` is called after each run (to record it at once).
+    ``first_max_iterations``: cap the first run's iterations per level (a compile
+    warm-up: same kernels, same shapes, little solving)."""
+    import dataclasses
+
+    import jax
+
+    from mpda_dist import driver
+    from mpda_dist.multigrid import schedule
+    from mpda_dist.solver import solve
+
+    cfg = _cfg(n, fraction)
+    rank = comm.Get_rank()
+    t0 = time.perf_counter()
+    problem = driver.on_root(comm, lambda: driver.build_problem(cfg))
+    nodes = comm.bcast(problem.nodes if rank == 0 else None, root=0)
+    build_s = time.perf_counter() - t0
+    levels = schedule(n, n, 1 / (n - 1), 1 / (n - 1), cfg.solver.multigrid.min_size, True)
+    s = driver.settings_from(cfg)
+    out = {"build_s": build_s, "runs": [], "problem": problem}
+    for i in range(runs):
+        si = s
+        if i == 0 and first_max_iterations:
+            si = dataclasses.replace(s, max_iterations=first_max_iterations)
+        comm.Barrier()
+        t0 = time.perf_counter()
+        with jax.enable_x64(False):
+            res = solve(comm, levels, nodes, cfg.prior.lengthscale, cfg.prior.amplitude, si)
+        wall = C.max_over_ranks(comm, time.perf_counter() - t0)
+        run = {
+            "wall": wall,
+            "compile": sum(lr.compile_seconds for lr in res.levels),
+            "solve": sum(lr.solve_seconds for lr in res.levels),
+            "iterations": "/".join(str(lr.iterations) for lr in res.levels),
+            "finest_iterations": res.levels[-1].iterations,
+            "status": res.status,
+            "residual": res.levels[-1].residual,
+            "anomaly": res.anomaly,
+        }
+        out["runs"].append(run)
+        if on_run is not None and rank == 0:
+            on_run(i, run, out)
+    return out
+
+
+def _run_rows(
+    stage: str, case: str, i: int, run: dict, out: dict, first: str = "first"
+) -> list[tuple]:
+    """Rows for run ``i`` (0: first run, with compiles; 1: warm)."""
+    tag = first if i == 0 else "warm"
+    rows = [
+        (stage, case, f"{tag}_wall", run["wall"], "s"),
+        (stage, case, f"{tag}_compile", run["compile"], "s"),
+        (stage, case, f"{tag}_solve", run["solve"], "s"),
+        (stage, case, f"{tag}_status", run["status"], ""),
+    ]
+    if i == 0:
+        rows.append((stage, case, "problem_build", out["build_s"], "s"))
+    if tag != "warmup50":
+        rows.append((stage, case, f"{tag}_iterations_per_level", run["iterations"], ""))
+        rows.append((stage, case, f"{tag}_residual", run["residual"], ""))
+    return rows
+
+
+def stage_solve(args) -> None:
+    comm = _start()
+    import jax  # noqa: F401
+    import numpy as np
+
+    warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+    meta = stage_meta(args)
+    meta["note"] = (
+        "first run of the first fraction includes all compiles; later fractions "
+        "reuse JAX's in-process compile cache (same shapes)"
+    )
+    sink = Sink(args, "solve", meta)
+    n = pick("solve", args.quick)
+    done = []
+    for f in args.fractions:
+        case = f"{n}x{n} {f:.0%}"
+        out = solve_case(
+            comm,
+            n,
+            f,
+            on_run=lambda i, r, o, case=case: sink.add(_run_rows("solve", case, i, r, o)),
+        )
+        p = out["problem"]
+        truth = p.truth[1:-1, 1:-1] - p.background[1:-1, 1:-1]
+        mp = np.asarray(out["runs"][-1]["anomaly"], np.float64)
+        sink.add([("solve", case, "rmse_mp", C.rms(mp - truth), "")])
+        done.append((case, f, mp, truth))
+        print(
+            f"  solve {case}: first {out['runs'][0]['wall']:.2f} s, warm "
+            f"{out['runs'][-1]['wall']:.2f} s, {out['runs'][-1]['status']}",
+            flush=True,
+        )
+    # exact reference, computed by the background `exact` stage
+    t_end = time.perf_counter() + args.exact_wait
+    for case, f, mp, truth in done:
+        path = Path(args.exact_dir) / f"exact_{n}_{f:g}.npz" if args.exact_dir else None
+        while path is not None and not path.exists() and time.perf_counter() < t_end:
+            time.sleep(1.0)
+        if path is None or not path.exists():
+            print(
+                f"  {case}: no exact solution ({path or 'no --exact-dir'}): RMSE vs exact skipped",
+                flush=True,
+            )
+            continue
+        z = np.load(path)
+        ex = z["anomaly"]
+        sink.add(
+            [
+                ("solve", case, "rmse_exact", C.rms(ex - truth), ""),
+                ("solve", case, "rel_mp_vs_exact", C.rms(mp - ex) / C.rms(ex), ""),
+                ("solve", case, "exact_cpu_solve", float(z["seconds"]), "s"),
+            ]
+        )
+    finish(sink)
+
+
+def stage_big(args) -> None:
+    comm = _start()
+    warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+    n = pick("big", args.quick)
+    sink = Sink(args, "big", stage_meta(args))
+    case = f"{n}x{n} 5%"
+    # The first run only compiles (50 iterations per level: the same kernels and shapes);
+    # the second, warm run is the measurement.
+    solve_case(
+        comm,
+        n,
+        0.05,
+        first_max_iterations=50,
+        on_run=lambda i, r, o: (
+            sink.add(_run_rows("big", case, i, r, o, first="warmup50")),
+            print(
+                f"  big {case}: {'compile warm-up' if i == 0 else 'warm run'}: "
+                f"{r['wall']:.2f} s, {r['status']}",
+                flush=True,
+            ),
+        ),
+    )
+    finish(sink)
+
+
+def stage_mpi(args) -> None:
+    comm = _start()
+    if comm is None or comm.Get_size() < 2:
+        print("note: mpi stage needs mpiexec -n 2; skipped")
+        return
+    from mpda_dist import runtime
+
+    warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+    devs = runtime.device_table(comm)  # pins each rank's default device by local rank
+    n = pick("mpi", args.quick)
+    rank = comm.Get_rank()
+    case = f"{n}x{n} 5% {comm.Get_size()} ranks"
+    sink = None
+    if rank == 0:
+        sink = Sink(args, "mpi", stage_meta(args, {"ranks": comm.Get_size(), "rank_devices": devs}))
+    solve_case(
+        comm,
+        n,
+        0.05,
+        on_run=lambda i, r, o: (
+            sink.add(_run_rows("mpi", case, i, r, o)),
+            print(f"  mpi {case}: run {i + 1}: {r['wall']:.2f} s, {r['status']}", flush=True),
+        ),
+    )
+    pk = C.max_over_ranks(comm, float(peak_memory() or 0))
+    if rank == 0:
+        sink.add([("mpi", case, "peak_device_bytes_max_rank", pk or "", "B")])
+        finish(sink)
+
+
+def stage_report(args) -> None:
+    path = Path(args.csv)
+    if not path.exists():
+        print(f"no results in {path}")
+        return
+    with open(path, encoding="utf-8") as fh:
+        lines = [ln for ln in fh if not ln.startswith("#")]
+    rows = [tuple(r[k] for k in FIELDS) for r in csv.DictReader(lines)]
+    meta = {}
+    side = path.with_suffix(path.suffix + ".json")
+    if side.exists():
+        meta = next(iter(json.loads(side.read_text()).values()), {})
+    if meta:
+        print(f"machine: {C.machine_line(meta)}")
+    print(f"results: {path}")
+    for stage in ("kernel", "solve", "big", "mpi"):
+        print(render(stage, rows))
+        pk = [r for r in rows if r[0] == stage and r[2].startswith("peak_device_bytes")]
+        for r in pk:
+            if r[3]:
+                print(f"\n{stage}: {r[2]} = {float(r[3]) / 2**30:.2f} GiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("stage", choices=["kernel", "exact", "solve", "big", "mpi", "report"])
+    ap.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test)")
+    default_csv = (
+        str(Path(os.environ["OUT"]) / "gpu_results.csv")
+        if os.environ.get("OUT")
+        else "gpu_results.csv"
+    )
+    ap.add_argument("--csv", default=default_csv, help=f"results CSV (default {default_csv})")
+    ap.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[0.05, 0.1, 0.01],
+        help="solve stage (default 0.05 0.1 0.01: the slowest to converge last)",
+    )
+    ap.add_argument("--dir", default="/tmp/mpda_exact", help="exact stage: output folder")
+    ap.add_argument("--exact-dir", default=None, help="solve stage: where exact .npz files are")
+    ap.add_argument(
+        "--exact-wait",
+        type=float,
+        default=30.0,
+        help="solve stage: seconds to wait for the exact solutions (default 30)",
+    )
+    args = ap.parse_args(argv)
+    {
+        "kernel": stage_kernel,
+        "exact": stage_exact,
+        "solve": stage_solve,
+        "big": stage_big,
+        "mpi": stage_mpi,
+        "report": stage_report,
+    }[args.stage](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
