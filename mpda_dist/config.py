@@ -203,6 +203,16 @@ class LoggingConfig(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class CheckpointConfig(Section):
+    """Checkpoints of the solver state for restarts (``mpda run --resume FILE``).
+
+    Written every ``every_seconds`` (0: only on a signal) and on SIGTERM/SIGUSR1."""
+
+    file: str = "checkpoint.h5"
+    every_seconds: float = opt(0.0, ge=0.0)
+
+
+@dataclass(frozen=True, slots=True)
 class Config(Section):
     """The whole run configuration; every section has defaults."""
 
@@ -213,6 +223,7 @@ class Config(Section):
     solver: SolverConfig = opt(factory=SolverConfig)
     decomposition: DecompositionConfig = opt(factory=DecompositionConfig)
     output: OutputConfig = opt(factory=OutputConfig)
+    checkpoint: CheckpointConfig = opt(factory=CheckpointConfig)
     logging: LoggingConfig = opt(factory=LoggingConfig)
 
 

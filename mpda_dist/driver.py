@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,6 +24,7 @@ log = logging.getLogger("mpda_dist")
 T = TypeVar("T")
 
 EXIT_OK, EXIT_INPUT, EXIT_DIVERGED, EXIT_NOT_CONVERGED = 0, 2, 3, 4
+EXIT_INTERRUPTED = 5  # a signal stopped the run after writing a checkpoint
 
 
 class RunError(RuntimeError):
@@ -40,10 +42,12 @@ class Problem:
     shape: tuple[int, int]  # (ny, nx) incl. boundary
     extent: tuple[float, float]  # (Lx, Ly)
     background: np.ndarray  # (ny, nx)
-    observations: Any  # observations.Observations
-    used: np.ndarray  # bool per observation
+    observations: Any  # observations.Observations, every row read
+    used: np.ndarray  # bool per observation (QC flag ok)
     nodes: Any  # observations.NodeObservations
     truth: np.ndarray | None
+    qc: Any = None  # qc.QCReport: a flag per observation
+    source: str = ""  # the observation file, or "observations.synthetic"
 
 
 def _setup_logging(comm: Any, level: str = "info", per_rank: bool = False) -> None:
@@ -82,14 +86,21 @@ def on_root(comm: Any, fn: Callable[[], T]) -> T | None:
 
 
 def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
-    """Rank 0: background, observations (file or synthetic) and truth."""
-    from mpda_dist import io, prior
+    """Rank 0: background, observations (file or synthetic), their quality control and
+    truth.  Bad input raises InputError/ObservationError naming the file (and row)."""
+    from mpda_dist import io, prior, qc
     from mpda_dist import observations as obsmod
 
     shape = (cfg.grid.ny, cfg.grid.nx)
     extent = tuple(float(v) for v in cfg.grid.extent)
     bg = cfg.prior.background
     background = io.read_field(bg, shape) if isinstance(bg, str) else np.full(shape, float(bg))
+    bad = np.argwhere(~np.isfinite(background))
+    if bad.size:
+        raise io.InputError(
+            f"{bg}: the background is not finite at (iy, ix) = {tuple(int(i) for i in bad[0])} "
+            f"({len(bad)} such node(s))"
+        )
     truth = None
     if cfg.observations.file is not None:
         source = str(cfg.observations.file)
@@ -107,10 +118,31 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
         anomaly = prior.sample(shape, extent, cfg.prior.lengthscale, cfg.prior.amplitude, rng)
         truth = background + anomaly
         obs = obsmod.synthetic(truth, extent, syn.fraction, syn.noise, rng)
-    nodes, used = obsmod.to_nodes(obs, shape, extent, background, source)
-    if not np.any(used):
-        raise RunError(f"{source}: no observation falls on an interior grid node")
-    return Problem(shape, extent, background, obs, used, nodes, truth)
+    report = qc.quality_control(
+        obs,
+        shape,
+        extent,
+        background,
+        source,
+        on_error=cfg.qc.on_error,
+        duplicates=cfg.qc.duplicates,
+        gross_error_k=cfg.qc.gross_error_k,
+    )
+    # Observations are read and checked on rank 0 alone, so these counts are already
+    # the totals over all ranks: there is nothing to sum.
+    log.info("quality control of %s: %s", source, report.summary())
+    flagged = report.first_rows()
+    if flagged:
+        more = int(np.count_nonzero(~report.used)) - len(flagged)
+        log.warning(
+            "flagged observations, not used%s:",
+            f" (first {len(flagged)}; {more} more in /observations/flag)" if more else "",
+        )
+        for line in flagged:
+            log.warning("  %s", line)
+    return Problem(
+        shape, extent, background, obs, report.used, report.nodes(), truth, report, source
+    )
 
 
 def settings_from(cfg: Any) -> Any:
@@ -130,6 +162,7 @@ def settings_from(cfg: Any) -> Any:
         every=s.exchange.every,
         max_staleness=s.exchange.max_staleness,
         heartbeat_seconds=cfg.logging.heartbeat_seconds or math.inf,
+        prolong=s.multigrid.prolong,
     )
 
 
@@ -137,14 +170,14 @@ def _rmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)))
 
 
-def execute(comm: Any, cfg: Any, output: str | None) -> int:
+def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) -> int:
     """Run the configured solve on every rank of ``comm``; rank 0 writes ``output``."""
     import jax
 
-    from mpda_dist import __version__, io
+    from mpda_dist import __version__, diagnostics, io
     from mpda_dist.config import dump_config
     from mpda_dist.multigrid import schedule
-    from mpda_dist.solver import CAPPED, DIVERGED, solve
+    from mpda_dist.solver import CAPPED, DIVERGED, INTERRUPTED, solve
 
     t0 = time.perf_counter()
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -183,6 +216,19 @@ def execute(comm: Any, cfg: Any, output: str | None) -> int:
             s.dtype,
             s.tol,
         )
+    from mpda_dist import checkpoint
+
+    state = None
+    if resume is not None:
+        if cfg.solver.method != "mp":
+            raise RunError("--resume continues message passing; solver.method must be mp")
+        state = on_root(comm, lambda: checkpoint.read(resume))
+        if rank == 0:
+            log.info(
+                "resuming %s: level %d, iteration %d", resume, state.level + 1, state.iteration
+            )
+    requests = checkpoint.Requests(cfg.checkpoint.every_seconds)
+    requests.install()
     with jax.enable_x64(s.dtype == "float64"):
         if cfg.solver.method == "mp":
             result = solve(
@@ -194,11 +240,23 @@ def execute(comm: Any, cfg: Any, output: str | None) -> int:
                 s,
                 process_grid=grid,
                 agglomerate_below=cfg.decomposition.agglomerate_below,
+                resume=state,
+                checkpoint_path=cfg.checkpoint.file,
+                requests=requests,
+                config_text=dump_config(cfg),
             )
             level_results, anomaly = result.levels, result.anomaly
         else:
             level_results, anomaly = _reference_solve(comm, cfg, levels[-1], nodes)
     status = level_results[-1].status
+    if status == INTERRUPTED:
+        raise RunError(
+            f"interrupted by {requests.signal_name or 'a signal on another rank'} at "
+            f"iteration {level_results[-1].iterations}; checkpoint written to "
+            f"{cfg.checkpoint.file}; continue with: mpda run CONFIG --resume "
+            f"{cfg.checkpoint.file}; no output was written",
+            EXIT_INTERRUPTED,
+        )
     if status == DIVERGED:
         raise RunError(
             f"the solver diverged at level {len(level_results)} "
@@ -213,11 +271,18 @@ def execute(comm: Any, cfg: Any, output: str | None) -> int:
             "no output was written",
             EXIT_NOT_CONVERGED,
         )
-    if rank == 0:
+
+    def finish() -> None:
+        """Rank 0: diagnostics, attributes and the file.  Inside ``on_root``, so a
+        failure to write (disk full, ...) is a clean error on every rank."""
         mean = problem.background.copy()
         mean[1:-1, 1:-1] += anomaly
         wall = time.perf_counter() - t0
         attrs: dict[str, Any] = {
+            "title": "mpda_dist analysis",
+            "source": f"mpda_dist {__version__}",
+            "history": f"{datetime.now(UTC).isoformat(timespec='seconds')} "
+            f"mpda run on {size} rank(s)",
             "config": dump_config(cfg),
             "method": cfg.solver.method,
             "status": status,
@@ -238,53 +303,95 @@ def execute(comm: Any, cfg: Any, output: str | None) -> int:
                 f", RMSE vs truth {attrs['rmse_analysis']:.4g} "
                 f"(background {attrs['rmse_background']:.4g})"
             )
+        report = problem.qc
+        columns, stats = diagnostics.observation_diagnostics(report, mean)
+        log.info("diagnostics: %s", diagnostics.summary_line(stats))
+        attrs |= _qc_attrs(cfg, problem)
+        attrs |= {k: v for k, v in stats.items() if k != "n_used"}
         obs = problem.observations
-        io.write_analysis(
-            out_path,
-            mean=mean,
-            x=np.linspace(0.0, lx, nx),
-            y=np.linspace(0.0, ly, ny),
-            observations={
-                "x": obs.x,
-                "y": obs.y,
-                "value": obs.value,
-                "noise": obs.noise,
-                "used": problem.used.astype(np.int8),
-            },
-            background=problem.background,
-            truth=problem.truth,
-            attrs=attrs,
-        )
+        try:
+            io.write_analysis(
+                out_path,
+                mean=mean,
+                x=np.linspace(0.0, lx, nx),
+                y=np.linspace(0.0, ly, ny),
+                observations={
+                    "x": obs.x,
+                    "y": obs.y,
+                    "value": obs.value,
+                    "noise": obs.noise,
+                    "flag": report.flag,
+                    "used": problem.used.astype(np.int8),
+                    "duplicate_of": report.duplicate_of,
+                    "value_used": report.value_used,
+                    "noise_used": report.noise_used,
+                    **columns,
+                },
+                background=problem.background,
+                truth=problem.truth,
+                attrs=attrs,
+                observation_attrs=diagnostics.column_attrs(),
+            )
+        except OSError as exc:  # ENOSPC, EIO, quota: the temporary is already removed
+            raise io.InputError(
+                f"{out_path}: cannot write the analysis ({exc}); nothing was written"
+            ) from None
         log.info("%s; wrote %s", summary, out_path)
+
+    on_root(comm, finish)
     return EXIT_OK
 
 
-def _reference_solve(comm: Any, cfg: Any, level: Any, nodes: Any) -> tuple[list, Any]:
-    """``exact`` (sparse direct) on rank 0; the other ranks wait."""
-    from mpda_dist.baselines import exact_solve
-    from mpda_dist.solver import CONVERGED, LevelResult
-    from mpda_dist.stencil import build
+def _qc_attrs(cfg: Any, problem: Problem) -> dict[str, Any]:
+    """Root attributes on quality control: policy, flag table and counts per flag."""
+    from mpda_dist.qc import FLAGS
 
+    report = problem.qc
+    k = cfg.qc.gross_error_k
+    attrs: dict[str, Any] = {
+        "observations_source": problem.source,
+        "qc_on_error": cfg.qc.on_error,
+        "qc_duplicates": cfg.qc.duplicates,
+        "qc_gross_error_k": math.nan if k is None else float(k),  # NaN: check off
+        "qc_flag_values": np.array(sorted(FLAGS), dtype=np.int8),
+        "qc_flag_meanings": " ".join(FLAGS[c][0] for c in sorted(FLAGS)),
+        "qc_read": len(report.flag),
+        "qc_used": int(report.used.sum()),
+    }
+    attrs |= {f"qc_count_{name}": n for name, n in report.counts().items()}
+    return attrs
+
+
+def _reference_solve(comm: Any, cfg: Any, level: Any, nodes: Any) -> tuple[list, Any]:
+    """The baselines, chosen by ``solver.method``, on the target ``level``.
+
+    ``cg`` and ``3dvar`` run distributed on every rank (:mod:`mpda_dist.krylov`, same
+    blocks and halo exchange as message passing, Jacobi-preconditioned); ``exact`` and
+    ``amg_cg`` need the whole matrix and run on rank 0 while the others wait
+    (:mod:`mpda_dist.baselines`).  Returns ``([LevelResult], anomaly on rank 0)``.
+    """
     method = cfg.solver.method
-    if method != "exact":
-        raise RunError(f"solver.method = {method!r} is not available yet; use mp or exact")
-    res = LevelResult((level.ny, level.nx), 1, (1, 1), status=CONVERGED, residual=0.0)
-    anomaly = None
-    if comm.Get_rank() == 0:
-        t0 = time.perf_counter()
-        st = build(
-            level,
-            cfg.prior.lengthscale,
-            cfg.prior.amplitude,
-            nodes,
-            (0, level.interior[0]),
-            (0, level.interior[1]),
+    sc = cfg.solver
+    args = (comm, level, nodes, cfg.prior.lengthscale, cfg.prior.amplitude, method)
+    if method in ("cg", "3dvar"):
+        from mpda_dist.krylov import KrylovSettings
+        from mpda_dist.krylov import solve as krylov_solve
+
+        pg = cfg.decomposition.process_grid
+        beat = cfg.logging.heartbeat_seconds or math.inf
+        ks = KrylovSettings(sc.effective_tol(), sc.max_iterations, sc.dtype, heartbeat_seconds=beat)
+        res, anomaly = krylov_solve(
+            *args, ks, process_grid=None if pg == "auto" else (int(pg[0]), int(pg[1]))
         )
-        anomaly = exact_solve(st)
-        res.solve_seconds = time.perf_counter() - t0
-        log.info("exact sparse solve on rank 0: %.2f s", res.solve_seconds)
-    comm.Barrier()
-    return [res], anomaly
+        return [res], anomaly
+    if method in ("exact", "amg_cg"):
+        from mpda_dist.baselines import solve_on_root
+
+        res, anomaly = solve_on_root(*args, sc.effective_tol(), sc.max_iterations)
+        return [res], anomaly
+    raise RunError(
+        f"solver.method = {method!r} is not available; use mp, cg, 3dvar, exact or amg_cg"
+    )
 
 
 def _guard(comm: Any, fn: Callable[[], int]) -> int:
@@ -327,9 +434,7 @@ def run_from_cli(
 
         cfg = load_config(config_path, overrides)
         _setup_logging(comm, cfg.logging.level, cfg.logging.per_rank)
-        if resume is not None:
-            raise RunError("--resume is not implemented yet (checkpointing is planned)")
-        return execute(comm, cfg, output)
+        return execute(comm, cfg, output, resume)
 
     return _guard(comm, main)
 

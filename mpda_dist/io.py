@@ -8,7 +8,8 @@ Observations are 1-D arrays of one length ``n``: ``x``, ``y`` (domain units),
 Outputs are written to a temporary name in the target directory and renamed when
 complete, so a file at the final path is always a finished result.  Analysis files are
 laid out as netCDF-4 (dimension scales ``y``, ``x`` and ``obs``, CF attributes), so
-``xarray.open_dataset(path, engine="h5netcdf", group="analysis")`` reads them as is.
+``xarray.open_dataset(path, engine="h5netcdf")`` reads the root, and ``group="analysis"``
+or ``group="observations"`` those groups, as they are.
 """
 
 from __future__ import annotations
@@ -48,8 +49,16 @@ class InputError(ValueError):
 # Reading
 
 
+# What h5py raises on damaged files varies with the damage: OSError for a bad signature
+# or truncation, KeyError/RuntimeError for broken links and heaps, ValueError/TypeError
+# for a garbled datatype message.  All of them mean "this file cannot be read".
+_H5_FAILURES = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
 @contextlib.contextmanager
 def _open_h5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
+    """Open ``path`` read-only; any failure to read it inside the block becomes an
+    InputError naming the file (InputErrors raised there pass unchanged)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
@@ -57,12 +66,20 @@ def _open_h5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
         raise InputError(f"{p}: not a regular file")
     try:
         f = h5py.File(p, "r")
-    except OSError as exc:
+    except _H5_FAILURES as exc:
         # h5py says "file signature not found" for non-HDF5 and "truncated file" for a
         # copy cut short; both are worth passing on.
         raise InputError(f"{p}: cannot open as HDF5 ({exc})") from None
-    with f:
-        yield f
+    try:
+        with f:
+            yield f
+    except InputError:
+        raise
+    except _H5_FAILURES as exc:
+        raise InputError(
+            f"{p}: cannot be read; the file looks damaged or truncated "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _read_numeric(f: h5py.File, name: str, ndim: int) -> np.ndarray:
@@ -72,6 +89,8 @@ def _read_numeric(f: h5py.File, name: str, ndim: int) -> np.ndarray:
     ds = f[name]
     if not isinstance(ds, h5py.Dataset):
         raise InputError(f"{f.filename}: '{name}' is a group, expected a dataset")
+    if ds.shape is None:  # HDF5 null dataspace (h5py.Empty): no values at all
+        raise InputError(f"{f.filename}: dataset '{name}' is empty (null dataspace)")
     if ds.dtype.kind not in "iuf":
         raise InputError(
             f"{f.filename}: dataset '{name}' has dtype {ds.dtype}; expected real numbers"
@@ -80,9 +99,16 @@ def _read_numeric(f: h5py.File, name: str, ndim: int) -> np.ndarray:
         raise InputError(
             f"{f.filename}: dataset '{name}' has shape {ds.shape}; expected {ndim} dimension(s)"
         )
+    if ds.chunks is None and ds.size and 0 < ds.id.get_storage_size() < ds.nbytes:
+        # A contiguous dataset stores every value; fewer bytes means a damaged header
+        # (reading it could ask for absurd amounts of memory).
+        raise InputError(
+            f"{f.filename}: dataset '{name}' claims shape {ds.shape} but stores only "
+            f"{ds.id.get_storage_size()} bytes; the file looks damaged"
+        )
     try:
         return np.asarray(ds[()], dtype=np.float64)
-    except OSError as exc:  # data blocks missing from a truncated or damaged file
+    except _H5_FAILURES as exc:  # data blocks missing from a truncated or damaged file
         raise InputError(f"{f.filename}: dataset '{name}' cannot be read ({exc})") from None
 
 
@@ -261,6 +287,29 @@ def _attach(ds: h5py.Dataset, *scales: h5py.Dataset) -> None:
         ds.dims[axis].attach_scale(scale)
 
 
+_COORDS = {
+    "x": {"axis": "X", "long_name": "x coordinate of the grid node", "units": "1"},
+    "y": {"axis": "Y", "long_name": "y coordinate of the grid node", "units": "1"},
+}
+_FIELDS = {  # name -> (group, long_name); group "" is the root
+    "mean": ("analysis", "posterior (analysis) mean"),
+    "increment": ("analysis", "analysis increment (mean - background)"),
+    "background": ("", "background field"),
+    "truth": ("", "synthetic truth"),
+}
+_OBS_ATTRS = {
+    "x": {"long_name": "observation x coordinate", "units": "1"},
+    "y": {"long_name": "observation y coordinate", "units": "1"},
+    "value": {"long_name": "observed value"},
+    "noise": {"long_name": "observation error standard deviation"},
+}
+
+
+def _coords(group: h5py.Group, xs: np.ndarray, ys: np.ndarray) -> tuple[h5py.Dataset, ...]:
+    """Coordinate variables (netCDF dimensions) ``y``, ``x`` of ``group``."""
+    return _dim(group, "y", ys, **_COORDS["y"]), _dim(group, "x", xs, **_COORDS["x"])
+
+
 def write_analysis(
     path: str | os.PathLike[str],
     *,
@@ -272,16 +321,23 @@ def write_analysis(
     truth: np.ndarray | None = None,
     increment: np.ndarray | None = None,
     attrs: Mapping[str, Any],
+    observation_attrs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
-    """Write the analysis file atomically.
+    """Write the analysis file atomically, laid out as netCDF-4 with CF attributes.
 
     Layout: ``/analysis/mean`` and ``/analysis/increment`` (``mean - background`` when
     not given), ``/background``, ``/truth`` (when given), all ``(ny, nx)`` float64;
     ``/grid/x`` ``(nx,)``, ``/grid/y`` ``(ny,)``; ``/observations/{x,y,value,noise}``
     ``(n,)`` plus any further 1-D diagnostics of length n in ``observations`` (H f_b,
-    QC flags, ...).  Root attributes from ``attrs``: strings, numbers, numeric 1-D
-    arrays; dicts and other values are stored as JSON strings.  The netCDF dimensions
-    ``y``, ``x`` live at the root (children see their parents' dimensions).
+    QC flags, ...), with per-column attributes from ``observation_attrs`` (``long_name``,
+    ``flag_values``, ...).  Root attributes from ``attrs``: strings, numbers, numeric
+    1-D arrays; dicts and other values are stored as JSON strings.
+
+    netCDF view: the root and ``/analysis`` each have coordinate variables ``y``, ``x``
+    (``axis``, ``long_name``, ``units``), so ``xarray.open_dataset(path,
+    engine="h5netcdf")`` and ``..., group="analysis")`` both come with coordinates;
+    ``/observations`` has the dimension ``obs`` and ``x``, ``y`` as auxiliary
+    coordinates (CF ``coordinates`` attribute).
     """
     xs = np.asarray(x, dtype=np.float64)
     ys = np.asarray(y, dtype=np.float64)
@@ -300,29 +356,26 @@ def write_analysis(
     if truth is not None:
         fields["truth"] = _field("truth", truth, shape)
     obs = _obs_arrays(observations)
+    col_attrs = {k: dict(_OBS_ATTRS.get(k, {})) for k in obs}
+    for k, extra in (observation_attrs or {}).items():
+        if k in col_attrs:
+            col_attrs[k].update({a: _attr_value(a, v) for a, v in extra.items()})
     converted = {k: _attr_value(k, v) for k, v in attrs.items()}
 
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["Conventions"] = "CF-1.8"
         f.attrs.update(converted)
-        dx = _dim(f, "x", xs, axis="X", long_name="x coordinate", units="1")
-        dy = _dim(f, "y", ys, axis="Y", long_name="y coordinate", units="1")
+        groups = {"": f, "analysis": f.create_group("analysis")}
+        scales = {name: _coords(g, xs, ys) for name, g in groups.items()}
         grid = f.create_group("grid")
-        for name, data, scale in (("x", xs, dx), ("y", ys, dy)):
-            grid.create_dataset(name, data=data)
-            _attach(grid[name], scale)
-            grid[name].attrs.update(dict(scale.attrs.items()) | {"units": "1"})
-        analysis = f.create_group("analysis")
-        names = {
-            "mean": (analysis, "posterior (analysis) mean"),
-            "increment": (analysis, "analysis increment (mean - background)"),
-            "background": (f, "background field"),
-            "truth": (f, "synthetic truth"),
-        }
+        for name, data, scale in (("x", xs, scales[""][1]), ("y", ys, scales[""][0])):
+            ds = grid.create_dataset(name, data=data)
+            _attach(ds, scale)
+            ds.attrs.update(_COORDS[name])
         for key, data in fields.items():
-            group, long_name = names[key]
-            ds = group.create_dataset(key, data=data)
-            _attach(ds, dy, dx)
+            where, long_name = _FIELDS[key]
+            ds = groups[where].create_dataset(key, data=data)
+            _attach(ds, *scales[where])
             ds.attrs["long_name"] = long_name
         og = f.create_group("observations")
         dobs = _dim(
@@ -331,6 +384,9 @@ def write_analysis(
         for key, data in obs.items():
             ds = og.create_dataset(key, data=data)
             _attach(ds, dobs)
+            ds.attrs.update(col_attrs[key])
+            if key not in ("x", "y"):
+                ds.attrs["coordinates"] = "x y"
 
 
 def write_problem(

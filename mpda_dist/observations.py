@@ -1,17 +1,20 @@
 """Observation sets and the nearest-node operator ``H`` (DESIGN §1, §5).
 
 Coordinates are in domain units; grid node ``(iy, ix)`` sits at ``(ix·dx, iy·dy)``.
+Quality control (a flag per row) is in :mod:`mpda_dist.qc`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 
 class ObservationError(ValueError):
-    """Observations that cannot be used; the message names the row."""
+    """Observations that cannot be used; the message names the source (file) and the
+    row."""
 
 
 @dataclass(frozen=True)
@@ -46,43 +49,19 @@ class NodeObservations:
         return NodeObservations(iy[inside], ix[inside], self.innovation[sel], self.precision[sel])
 
 
-def check_values(obs: Observations, source: str) -> None:
-    """Reject rows that cannot be assimilated, naming the first offending row."""
-    for name, arr in (("x", obs.x), ("y", obs.y), ("value", obs.value), ("noise", obs.noise)):
-        bad = np.flatnonzero(~np.isfinite(arr))
-        if bad.size:
-            raise ObservationError(
-                f"{source}: {name}[{bad[0]}] = {arr[bad[0]]!r} is not finite "
-                f"({bad.size} such row(s))"
-            )
-    bad = np.flatnonzero(obs.noise <= 0)
-    if bad.size:
-        raise ObservationError(
-            f"{source}: noise[{bad[0]}] = {obs.noise[bad[0]]!r} must be > 0 "
-            f"({bad.size} such row(s))"
-        )
-
-
 def nearest_nodes(
-    obs: Observations, shape: tuple[int, int], extent: tuple[float, float], source: str
+    x: np.ndarray, y: np.ndarray, shape: tuple[int, int], extent: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Full-grid indices ``(iy, ix)`` of the node nearest to each observation.
+    """Full-grid indices ``(iy, ix)`` (int64) of the node nearest to each ``(x, y)``.
 
-    A coordinate exactly on a node maps to it.  Coordinates outside the domain
-    ``[0, Lx] × [0, Ly]`` are an error naming the row.
+    This is the operator ``H``.  A coordinate exactly on a node maps to it.  Coordinates
+    must be finite; ones just outside the domain (within rounding) map to the boundary.
+    Checking them is quality control's job (:func:`mpda_dist.qc.quality_control`).
     """
     ny, nx = shape
     lx, ly = extent
-    for name, coord, length in (("x", obs.x, lx), ("y", obs.y, ly)):
-        tol = 1e-9 * length
-        bad = np.flatnonzero((coord < -tol) | (coord > length + tol))
-        if bad.size:
-            raise ObservationError(
-                f"{source}: row {bad[0]} has {name} = {coord[bad[0]]!r}, outside the domain "
-                f"[0, {length}] ({bad.size} such row(s))"
-            )
-    ix = np.clip(np.rint(obs.x / lx * (nx - 1)).astype(np.int64), 0, nx - 1)
-    iy = np.clip(np.rint(obs.y / ly * (ny - 1)).astype(np.int64), 0, ny - 1)
+    ix = np.clip(np.rint(np.asarray(x) / lx * (nx - 1)), 0, nx - 1).astype(np.int64)
+    iy = np.clip(np.rint(np.asarray(y) / ly * (ny - 1)), 0, ny - 1).astype(np.int64)
     return iy, ix
 
 
@@ -92,19 +71,20 @@ def to_nodes(
     extent: tuple[float, float],
     background: np.ndarray | float,
     source: str,
+    **qc_options: Any,
 ) -> tuple[NodeObservations, np.ndarray]:
-    """Map observations to interior nodes; returns them and a boolean ``used`` per row.
+    """Quality-control the observations and map the usable ones to interior nodes.
 
-    Observations whose nearest node is on the boundary are not used: the boundary is
-    held at the background (Dirichlet), so they cannot change the analysis.
+    Returns the node observations and a boolean ``used`` per row.  ``qc_options`` go
+    to :func:`mpda_dist.qc.quality_control` (``on_error``, ``duplicates``,
+    ``gross_error_k``); its report, with a flag per row, is what the driver keeps.
+    Rows nearest a boundary node are never used: the boundary is held at the
+    background (Dirichlet), so they cannot change the analysis.
     """
-    check_values(obs, source)
-    iy, ix = nearest_nodes(obs, shape, extent, source)
-    ny, nx = shape
-    used = (iy >= 1) & (iy <= ny - 2) & (ix >= 1) & (ix <= nx - 2)
-    fb = background[iy, ix] if isinstance(background, np.ndarray) else np.full(len(obs), background)
-    nodes = NodeObservations(iy[used], ix[used], (obs.value - fb)[used], 1.0 / obs.noise[used] ** 2)
-    return nodes, used
+    from mpda_dist import qc  # qc builds on this module's types
+
+    report = qc.quality_control(obs, shape, extent, background, source, **qc_options)
+    return report.nodes(), report.used
 
 
 def synthetic(

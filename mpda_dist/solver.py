@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from mpda_dist.stencil import build
 log = logging.getLogger("mpda_dist")
 
 CONVERGED, CAPPED, DIVERGED = "converged", "max_iterations", "diverged"
+INTERRUPTED = "interrupted"  # a signal asked for a checkpoint and a stop
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,16 @@ def solve_level(
     b: jax.Array,
     s: Settings,
     res: LevelResult,
+    start: Any = None,
+    saver: Callable[..., None] | None = None,
+    requests: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Iterate one level to its stopping rule; updates ``res`` in place."""
+    """Iterate one level to its stopping rule; updates ``res`` in place.
+
+    ``start`` (a :class:`checkpoint.State`) continues a level from a checkpoint;
+    ``saver(it, a, b, b_prev, best, delta0)`` is called on every rank when the
+    global reduction says a checkpoint is due (``requests``: this rank's triggers).
+    """
     comm = decomp.comm
     npdt = np.dtype(s.dtype)
     by, bx = decomp.shape
@@ -144,12 +154,16 @@ def solve_level(
     frame_edge = jnp.asarray(fex.edge)
     jit = _Compiled()
     bp = b.copy() if s.momentum else jnp.zeros((0,), b.dtype)
+    if start is not None and start.b_prev is not None and s.momentum:
+        bp = jnp.asarray(start.b_prev)
 
     t_start = time.perf_counter()
     if neighbours:
         init = jit(kernel.initial_cavities, "init", a, b, op, p)
         halo = jnp.asarray(mex.exchange(np.asarray(init(a, b, op, p))))
     it, best, delta0 = 0, math.inf, None
+    if start is not None:
+        it, best, delta0 = start.iteration, start.best, start.delta0
     last_beat = time.perf_counter()
     while True:
         n = min(chunk, s.max_iterations - it)
@@ -184,8 +198,9 @@ def solve_level(
         mu, frame_out = mean(a, b, op, p)
         frame = jnp.asarray(fex.exchange(np.asarray(frame_out))) if neighbours else frame_edge
         rsq = jit(kernel.residual_sq, "rsq", mu, frame, op)
+        flags = requests.flags(decomp.rank == 0) if requests is not None else (0.0, 0.0)
         local = np.concatenate(
-            [np.asarray(rsq(mu, frame, op), np.float64), np.asarray(d, np.float64)]
+            [np.asarray(rsq(mu, frame, op), np.float64), np.asarray(d, np.float64), flags]
         )
         if not neighbours:
             res.compute_seconds += time.perf_counter() - t0
@@ -210,6 +225,13 @@ def solve_level(
             break
         if it >= s.max_iterations:
             res.status = CAPPED
+            break
+        if tot[4] > 0 and saver is not None:
+            saver(it, a, b, bp if s.momentum else None, best, delta0)
+            if requests is not None:
+                requests.last = time.monotonic()
+        if tot[5] > 0:
+            res.status = INTERRUPTED
             break
         if decomp.rank == 0 and time.perf_counter() - last_beat > s.heartbeat_seconds:
             last_beat = time.perf_counter()
@@ -244,17 +266,30 @@ def solve(
     s: Settings,
     process_grid: tuple[int, int] | None = None,
     agglomerate_below: int = 32,
+    resume: Any = None,
+    checkpoint_path: str | None = None,
+    requests: Any = None,
+    config_text: str = "",
 ) -> SolveResult:
     """Multigrid message passing on every rank of ``comm``; ``levels`` coarse → fine.
 
     ``process_grid`` is ``(Px, Py)`` for the target level (None: automatic).
+    ``resume`` (a :class:`checkpoint.State`, on rank 0; None elsewhere) continues a
+    checkpointed run; ``checkpoint_path`` and ``requests`` enable writing them.
     """
+    from mpda_dist import checkpoint
+
     size, rank = comm.Get_size(), comm.Get_rank()
     dtype = jnp.dtype(s.dtype)
     results: list[LevelResult] = []
     whole: tuple[np.ndarray, np.ndarray] | None = None  # rank 0: previous level's messages
     anomaly = None
+    start_level = comm.bcast(resume.level if resume is not None else 0, root=0)
+    if rank == 0 and resume is not None:
+        results = [LevelResult(**_tuples(d)) for d in resume.finished]
     for li, level in enumerate(levels):
+        if li < start_level:
+            continue
         final = li == len(levels) - 1
         if final and process_grid is not None:
             members, grid = size, (process_grid[1], process_grid[0])
@@ -272,7 +307,21 @@ def solve(
             decomp = Decomposition(sub, level.interior, grid)
             st = build(level, lengthscale, amplitude, lobs, *decomp.extent)
             op = kernel.Operator(*(jnp.asarray(v, dtype) for v in (st.diag, st.weights, st.rhs)))
-            if whole is None and li == 0:
+            start = None
+            if li == start_level and sub.bcast(resume is not None, root=0):
+                # Continue exactly: the checkpoint's whole arrays, scattered afresh.
+                a0 = decomp.scatter(resume.a if rank == 0 else None, (12,), dtype)
+                b0 = decomp.scatter(resume.b if rank == 0 else None, (12,), dtype)
+                has_bp = sub.bcast(rank == 0 and resume.b_prev is not None, root=0)
+                bp = (
+                    decomp.scatter(resume.b_prev if rank == 0 else None, (12,), dtype)
+                    if has_bp
+                    else None
+                )
+                meta = (resume.iteration, resume.best, resume.delta0) if rank == 0 else None
+                it0, best0, d0 = sub.bcast(meta, root=0)
+                start = checkpoint.State(li, it0, a0, b0, bp, best0, d0)
+            elif whole is None and li == 0:
                 a0 = np.zeros((12,) + decomp.shape, dtype)
                 b0 = np.full((12,) + decomp.shape, 1e-8, dtype)
             else:
@@ -295,11 +344,36 @@ def solve(
                     res.process_grid[0],
                     res.process_grid[1],
                 )
-            a, b = solve_level(decomp, op, jnp.asarray(a0), jnp.asarray(b0), s, res)
+            saver = None
+            if checkpoint_path is not None:
+
+                def saver(it, a, b, bp, best, delta0, li=li, decomp=decomp):
+                    ga = decomp.gather(np.asarray(a))
+                    gb = decomp.gather(np.asarray(b))
+                    gp = decomp.gather(np.asarray(bp)) if bp is not None else None
+                    if decomp.rank == 0:
+                        done = [r.summary() for r in results]
+                        state = checkpoint.State(li, it, ga, gb, gp, best, delta0, done)
+                        checkpoint.write(checkpoint_path, state, config_text)
+                        log.info(
+                            "checkpoint: level %d, iteration %d -> %s", li + 1, it, checkpoint_path
+                        )
+
+            a, b = solve_level(
+                decomp,
+                op,
+                jnp.asarray(a0),
+                jnp.asarray(b0),
+                s,
+                res,
+                start=start,
+                saver=saver,
+                requests=requests,
+            )
             if final:
                 mu, _ = kernel.marginal_mean(a, b, op, kernel.Params(s.c, s.damping))
                 anomaly = decomp.gather(np.asarray(mu, np.float64))
-            elif res.status != DIVERGED:
+            elif res.status not in (DIVERGED, INTERRUPTED):
                 ga = decomp.gather(np.asarray(a))
                 if s.prolong == "mean":
                     mu, _ = kernel.marginal_mean(a, b, op, kernel.Params(s.c, s.damping))
@@ -325,6 +399,11 @@ def solve(
                 res.solve_seconds,
                 res.compile_seconds,
             )
-        if res.status == DIVERGED:
+        if res.status in (DIVERGED, INTERRUPTED):
             break
     return SolveResult(results, anomaly)
+
+
+def _tuples(d: dict) -> dict:
+    """A level summary read back from JSON (lists where the dataclass has tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

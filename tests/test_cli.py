@@ -59,6 +59,45 @@ def test_run_writes_the_documented_layout(tmp_path):
         assert rmse < 0.5 * np.sqrt(np.mean((bg - truth) ** 2))
     assert "RMSE vs truth" in proc.stderr
     assert not list(tmp_path.glob(".*tmp*"))
+    check_diagnostics_and_cf(out)
+
+
+def check_diagnostics_and_cf(out: Path) -> None:
+    """Observation diagnostics, QC attributes, and the netCDF/CF view through xarray."""
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    with h5py.File(out) as f:
+        mean, bg = f["analysis/mean"][:], f["background"][:]
+        np.testing.assert_allclose(f["analysis/increment"][:], mean - bg)
+        o = {k: f[f"observations/{k}"][()] for k in f["observations"]}
+        n = len(o["x"])
+        assert f.attrs["qc_read"] == n and f.attrs["qc_count_ok"] == f.attrs["qc_used"]
+        assert f.attrs["qc_flag_meanings"].split()[0] == "ok"
+        for key in ("omb_rmse", "omb_bias", "oma_rmse", "oma_bias", "jo_over_n"):
+            assert np.isfinite(f.attrs[key])
+        assert 0.5 < f.attrs["desroziers_ratio"] < 2.0  # synthetic data: the model is right
+        assert f.attrs["oma_rmse"] < f.attrs["omb_rmse"]
+    ok = o["flag"] == 0
+    np.testing.assert_array_equal(o["used"], ok)
+    ix = np.rint(o["x"][ok] * (mean.shape[1] - 1)).astype(int)
+    iy = np.rint(o["y"][ok] * (mean.shape[0] - 1)).astype(int)
+    np.testing.assert_array_equal(o["hmu"][ok], mean[iy, ix])
+    np.testing.assert_array_equal(o["hfb"][ok], bg[iy, ix])
+    with xr.open_dataset(out, engine="h5netcdf") as root:
+        assert root["background"].dims == ("y", "x")
+        assert root.attrs["Conventions"].startswith("CF-")
+        assert root.attrs["qc_used"] == ok.sum()
+    with xr.open_dataset(out, engine="h5netcdf", group="analysis") as ana:
+        assert ana["mean"].dims == ("y", "x") and ana["increment"].dims == ("y", "x")
+        for c in ("x", "y"):
+            assert ana[c].attrs["units"] and ana[c].attrs["long_name"]
+            assert ana[c].attrs["axis"] == c.upper()
+        np.testing.assert_array_equal(ana["x"], np.linspace(0, 1, mean.shape[1]))
+        np.testing.assert_array_equal(ana["mean"].sel(x=ana["x"][3], y=ana["y"][5]), mean[5, 3])
+    with xr.open_dataset(out, engine="h5netcdf", group="observations") as ob:
+        assert set(ob.coords) >= {"obs", "x", "y"}
+        assert ob["flag"].attrs["flag_meanings"].split()[1] == "coordinate_not_finite"
+        assert list(ob["flag"].attrs["flag_values"]) == list(range(9))
 
 
 def test_simulate_then_run_consumes_the_file(tmp_path):
@@ -121,7 +160,17 @@ def test_bad_config_is_named_and_writes_nothing(tmp_path, setting, needle):
 def test_bad_observation_file_is_named_and_writes_nothing(tmp_path, cols, needle):
     obs = write_obs(tmp_path / "obs.h5", **cols)
     out = tmp_path / "o.h5"
-    proc = mpda("run", "-o", str(out), *SMALL, "--set", f"observations.file={obs}", ranks=2)
+    proc = mpda(
+        "run",
+        "-o",
+        str(out),
+        *SMALL,
+        "--set",
+        f"observations.file={obs}",
+        "--set",
+        "qc.on_error=fail",  # the default, flag, flags such rows and goes on (test_qc_cli)
+        ranks=2,
+    )
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "obs.h5" in proc.stderr
     assert not out.exists()
@@ -159,3 +208,28 @@ def test_unwritable_output_directory_fails_before_solving(tmp_path):
     proc = mpda("run", "-o", str(out), *SMALL)
     assert proc.returncode == 2
     assert "missing" in proc.stderr
+
+
+def test_a_failed_write_is_a_clean_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """Disk full while writing: exit code 2 naming the file, no file and no temporary."""
+    import errno
+
+    from mpi4py import MPI
+
+    from mpda_dist import driver
+    from mpda_dist.config import load_config
+
+    real = h5py.Group.create_dataset
+
+    def full(self, name, *args, **kwargs):
+        if name == "hmu":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", full)
+    cfg = load_config(None, ["grid.nx=24", "grid.ny=24", "solver.multigrid.enabled=false"])
+    out = tmp_path / "o.h5"
+    with pytest.raises(driver.RunError, match=rf"{out}: cannot write the analysis .*No space") as e:
+        driver.execute(MPI.COMM_SELF, cfg, str(out))
+    assert e.value.code == 2
+    assert list(tmp_path.iterdir()) == []

@@ -119,6 +119,31 @@ def test_not_hdf5(tmp_path: Path) -> None:
         read_observations(path)
 
 
+def test_null_dataspace(tmp_path: Path) -> None:
+    o = obs()
+    o["value"] = h5py.Empty("f8")
+    path = make_obs_file(tmp_path / "o.h5", **o)
+    with pytest.raises(InputError, match=rf"{path}: dataset 'value' is empty \(null dataspace\)"):
+        read_observations(path)
+
+
+def test_damaged_metadata_is_an_input_error(tmp_path: Path) -> None:
+    """Zeroed blocks through the file: whatever h5py raises becomes an InputError."""
+    path = make_obs_file(tmp_path / "o.h5", **obs(50))
+    good = path.read_bytes()
+    errors = 0
+    for at in range(0, len(good), 48):
+        data = bytearray(good)
+        data[at : at + 16] = bytes(16)
+        path.write_bytes(bytes(data))
+        try:
+            read_observations(path)
+        except InputError as exc:
+            assert str(path) in str(exc)
+            errors += 1
+    assert errors > 0
+
+
 def test_truncated_file(tmp_path: Path) -> None:
     path = make_obs_file(tmp_path / "o.h5", **obs(20000))
     data = path.read_bytes()
@@ -365,8 +390,27 @@ def test_analysis_opens_in_xarray(tmp_path: Path) -> None:
     with xr.open_dataset(path, engine="h5netcdf", group="analysis") as ana:
         assert ana["mean"].dims == ("y", "x")
         np.testing.assert_array_equal(ana["mean"], inp["mean"])
+        np.testing.assert_array_equal(ana["x"], inp["x"])  # the group has coordinates
+        np.testing.assert_array_equal(ana["y"], inp["y"])
+        assert ana["x"].attrs["axis"] == "X" and ana["x"].attrs["units"] == "1"
+        assert "long_name" in ana["y"].attrs and "long_name" in ana["increment"].attrs
     with xr.open_dataset(path, engine="h5netcdf", group="observations") as ob:
         assert ob["value"].dims == ("obs",)
+        assert "x" in ob.coords and "y" in ob.coords  # auxiliary coordinates (CF)
+
+
+def test_observation_column_attributes(tmp_path: Path) -> None:
+    inp = analysis_inputs()
+    inp["observations"]["flag"] = np.zeros(4, np.int8)
+    flags = {"flag_values": np.arange(3, dtype=np.int8), "flag_meanings": "ok a b"}
+    path = tmp_path / "out.h5"
+    write_analysis(path, observation_attrs={"flag": flags, "absent": {"x": 1}}, **inp)
+    with h5py.File(path, "r") as f:
+        ds = f["observations/flag"]
+        assert ds.dtype == np.int8 and ds.attrs["flag_meanings"] == "ok a b"
+        assert ds.attrs["flag_values"].dtype == np.int8
+        assert f["observations/value"].attrs["long_name"] == "observed value"
+        assert "absent" not in f["observations"]
 
 
 # --------------------------------------------------------------------- problem file

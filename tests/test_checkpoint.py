@@ -1,0 +1,97 @@
+"""Checkpoint on a signal, then resume on another number of ranks: the same answer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+BIN = Path(sys.executable).parent
+SMALL = Path(__file__).parents[1] / "configs" / "small.yaml"
+ARGS = [
+    "--set",
+    "grid.nx=40",
+    "--set",
+    "grid.ny=40",
+    "--set",
+    "solver.multigrid.min_size=20",
+    "--set",
+    "solver.exchange.mode=sync",
+    "--set",
+    "solver.tol=1e-11",
+]
+
+
+def mpda(tmp: Path, *args: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "mpda"), "run", str(SMALL), *ARGS, *args]
+    if ranks > 1:
+        cmd = [str(BIN / "mpiexec"), "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp)
+
+
+def test_signal_checkpoint_and_resume_equal_an_uninterrupted_run(tmp_path):
+    full = mpda(tmp_path, "-o", "full.h5")
+    assert full.returncode == 0, full.stderr
+
+    ckpt = tmp_path / "ckpt.h5"
+    cmd = [
+        str(BIN / "mpiexec"),
+        "-n",
+        "2",
+        str(BIN / "mpda"),
+        "run",
+        str(SMALL),
+        *ARGS,
+        "-o",
+        "interrupted.h5",
+        "--set",
+        f"checkpoint.file={ckpt}",
+    ]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.monotonic() + 120
+        while "level 2/2:" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # SIGUSR1 to one rank only: the reduction tells the other one.
+        ranks = subprocess.run(
+            ["pgrep", "-f", f"checkpoint.file={ckpt}"], capture_output=True, text=True
+        ).stdout.split()
+        pids = [int(p) for p in ranks if int(p) != proc.pid]
+        assert pids, log.read_text()
+        os.kill(max(pids), signal.SIGUSR1)
+        rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 5, text
+    assert "checkpoint written to" in text and ckpt.exists()
+    assert not (tmp_path / "interrupted.h5").exists()
+
+    resumed = mpda(
+        tmp_path,
+        "-o",
+        "resumed.h5",
+        "--resume",
+        str(ckpt),
+        "--set",
+        f"checkpoint.file={tmp_path / 'c2.h5'}",
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    with h5py.File(tmp_path / "full.h5") as f, h5py.File(tmp_path / "resumed.h5") as g:
+        a, b = f["analysis/mean"][:], g["analysis/mean"][:]
+        np.testing.assert_array_equal(f.attrs["iterations"], g.attrs["iterations"])
+    assert np.abs(a - b).max() <= 1e-12 * np.abs(a).max()
+
+
+def test_resume_from_a_bad_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    proc = mpda(tmp_path, "-o", "o.h5", "--resume", str(bad))
+    assert proc.returncode == 2
+    assert "bad.h5" in proc.stderr
+    assert not (tmp_path / "o.h5").exists()
