@@ -48,6 +48,28 @@ def assemble(st: BlockStencil) -> sp.csr_matrix:
     )
 
 
+def assemble_periodic(st: BlockStencil, periodic_x: bool = True) -> sp.csr_matrix:
+    """Like :func:`assemble`, with the x (longitude) axis periodic when ``periodic_x``:
+    a neighbour past the last column is the first column (the sphere's interior holds
+    every longitude).  Weights reaching outside in y must be 0, as for ``assemble``."""
+    if not periodic_x:
+        return assemble(st)
+    n, m = st.diag.shape
+    idx = np.arange(n * m).reshape(n, m)
+    rows = [idx.ravel()]
+    cols = [idx.ravel()]
+    vals = [st.diag.ravel()]
+    for k, (dy, dx) in enumerate(OFFSETS):
+        w = st.weights[k]
+        iy, ix = np.nonzero(w)
+        rows.append(idx[iy, ix])
+        cols.append(idx[iy + dy, (ix + dx) % m])
+        vals.append(w[iy, ix])
+    return sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n * m,) * 2
+    )
+
+
 def exact_solve(st: BlockStencil, q: sp.spmatrix | None = None) -> np.ndarray:
     """``Q⁻¹ h`` on the interior, shape ``(n, m)``, by a sparse direct solve.
 

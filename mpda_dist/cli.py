@@ -22,6 +22,7 @@ examples:
   mpda simulate configs/small.yaml -o problem.h5  # synthetic truth + observations
   mpda run configs/small.yaml --set observations.file=problem.h5
   mpda config configs/demo.yaml --set grid.nx=512 # print the effective config
+  mpda run configs/global.yaml -o global.h5 && mpda plot global.h5 -o map.png
 
 Under Slurm: srun --mpi=pmi2 mpda run CONFIG (or mpiexec -n $SLURM_NTASKS mpda run CONFIG);
 plain srun without --mpi=pmi2 starts independent copies and is refused.
@@ -128,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_set(sim)
 
+    pl = sub.add_parser(
+        "plot",
+        help="draw maps of an analysis file (analysis, truth, increment, error)",
+        description=_wrap(
+            "Draw the analysis mean with the used observation locations, the truth when "
+            "the file has one, the increment (analysis - background) and the error "
+            "(analysis - truth) into one image (matplotlib, no display needed)."
+        ),
+        epilog="example:\n  mpda plot global.h5 -o map.png\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pl.add_argument("file", metavar="OUT.h5", help="an analysis file written by 'mpda run'")
+    pl.add_argument(
+        "-o", "--output", default="map.png", metavar="MAP.png", help="image to write (map.png)"
+    )
+    pl.add_argument("--dpi", type=int, default=120, help="resolution of the image (120)")
+
     show = sub.add_parser(
         "config",
         help="validate a config and print the effective values as YAML",
@@ -153,6 +171,18 @@ def _show_config(config: str | None, overrides: Sequence[str]) -> int:
     return 0
 
 
+def _plot(path: str, output: str, dpi: int) -> int:
+    from mpda_dist.plot import PlotError, plot
+
+    try:
+        plot(path, output, dpi)
+    except PlotError as exc:
+        print(f"mpda: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``mpda`` console script; exits with the command's status."""
     args = build_parser().parse_args(argv)
@@ -164,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         from mpda_dist.driver import simulate_from_cli
 
         sys.exit(simulate_from_cli(args.config, args.output, args.overrides))
+    if args.command == "plot":
+        sys.exit(_plot(args.file, args.output, args.dpi))
     sys.exit(_show_config(args.config, args.overrides))
 
 

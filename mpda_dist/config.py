@@ -52,6 +52,7 @@ __all__ = [
     "QCConfig",
     "SolverConfig",
     "SyntheticObsConfig",
+    "TracksConfig",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
@@ -68,22 +69,55 @@ DEFAULT_TOL: dict[str, float] = {"float32": 1e-5, "float64": 1e-10}
 
 @dataclass(frozen=True, slots=True)
 class GridConfig(Section):
-    """Grid of ``nx x ny`` points including the boundary, spanning ``extent = (Lx, Ly)``."""
+    """Grid of ``nx x ny`` points including the boundary, spanning ``extent = (Lx, Ly)``.
+
+    ``domain: sphere`` is a global lat/lon grid instead (``mpda_dist.sphere``): ``nx``
+    longitudes ``i*360/nx`` (periodic, no boundary columns) and ``ny`` latitudes over
+    ``lat_range`` (degrees, inclusive; the two clip rows are held at the background);
+    ``extent`` is not used there."""
 
     nx: int = opt(256, ge=5)
     ny: int = opt(256, ge=5)
     extent: tuple[float, float] = opt((1.0, 1.0), gt=0.0)
+    domain: Literal["rectangle", "sphere"] = "rectangle"
+    lat_range: tuple[float, float] = opt((-80.0, 80.0), gt=-90.0, lt=90.0)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.lat_range[0] >= self.lat_range[1]:
+            raise ConfigError(
+                f"grid.lat_range = {show(self.lat_range)} must be [lat_min, lat_max] with "
+                "lat_min < lat_max (degrees)",
+                key="grid.lat_range",
+            )
 
 
 @dataclass(frozen=True, slots=True)
 class PriorConfig(Section):
-    """Matérn (nu = 1) prior: correlation ``lengthscale`` (domain units), marginal std
-    ``amplitude`` (field units) and the background: a constant, or ``file.h5[:dataset]``
-    holding an ``(ny, nx)`` field (dataset ``background`` by default)."""
+    """Matérn (nu = 1) prior: correlation ``lengthscale`` (domain units; km on the
+    sphere), marginal std ``amplitude`` (field units) and the background: a constant,
+    ``file.h5[:dataset]`` holding an ``(ny, nx)`` field (dataset ``background`` by
+    default), or ``climatology`` (sphere only: the built-in latitude-dependent surface
+    temperature in kelvin, ``mpda_dist.globe.climatology``)."""
 
     lengthscale: float = opt(0.15, gt=0.0)
     amplitude: float = opt(1.1, gt=0.0)
     background: float | str = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TracksConfig(Section):
+    """Synthetic satellite swaths on the sphere (``mpda_dist.globe.satellite_swaths``):
+    ``satellites`` sun-synchronous polar orbiters (inclination ``inclination_deg``,
+    period ``period_minutes``) with ascending nodes spread evenly in longitude, each
+    observing every grid node within ``swath_km / 2`` of its ground track during
+    ``window_hours``."""
+
+    satellites: int = opt(4, ge=1)
+    swath_km: float = opt(120.0, gt=0.0)
+    window_hours: float = opt(3.0, gt=0.0)
+    inclination_deg: float = opt(98.7, gt=0.0, lt=180.0)
+    period_minutes: float = opt(101.0, gt=0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +128,9 @@ class SyntheticObsConfig(Section):
     fraction: float = opt(0.05, gt=0.0, le=1.0)
     noise: float = opt(1e-3, gt=0.0)
     seed: int = opt(0, ge=0)
+    # null: a random ``fraction`` of the nodes; a mapping: satellite swaths instead
+    # (sphere only; ``fraction`` is then not used).
+    tracks: TracksConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +141,9 @@ class ObservationsConfig(Section):
     synthetic: SyntheticObsConfig | None = None
     file: str | None = None
     noise: float | None = opt(None, gt=0.0)
+    # H: ``nearest`` node, or ``bilinear`` in the cell (periodic in longitude on the
+    # sphere); both keep the 13-point stencil.
+    operator: Literal["nearest", "bilinear"] = "nearest"
 
     def __post_init__(self) -> None:
         validate(self)

@@ -48,6 +48,31 @@ class Problem:
     truth: np.ndarray | None
     qc: Any = None  # qc.QCReport: a flag per observation
     source: str = ""  # the observation file, or "observations.synthetic"
+    lat_range: tuple[float, float] | None = None  # the sphere (grid.domain: sphere)
+    coverage: tuple[float, float] | None = None  # synthetic sphere: nodes, area observed
+
+
+def is_sphere(cfg: Any) -> bool:
+    return cfg.grid.domain == "sphere"
+
+
+def grid_geometry(cfg: Any) -> tuple[tuple[float, float], float]:
+    """``(extent, y0)`` in the coordinates observations use: ``(Lx, Ly)`` and 0 on the
+    rectangle; ``(360, lat_max − lat_min)`` and ``lat_min`` on the sphere."""
+    if is_sphere(cfg):
+        lo, hi = cfg.grid.lat_range
+        return (360.0, hi - lo), lo
+    return tuple(float(v) for v in cfg.grid.extent), 0.0
+
+
+def grid_coordinates(cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``/grid/x`` and ``/grid/y``: domain units, or longitude and latitude (degrees)."""
+    from mpda_dist import sphere
+
+    if is_sphere(cfg):
+        return sphere.longitudes(cfg.grid.nx), sphere.latitudes(cfg.grid.ny, cfg.grid.lat_range)
+    lx, ly = cfg.grid.extent
+    return np.linspace(0.0, lx, cfg.grid.nx), np.linspace(0.0, ly, cfg.grid.ny)
 
 
 def _setup_logging(comm: Any, level: str = "info", per_rank: bool = False) -> None:
@@ -88,13 +113,22 @@ def on_root(comm: Any, fn: Callable[[], T]) -> T | None:
 def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
     """Rank 0: background, observations (file or synthetic), their quality control and
     truth.  Bad input raises InputError/ObservationError naming the file (and row)."""
-    from mpda_dist import io, prior, qc
+    from mpda_dist import globe, io, prior, qc, sphere
     from mpda_dist import observations as obsmod
 
     shape = (cfg.grid.ny, cfg.grid.nx)
-    extent = tuple(float(v) for v in cfg.grid.extent)
+    on_sphere = is_sphere(cfg)
+    lat_range = tuple(cfg.grid.lat_range) if on_sphere else None
+    extent, y0 = grid_geometry(cfg)
     bg = cfg.prior.background
-    background = io.read_field(bg, shape) if isinstance(bg, str) else np.full(shape, float(bg))
+    if bg == "climatology":
+        if not on_sphere:
+            raise RunError("prior.background = 'climatology' needs grid.domain: sphere")
+        background = globe.climatology(*shape, lat_range)
+    elif isinstance(bg, str):
+        background = io.read_field(bg, shape)
+    else:
+        background = np.full(shape, float(bg))
     bad = np.argwhere(~np.isfinite(background))
     if bad.size:
         raise io.InputError(
@@ -102,6 +136,7 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
             f"({len(bad)} such node(s))"
         )
     truth = None
+    cover = None
     if cfg.observations.file is not None:
         source = str(cfg.observations.file)
         d = io.read_observations(source)
@@ -115,9 +150,39 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
         syn = cfg.observations.synthetic
         source = "observations.synthetic"
         rng = np.random.default_rng(syn.seed if rng_seed is None else rng_seed)
-        anomaly = prior.sample(shape, extent, cfg.prior.lengthscale, cfg.prior.amplitude, rng)
-        truth = background + anomaly
-        obs = obsmod.synthetic(truth, extent, syn.fraction, syn.noise, rng)
+        ell, amp = cfg.prior.lengthscale, cfg.prior.amplitude
+        if on_sphere:
+            truth = background + sphere.sample(shape, lat_range, ell, amp, rng)
+            if syn.tracks is not None:
+                tr = syn.tracks
+                mask = globe.satellite_swaths(
+                    shape,
+                    lat_range,
+                    tr.satellites,
+                    tr.swath_km,
+                    tr.window_hours,
+                    tr.inclination_deg,
+                    tr.period_minutes,
+                    rng,
+                )
+            else:
+                mask = globe.random_mask(shape, syn.fraction, rng)
+            cover = globe.coverage(mask, lat_range)
+            log.info(
+                "synthetic observations: %s, coverage %.1f%% of the nodes (%.1f%% of the area)",
+                "satellite swaths" if syn.tracks is not None else "random nodes",
+                100 * cover[0],
+                100 * cover[1],
+            )
+            obs = globe.observe(truth, lat_range, mask, syn.noise, rng)
+        else:
+            if syn.tracks is not None:
+                raise RunError(
+                    "observations.synthetic.tracks (satellite swaths) needs grid.domain: sphere"
+                )
+            anomaly = prior.sample(shape, extent, ell, amp, rng)
+            truth = background + anomaly
+            obs = obsmod.synthetic(truth, extent, syn.fraction, syn.noise, rng)
     report = qc.quality_control(
         obs,
         shape,
@@ -127,6 +192,8 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
         on_error=cfg.qc.on_error,
         duplicates=cfg.qc.duplicates,
         gross_error_k=cfg.qc.gross_error_k,
+        periodic_x=on_sphere,
+        y0=y0,
     )
     # Observations are read and checked on rank 0 alone, so these counts are already
     # the totals over all ranks: there is nothing to sum.
@@ -140,8 +207,25 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
         )
         for line in flagged:
             log.warning("  %s", line)
+    if cfg.observations.operator == "bilinear":
+        u = report.used
+        iy, ix, w = obsmod.bilinear_nodes(obs.x[u], obs.y[u] - y0, shape, extent, on_sphere)
+        innovation = report.value_used[u] - obsmod.apply_bilinear(background, iy, ix, w)
+        nodes = obsmod.BilinearObservations(iy, ix, w, innovation, 1.0 / report.noise_used[u] ** 2)
+    else:
+        nodes = report.nodes()
     return Problem(
-        shape, extent, background, obs, report.used, report.nodes(), truth, report, source
+        shape,
+        extent,
+        background,
+        obs,
+        report.used,
+        nodes,
+        truth,
+        report,
+        source,
+        lat_range,
+        cover,
     )
 
 
@@ -174,9 +258,9 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
     """Run the configured solve on every rank of ``comm``; rank 0 writes ``output``."""
     import jax
 
-    from mpda_dist import __version__, diagnostics, io
+    from mpda_dist import __version__, diagnostics, io, sphere
     from mpda_dist.config import dump_config
-    from mpda_dist.multigrid import schedule
+    from mpda_dist.multigrid import schedule, sphere_level
     from mpda_dist.solver import CAPPED, DIVERGED, INTERRUPTED, solve
 
     t0 = time.perf_counter()
@@ -196,12 +280,24 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
     lx, ly = cfg.grid.extent
     dy, dx = ly / (ny - 1), lx / (nx - 1)
     mg = cfg.solver.multigrid
-    levels = comm.bcast(
-        schedule(ny, nx, dy, dx, mg.min_size, mg.enabled and cfg.solver.method == "mp")
-        if rank == 0
-        else None,
-        root=0,
-    )
+    on_sphere = is_sphere(cfg)
+    if on_sphere and cfg.solver.method not in ("mp", "exact"):
+        raise RunError(
+            f"solver.method = {cfg.solver.method!r} is not available with grid.domain: "
+            "sphere (its periodic longitude is not wired into the CG/3D-Var/AMG "
+            "baselines yet); use mp or exact"
+        )
+    if on_sphere:
+        if rank == 0 and mg.enabled and cfg.solver.method == "mp":
+            log.info("multigrid is off on the sphere: one level, the target grid")
+        levels = sphere_level(ny, nx, cfg.grid.lat_range)
+    else:
+        levels = comm.bcast(
+            schedule(ny, nx, dy, dx, mg.min_size, mg.enabled and cfg.solver.method == "mp")
+            if rank == 0
+            else None,
+            root=0,
+        )
     pg = cfg.decomposition.process_grid
     grid = None if pg == "auto" else (int(pg[0]), int(pg[1]))
     s = settings_from(cfg)
@@ -276,7 +372,10 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
         """Rank 0: diagnostics, attributes and the file.  Inside ``on_root``, so a
         failure to write (disk full, ...) is a clean error on every rank."""
         mean = problem.background.copy()
-        mean[1:-1, 1:-1] += anomaly
+        if on_sphere:
+            mean[1:-1, :] += anomaly  # every longitude is an unknown
+        else:
+            mean[1:-1, 1:-1] += anomaly
         wall = time.perf_counter() - t0
         attrs: dict[str, Any] = {
             "title": "mpda_dist analysis",
@@ -297,24 +396,37 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
         }
         summary = f"done in {wall:.2f} s: {status}, residual {level_results[-1].residual:.3e}"
         if problem.truth is not None:
-            attrs["rmse_analysis"] = _rmse(mean, problem.truth)
-            attrs["rmse_background"] = _rmse(problem.background, problem.truth)
+            if on_sphere:
+                # Area-weighted (cos latitude): each node counts by the area it stands for.
+                lr = problem.lat_range
+                attrs["rmse_analysis"] = sphere.area_rmse(mean, problem.truth, lr)
+                attrs["rmse_background"] = sphere.area_rmse(problem.background, problem.truth, lr)
+                attrs["rmse_weighting"] = "cos(latitude)"
+                what = "area-weighted RMSE"
+            else:
+                attrs["rmse_analysis"] = _rmse(mean, problem.truth)
+                attrs["rmse_background"] = _rmse(problem.background, problem.truth)
+                what = "RMSE"
             summary += (
-                f", RMSE vs truth {attrs['rmse_analysis']:.4g} "
+                f", {what} vs truth {attrs['rmse_analysis']:.4g} "
                 f"(background {attrs['rmse_background']:.4g})"
             )
+        if problem.coverage is not None:
+            attrs["coverage_nodes"], attrs["coverage_area"] = problem.coverage
+            summary += f", coverage {100 * problem.coverage[0]:.1f}% of the nodes"
         report = problem.qc
         columns, stats = diagnostics.observation_diagnostics(report, mean)
         log.info("diagnostics: %s", diagnostics.summary_line(stats))
         attrs |= _qc_attrs(cfg, problem)
         attrs |= {k: v for k, v in stats.items() if k != "n_used"}
         obs = problem.observations
+        gx, gy = grid_coordinates(cfg)
         try:
             io.write_analysis(
                 out_path,
                 mean=mean,
-                x=np.linspace(0.0, lx, nx),
-                y=np.linspace(0.0, ly, ny),
+                x=gx,
+                y=gy,
                 observations={
                     "x": obs.x,
                     "y": obs.y,
@@ -384,6 +496,8 @@ def _reference_solve(comm: Any, cfg: Any, level: Any, nodes: Any) -> tuple[list,
             *args, ks, process_grid=None if pg == "auto" else (int(pg[0]), int(pg[1]))
         )
         return [res], anomaly
+    if method == "exact" and level.periodic_x:
+        return _sphere_exact(comm, level, nodes, cfg.prior.lengthscale, cfg.prior.amplitude)
     if method in ("exact", "amg_cg"):
         from mpda_dist.baselines import solve_on_root
 
@@ -392,6 +506,40 @@ def _reference_solve(comm: Any, cfg: Any, level: Any, nodes: Any) -> tuple[list,
     raise RunError(
         f"solver.method = {method!r} is not available; use mp, cg, 3dvar, exact or amg_cg"
     )
+
+
+def _sphere_exact(
+    comm: Any, level: Any, nodes: Any, lengthscale: float, amplitude: float
+) -> tuple[list, Any]:
+    """The direct sparse solve on the sphere (periodic longitude), on rank 0."""
+    import scipy.sparse.linalg as spla
+
+    from mpda_dist.baselines import assemble_periodic, scaled_residual
+    from mpda_dist.solver import CONVERGED, LevelResult
+    from mpda_dist.stencil import build
+
+    res = LevelResult((level.ny, level.nx), 1, (1, 1))
+    anomaly = None
+    if comm.Get_rank() == 0:
+        t0 = time.perf_counter()
+        lobs = nodes.at_level(1, level.interior, True)
+        st = build(level, lengthscale, amplitude, lobs, (0, level.interior[0]), (0, level.nx))
+        q = assemble_periodic(st)
+        res.setup_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        x = spla.spsolve(q.tocsc(), st.rhs.ravel(), permc_spec="MMD_AT_PLUS_A")
+        anomaly = x.reshape(st.diag.shape)
+        res.solve_seconds = res.compute_seconds = time.perf_counter() - t0
+        res.status, res.residual = CONVERGED, scaled_residual(q, st, anomaly)
+        res.observations = len(lobs.iy)
+        log.info(
+            "exact (sphere) on rank 0: residual %.3e (set-up %.2f s, solve %.2f s)",
+            res.residual,
+            res.setup_seconds,
+            res.solve_seconds,
+        )
+    res = comm.bcast(res if comm.Get_rank() == 0 else None, root=0)
+    return [res], anomaly
 
 
 def _guard(comm: Any, fn: Callable[[], int]) -> int:
@@ -456,11 +604,12 @@ def simulate_from_cli(config_path: str | None, output: str, overrides: Sequence[
             io.check_writable(output)
             p = build_problem(cfg)
             obs = p.observations
+            gx, gy = grid_coordinates(cfg)
             io.write_problem(
                 output,
                 truth=p.truth,
-                x=np.linspace(0.0, p.extent[0], p.shape[1]),
-                y=np.linspace(0.0, p.extent[1], p.shape[0]),
+                x=gx,
+                y=gy,
                 observations={"x": obs.x, "y": obs.y, "value": obs.value, "noise": obs.noise},
                 background=p.background,
             )

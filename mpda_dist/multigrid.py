@@ -16,17 +16,42 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Level:
-    """One grid of the schedule: ``ny × nx`` points including the boundary."""
+    """One grid of the schedule: ``ny × nx`` points including the boundary.
+
+    ``domain`` is ``"rectangle"`` (Dirichlet boundary on all four sides) or ``"sphere"``
+    (a lat/lon grid, :mod:`mpda_dist.sphere`: clip rows at ``lat_range`` held at the
+    background, longitude periodic, so every column is an unknown and the interior is
+    ``(ny-2, nx)``; ``dy, dx`` in degrees).
+    """
 
     ny: int
     nx: int
     stride: int  # target-grid nodes per node of this level
     dy: float
     dx: float
+    domain: str = "rectangle"
+    lat_range: tuple[float, float] | None = None  # sphere only, degrees
+
+    @property
+    def periodic_x(self) -> bool:
+        return self.domain == "sphere"
+
+    @property
+    def periodic(self) -> tuple[bool, bool]:
+        """``(y, x)`` periodicity of the process grid for this level."""
+        return (False, self.periodic_x)
 
     @property
     def interior(self) -> tuple[int, int]:
-        return (self.ny - 2, self.nx - 2)
+        return (self.ny - 2, self.nx if self.periodic_x else self.nx - 2)
+
+
+def sphere_level(ny: int, nx: int, lat_range: tuple[float, float]) -> list[Level]:
+    """The single level of a sphere run.  Multigrid is off on the sphere: halving a
+    periodic longitude axis needs an even ``nx`` at every level and the coarse clip rows
+    would move, so the schedule is the target grid alone."""
+    lo, hi = (float(v) for v in lat_range)
+    return [Level(ny, nx, 1, (hi - lo) / (ny - 1), 360.0 / nx, "sphere", (lo, hi))]
 
 
 def schedule(

@@ -104,6 +104,8 @@ class QCReport:
     noise_used: np.ndarray
     extent: tuple[float, float]
     gross_error_k: float | None = None
+    periodic_x: bool = False  # the sphere: x is longitude, y latitude from y0
+    y0: float = 0.0
 
     @property
     def used(self) -> np.ndarray:
@@ -143,8 +145,9 @@ class QCReport:
             name, v = ("x", x) if not math.isfinite(x) else ("y", y)
             return f"{name}[{row}] = {v!r} is not finite"
         if code == OUTSIDE:
-            name, v, length = ("x", x, lx) if not _inside(np.array(x), lx) else ("y", y, ly)
-            return f"{name}[{row}] = {v!r} is outside the domain [0, {length}]"
+            if self.periodic_x or _inside(np.array(x), lx):
+                return f"y[{row}] = {y!r} is outside [{self.y0}, {self.y0 + ly}]"
+            return f"x[{row}] = {x!r} is outside the domain [0, {lx}]"
         if code == VALUE:
             if not math.isfinite(value):
                 return f"value[{row}] = {value!r} is not finite"
@@ -194,13 +197,17 @@ def quality_control(
     on_error: Literal["flag", "fail"] = "flag",
     duplicates: Literal["merge", "reject"] = "merge",
     gross_error_k: float | None = None,
+    periodic_x: bool = False,
+    y0: float = 0.0,
 ) -> QCReport:
     """Flag every observation (see the module table) and map the usable ones to nodes.
 
     ``shape`` is ``(ny, nx)`` including the boundary, ``extent`` ``(Lx, Ly)``;
     ``background`` an ``(ny, nx)`` field or a constant.  With ``on_error="fail"`` the
     first row with an error flag raises :class:`ObservationError` naming ``source``,
-    the row and the reason; with ``"flag"`` such rows are only flagged.  Raises
+    the row and the reason; with ``"flag"`` such rows are only flagged.  On the sphere
+    (``periodic_x``) ``x`` is longitude, any finite value (taken modulo ``Lx = 360``),
+    ``y`` latitude must lie in ``[y0, y0 + Ly]`` and every column is interior.  Raises
     ObservationError too when no row is usable.  Never warns: inputs may hold any
     float64 values, NaN and inf included.
     """
@@ -218,7 +225,8 @@ def quality_control(
 
     with np.errstate(all="ignore"):  # NaN/inf/overflow are what we are looking for
         mark(COORD, ~(np.isfinite(x) & np.isfinite(y)))
-        mark(OUTSIDE, ~(_inside(x, lx) & _inside(y, ly)))
+        inside_x = np.ones(n, dtype=bool) if periodic_x else _inside(x, lx)
+        mark(OUTSIDE, ~(inside_x & _inside(y - y0, ly)))
         mark(VALUE, ~np.isfinite(value))
         precision = 1.0 / noise**2
         mark(NOISE, ~(np.isfinite(noise) & (noise > 0) & (precision <= MAX_PRECISION)))
@@ -226,7 +234,9 @@ def quality_control(
         located = flag == OK
         iy = np.full(n, -1, dtype=np.int64)
         ix = np.full(n, -1, dtype=np.int64)
-        iy[located], ix[located] = nearest_nodes(x[located], y[located], shape, extent)
+        iy[located], ix[located] = nearest_nodes(
+            x[located], y[located] - y0, shape, extent, periodic_x
+        )
         hfb = np.full(n, np.nan)
         if isinstance(background, np.ndarray):
             hfb[located] = background[iy[located], ix[located]]
@@ -234,7 +244,8 @@ def quality_control(
             hfb[located] = float(background)
         mark(VALUE, ~(np.abs(value - hfb) * precision <= MAX_PRECISION) & located)
         ny, nx = shape
-        interior = (iy >= 1) & (iy <= ny - 2) & (ix >= 1) & (ix <= nx - 2)
+        x0 = 0 if periodic_x else 1
+        interior = (iy >= 1) & (iy <= ny - 2) & (ix >= x0) & (ix <= nx - 1 - x0)
         mark(BOUNDARY, located & ~interior)
         if gross_error_k is not None:
             mark(GROSS, np.abs(value - hfb) > gross_error_k * noise)
@@ -242,8 +253,9 @@ def quality_control(
         value_used = np.where(flag == OK, value, np.nan)
         noise_used = np.where(flag == OK, noise, np.nan)
         duplicate_of = np.full(n, -1, dtype=np.int64)
+        xq = np.mod(x, lx) if periodic_x else x
         _resolve_duplicates(
-            x, y, hfb, (lx, ly), flag, duplicate_of, value_used, noise_used, duplicates
+            xq, y, hfb, (lx, ly), flag, duplicate_of, value_used, noise_used, duplicates
         )
 
     report = QCReport(
@@ -258,6 +270,8 @@ def quality_control(
         noise_used,
         (lx, ly),
         gross_error_k,
+        periodic_x,
+        y0,
     )
     errors = report.errors()
     if on_error == "fail" and errors.size:

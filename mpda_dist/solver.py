@@ -270,10 +270,13 @@ def solve(
     checkpoint_path: str | None = None,
     requests: Any = None,
     config_text: str = "",
+    periodic: tuple[bool, bool] | None = None,
 ) -> SolveResult:
     """Multigrid message passing on every rank of ``comm``; ``levels`` coarse → fine.
 
     ``process_grid`` is ``(Px, Py)`` for the target level (None: automatic).
+    ``periodic`` is the ``(y, x)`` periodicity of the process grid (None: each level's
+    own, :attr:`Level.periodic`: x periodic on the sphere, nothing on the rectangle).
     ``resume`` (a :class:`checkpoint.State`, on rank 0; None elsewhere) continues a
     checkpointed run; ``checkpoint_path`` and ``requests`` enable writing them.
     """
@@ -298,13 +301,15 @@ def solve(
             members = agglomerated_size(level.interior, size, agglomerate_below)
             members = comm.bcast(members if rank == 0 else None, root=0)
             grid = auto_grid(members, level.interior)
-        lobs = nodes.at_level(level.stride, level.interior)
+        lobs = nodes.at_level(level.stride, level.interior, level.periodic_x)
         res = LevelResult(
             (level.ny, level.nx), members, (grid[1], grid[0]), observations=len(lobs.iy)
         )
         sub = _level_comm(comm, members)
         if sub != MPI.COMM_NULL:
-            decomp = Decomposition(sub, level.interior, grid)
+            decomp = Decomposition(
+                sub, level.interior, grid, level.periodic if periodic is None else periodic
+            )
             st = build(level, lengthscale, amplitude, lobs, *decomp.extent)
             op = kernel.Operator(*(jnp.asarray(v, dtype) for v in (st.diag, st.weights, st.rhs)))
             start = None

@@ -273,7 +273,7 @@ def test_unknown_keys_with_suggestions(tmp_path: Path, text: str, expected: str)
         ("output: {file: 3}", "output.file = 3 has the wrong type (integer); expected a string"),
         (
             "observations: {synthetic: 3}",
-            "expected a mapping with keys: fraction, noise, seed or null",
+            "expected a mapping with keys: fraction, noise, seed, tracks or null",
         ),
     ],
 )

@@ -49,6 +49,12 @@ def test_periodic_seam_exchange(n, px, py):
     check(mpirun(n, "periodic_seam", "13", "23", str(px), str(py)))
 
 
+@pytest.mark.parametrize("n,px,py", [(2, 2, 1), (3, 3, 1)])
+def test_sphere_sync_equals_one_rank(n, px, py):
+    """Split in longitude: the process grid wraps across the 0/360 seam."""
+    check(mpirun(n, "sphere_sync_equals_serial", "30", "48", str(px), str(py)))
+
+
 def test_failure_on_one_rank_ends_the_job():
     t0 = time.perf_counter()
     proc = mpirun(4, "fail_on_rank1", timeout=60)

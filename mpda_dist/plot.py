@@ -1,0 +1,98 @@
+"""``mpda plot OUT.h5 -o map.png``: maps of an analysis file (matplotlib, Agg).
+
+Panels: the analysis mean, the truth (when the file has one), the increment
+``mean − background`` and the error ``mean − truth`` (when there is a truth), with the
+used observation locations overlaid on the analysis.  Axes are the file's ``/grid/x``
+and ``/grid/y``: longitude and latitude in degrees for a global run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+
+class PlotError(ValueError):
+    """The file cannot be plotted; the message names it."""
+
+
+def _read(path: str) -> dict[str, Any]:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "analysis/mean" not in f:
+                raise PlotError(f"{path}: no /analysis/mean; is this an 'mpda run' output?")
+            out: dict[str, Any] = {
+                "mean": f["analysis/mean"][()],
+                "x": f["grid/x"][()],
+                "y": f["grid/y"][()],
+                "background": f["background"][()] if "background" in f else None,
+                "truth": f["truth"][()] if "truth" in f else None,
+                "attrs": dict(f.attrs),
+            }
+            if "observations/x" in f:
+                used = f["observations/used"][()] if "observations/used" in f else None
+                ox, oy = f["observations/x"][()], f["observations/y"][()]
+                keep = used.astype(bool) if used is not None else np.ones(ox.shape, bool)
+                out["obs"] = (ox[keep], oy[keep])
+            return out
+    except OSError as exc:
+        raise PlotError(f"{path}: cannot read ({exc})") from None
+
+
+def plot(path: str, output: str, dpi: int = 120) -> str:
+    """Write the maps of analysis file ``path`` to ``output`` (PNG, PDF, ... by suffix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = _read(path)
+    mean, x, y = d["mean"], d["x"], d["y"]
+    panels: list[tuple[str, np.ndarray, str]] = [("analysis mean", mean, "viridis")]
+    if d["truth"] is not None:
+        panels.append(("truth", d["truth"], "viridis"))
+    if d["background"] is not None:
+        panels.append(("increment (analysis − background)", mean - d["background"], "RdBu_r"))
+    if d["truth"] is not None:
+        panels.append(("error (analysis − truth)", mean - d["truth"], "RdBu_r"))
+    ncol = 2 if len(panels) > 1 else 1
+    nrow = (len(panels) + ncol - 1) // ncol
+    aspect = (y[-1] - y[0]) / max(x[-1] - x[0], 1e-300)
+    fig, axes = plt.subplots(
+        nrow,
+        ncol,
+        figsize=(6.0 * ncol, 6.0 * nrow * min(max(aspect, 0.3), 1.5) + 0.6),
+        squeeze=False,
+    )
+    shared = None
+    if d["truth"] is not None:  # the same colour scale for analysis and truth
+        shared = (min(mean.min(), d["truth"].min()), max(mean.max(), d["truth"].max()))
+    for ax, (title, field, cmap) in zip(axes.ravel(), panels, strict=False):
+        if cmap == "RdBu_r":
+            lim = float(np.max(np.abs(field))) or 1.0
+            vmin, vmax = -lim, lim
+        else:
+            vmin, vmax = shared if shared else (field.min(), field.max())
+        im = ax.pcolormesh(x, y, field, cmap=cmap, vmin=vmin, vmax=vmax, shading="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.85)
+        ax.set_title(title)
+        ax.set_aspect("equal" if 0.2 < aspect < 5 else "auto")
+        if title == "analysis mean" and "obs" in d:
+            ox, oy = d["obs"]
+            ax.scatter(ox, oy, s=1.0, c="k", alpha=0.5, linewidths=0)
+    for ax in axes.ravel()[len(panels) :]:
+        ax.set_visible(False)
+    attrs = d["attrs"]
+    sub = os.path.basename(path)
+    if "rmse_analysis" in attrs:
+        ra, rb = attrs["rmse_analysis"], attrs["rmse_background"]
+        sub += f": RMSE analysis {ra:.4g}, background {rb:.4g}"
+    fig.suptitle(sub)
+    fig.tight_layout()
+    fig.savefig(output, dpi=dpi)
+    plt.close(fig)
+    return output
