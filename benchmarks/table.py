@@ -162,12 +162,13 @@ def run_case(comm, n: int, fraction: float, truth: int, args, log) -> list[dict]
     import numpy as np
 
     from mpda_dist import driver
-    from mpda_dist.config import load_config
+    from mpda_dist.config import config_from_dict
     from mpda_dist.multigrid import schedule
 
-    cfg = load_config(
-        None,
-        [
+    cfg = config_from_dict(
+        args.base_config,
+        source="bundled demo config (read at start)",
+        overrides=[
             f"grid.nx={n}",
             f"grid.ny={n}",
             f"observations.synthetic.fraction={fraction}",
@@ -327,16 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(msg, file=sys.stderr, flush=True)
 
+    from mpda_dist.config import config_to_dict, load_config
+
+    # Read the demo config once: a file edited while the benchmark runs cannot change it.
+    args.base_config = config_to_dict(load_config(None))
     meta = C.machine_info(extra={"command": C.command_line(), "ranks": comm.Get_size()})
-    warm_up(comm, args)
-    rows: list[dict] = []
-    for n in args.sizes:
-        for f in args.fractions:
-            for t in range(args.truths):
-                rows += run_case(comm, n, f, t, args, log)
-    if rank != 0:
-        return 0
-    meta["loadavg_at_end"] = C.loadavg()
     notes = [
         "rmse: interior nodes, analysis anomaly vs truth anomaly",
         "setup_s / compile_s / solve_s apart; under MPI distributed methods report the "
@@ -346,6 +342,17 @@ def main(argv: list[str] | None = None) -> int:
         "reductions/halo_exchanges: global all-reduces and halo rounds per solve (mp: derived "
         "from iteration counts)",
     ]
+    warm_up(comm, args)
+    rows: list[dict] = []
+    for n in args.sizes:
+        for f in args.fractions:
+            for t in range(args.truths):
+                rows += run_case(comm, n, f, t, args, log)
+                if args.csv and rank == 0:  # after every case: a crash keeps what ran
+                    C.write_csv(args.csv, rows, meta | {"loadavg_now": C.loadavg()}, notes)
+    if rank != 0:
+        return 0
+    meta["loadavg_at_end"] = C.loadavg()
     if args.csv:
         path = C.write_csv(args.csv, rows, meta, notes)
         log(f"csv: {path}")

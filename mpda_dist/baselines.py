@@ -217,11 +217,12 @@ def solve_on_root(
                 size - 1,
             )
         t0 = time.perf_counter()
-        lobs = nodes.at_level(level.stride, level.interior)
+        periodic_x = bool(getattr(level, "periodic_x", False))
+        lobs = nodes.at_level(level.stride, level.interior, periodic_x)
         st = build(
             level, lengthscale, amplitude, lobs, (0, level.interior[0]), (0, level.interior[1])
         )
-        q = assemble(st)
+        q = assemble_periodic(st, periodic_x)
         res.observations = len(lobs.iy)
         build_s = time.perf_counter() - t0
         if method == "exact":
