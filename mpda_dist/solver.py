@@ -167,6 +167,10 @@ def solve_level(
     last_beat = time.perf_counter()
     while True:
         n = min(chunk, s.max_iterations - it)
+        if n <= 0:  # resumed at or beyond this run's solver.max_iterations
+            res.iterations = it
+            res.status = CAPPED
+            break
         step = jit(
             kernel.iterate,
             n,
