@@ -25,7 +25,7 @@ import numpy as np
 from mpda_dist import io
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-FORMAT = "mpda_dist checkpoint 1"
+FORMAT = "mpda_dist checkpoint 2"
 
 
 @dataclass
@@ -66,6 +66,10 @@ class State:
     best: float = math.inf
     delta0: float | None = None
     finished: list[dict] = field(default_factory=list)  # summaries of earlier levels
+    # Warm ``(a, b, b_prev)`` of the coarser message-passing levels 1 … level-1, which
+    # the coarse-grid corrections continue from, and the hierarchy's depth.
+    coarse: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=list)
+    levels: int = 0
 
 
 def write(path: str, state: State, config_text: str) -> None:
@@ -81,6 +85,12 @@ def write(path: str, state: State, config_text: str) -> None:
         f["b"] = state.b
         if state.b_prev is not None:
             f["b_prev"] = state.b_prev
+        f.attrs["levels"] = state.levels
+        for k, (ca, cb, cp) in enumerate(state.coarse):
+            g = f.create_group(f"coarse/{k}")
+            g["a"], g["b"] = ca, cb
+            if cp is not None:
+                g["b_prev"] = cp
 
 
 def read(path: str) -> State:
@@ -99,6 +109,11 @@ def read(path: str) -> State:
                 best=float(f.attrs["best"]),
                 delta0=None if math.isnan(delta0) else delta0,
                 finished=json.loads(f.attrs["finished"]),
+                coarse=[
+                    (g["a"][...], g["b"][...], g["b_prev"][...] if "b_prev" in g else None)
+                    for g in (f["coarse"][k] for k in sorted(f.get("coarse", {}), key=int))
+                ],
+                levels=int(f.attrs.get("levels", 0)),
             )
     except (OSError, KeyError, ValueError) as exc:
         if isinstance(exc, io.InputError):

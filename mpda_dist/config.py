@@ -172,13 +172,16 @@ class QCConfig(Section):
 
 @dataclass(frozen=True, slots=True)
 class MultigridConfig(Section):
-    """Coarse-to-fine levels, halving down to a longest side of ``min_size`` nodes."""
+    """Coarse-to-fine levels, halving down to a longest side of ``min_size`` nodes (the
+    coarsest is solved exactly).  ``cycle``: ``fas`` corrects each level from the
+    coarser ones at every convergence check (full-approximation scheme); ``nested``
+    only starts each level from the one below.  ``smoothing``: iterations per visit
+    of a coarser level inside a correction."""
 
     min_size: int = opt(32, ge=5)
     enabled: bool = True
-    # How a level starts from the coarser one: "mean" sets the b messages from the
-    # bilinearly interpolated coarse mean; "messages" copies the coarse messages.
-    prolong: Literal["mean", "messages"] = "mean"
+    cycle: Literal["fas", "nested"] = "fas"
+    smoothing: int = opt(20, ge=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +191,7 @@ class ExchangeConfig(Section):
 
     mode: Literal["sync", "async"] = "async"
     every: int = opt(1, ge=1)
-    max_staleness: int = opt(4, ge=0)
+    max_staleness: int = opt(1, ge=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +207,7 @@ class SolverConfig(Section):
     momentum: float = opt(0.5, ge=0.0, lt=1.0)
     stopping: Literal["residual", "delta"] = "residual"
     tol: float | None = opt(None, gt=0.0)
-    check_every: int = opt(50, ge=1)
+    check_every: int = opt(20, ge=1)
     max_iterations: int = opt(10000, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
     multigrid: MultigridConfig = opt(factory=MultigridConfig)
@@ -217,12 +220,11 @@ class SolverConfig(Section):
 
 @dataclass(frozen=True, slots=True)
 class DecompositionConfig(Section):
-    """``process_grid``: ``auto`` or ``(Px, Py)`` ranks along x and y.  Levels whose
-    blocks would have a shorter side below ``agglomerate_below`` nodes run on fewer
-    ranks."""
+    """``process_grid``: ``auto`` or ``(Px, Py)`` ranks along x and y, the same for
+    every multigrid level (coarse levels stop where a block would have fewer than 4
+    nodes a side)."""
 
     process_grid: Literal["auto"] | tuple[int, int] = opt("auto", ge=1)
-    agglomerate_below: int = opt(32, ge=0)
 
 
 @dataclass(frozen=True, slots=True)

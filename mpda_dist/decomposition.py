@@ -65,6 +65,18 @@ class Blocks:
     interior: tuple[int, int]
     grid: tuple[int, int]
     periodic: tuple[bool, bool] = (False, False)
+    # Explicit block boundaries per axis ``(y cuts, x cuts)``, each ``0 … n``; None:
+    # even chunks.  Coarse multigrid levels use the cuts that keep their nodes in the
+    # fine level's blocks (multigrid.coarse_cuts).
+    cuts: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    def axis_cuts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        if self.cuts is not None:
+            return self.cuts
+        return tuple(  # type: ignore[return-value]
+            tuple(chunk(n, p, i)[0] for i in range(p)) + (n,)
+            for n, p in zip(self.interior, self.grid, strict=True)
+        )
 
     @property
     def size(self) -> int:
@@ -75,7 +87,13 @@ class Blocks:
 
     def extent(self, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
         cy, cx = self.coords(rank)
+        if self.cuts is not None:
+            (ys, xs) = self.cuts
+            return (ys[cy], ys[cy + 1]), (xs[cx], xs[cx + 1])
         return chunk(self.interior[0], self.grid[0], cy), chunk(self.interior[1], self.grid[1], cx)
+
+    def min_side(self) -> int:
+        return min(min(np.diff(c)) for c in self.axis_cuts())
 
     def shape(self, rank: int) -> tuple[int, int]:
         (r0, r1), (c0, c1) = self.extent(rank)
@@ -123,11 +141,17 @@ class Decomposition:
         interior: tuple[int, int],
         grid: tuple[int, int] | None = None,
         periodic: tuple[bool, bool] = (False, False),
+        cuts: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     ) -> None:
         size = comm.Get_size()
         grid = grid or auto_grid(size, interior)
-        check_grid(grid, size, interior)
-        self.blocks = Blocks(tuple(interior), tuple(grid), tuple(periodic))
+        if cuts is None:
+            check_grid(grid, size, interior)
+        self.blocks = Blocks(tuple(interior), tuple(grid), tuple(periodic), cuts)
+        if self.blocks.min_side() < MIN_BLOCK:
+            raise DecompositionError(
+                f"blocks of {self.blocks.min_side()} nodes: need at least {MIN_BLOCK} per side"
+            )
         # reorder=False keeps cart rank == rank in comm, which Blocks.coords assumes.
         self.comm = comm.Create_cart(dims=list(grid), periods=list(periodic), reorder=False)
         self.rank = self.comm.Get_rank()
@@ -178,16 +202,3 @@ class Decomposition:
 
 def _displacements(sizes: list[int]) -> list[int]:
     return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-
-
-def blocks_min_side(interior: tuple[int, int], size: int) -> int:
-    py, px = auto_grid(size, interior)
-    return min(interior[0] // py, interior[1] // px)
-
-
-def agglomerated_size(interior: tuple[int, int], size: int, threshold: int) -> int:
-    """Largest rank count ≤ ``size`` whose auto blocks keep sides ≥ ``threshold``."""
-    for p in range(size, 0, -1):
-        if blocks_min_side(interior, p) >= max(threshold, MIN_BLOCK):
-            return p
-    return 1

@@ -246,7 +246,8 @@ def settings_from(cfg: Any) -> Any:
         every=s.exchange.every,
         max_staleness=s.exchange.max_staleness,
         heartbeat_seconds=cfg.logging.heartbeat_seconds or math.inf,
-        prolong=s.multigrid.prolong,
+        cycle=s.multigrid.cycle,
+        smoothing=s.multigrid.smoothing,
     )
 
 
@@ -260,7 +261,7 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
 
     from mpda_dist import __version__, diagnostics, io, sphere
     from mpda_dist.config import dump_config
-    from mpda_dist.multigrid import schedule, sphere_level
+    from mpda_dist.multigrid import schedule, sphere_schedule
     from mpda_dist.solver import CAPPED, DIVERGED, INTERRUPTED, solve
 
     t0 = time.perf_counter()
@@ -287,17 +288,11 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
             "sphere (its periodic longitude is not wired into the CG/3D-Var/AMG "
             "baselines yet); use mp or exact"
         )
+    multigrid = mg.enabled and cfg.solver.method == "mp"
     if on_sphere:
-        if rank == 0 and mg.enabled and cfg.solver.method == "mp":
-            log.info("multigrid is off on the sphere: one level, the target grid")
-        levels = sphere_level(ny, nx, cfg.grid.lat_range)
+        levels = sphere_schedule(ny, nx, cfg.grid.lat_range, mg.min_size, multigrid)
     else:
-        levels = comm.bcast(
-            schedule(ny, nx, dy, dx, mg.min_size, mg.enabled and cfg.solver.method == "mp")
-            if rank == 0
-            else None,
-            root=0,
-        )
+        levels = schedule(ny, nx, dy, dx, mg.min_size, multigrid)
     pg = cfg.decomposition.process_grid
     grid = None if pg == "auto" else (int(pg[0]), int(pg[1]))
     s = settings_from(cfg)
@@ -335,7 +330,6 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
                 cfg.prior.amplitude,
                 s,
                 process_grid=grid,
-                agglomerate_below=cfg.decomposition.agglomerate_below,
                 resume=state,
                 checkpoint_path=cfg.checkpoint.file,
                 requests=requests,

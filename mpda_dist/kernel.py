@@ -220,7 +220,7 @@ def pack_frame(x: Array, width: int = 2) -> Array:
     return jnp.concatenate(parts)
 
 
-def _padded(x: Array, frame_flat: Array, width: int) -> Array:
+def framed(x: Array, frame_flat: Array, width: int) -> Array:
     """``x`` with a ``width``-wide frame around it, shape ``(by+2w, bx+2w)``."""
     by, bx = x.shape
     layout = field_layout(by, bx, width)
@@ -239,7 +239,7 @@ def _padded(x: Array, frame_flat: Array, width: int) -> Array:
 def apply_operator(x: Array, frame_flat: Array, op: Operator) -> Array:
     """``Q x`` on the block, with ``x`` outside the block given by its 2-wide frame."""
     by, bx = x.shape
-    xp = _padded(x, frame_flat, 2)
+    xp = framed(x, frame_flat, 2)
     out = op.diag * x
     for k, (dy, dx) in enumerate(OFFSETS):
         out = out + op.weights[k] * xp[2 + dy : 2 + dy + by, 2 + dx : 2 + dx + bx]
@@ -255,13 +255,19 @@ def messages_from_mean(m: Array, frame_flat: Array, op: Operator, c: float) -> A
     starting point for the fine messages (the fixed point itself is unchanged).
     """
     by, bx = m.shape
-    mp = _padded(m, frame_flat, 2)
+    mp = framed(m, frame_flat, 2)
     return jnp.stack(
         [
             -(op.weights[k] / c) * mp[2 + dy : 2 + dy + by, 2 + dx : 2 + dx + bx]
             for k, (dy, dx) in enumerate(OFFSETS)
         ]
     )
+
+
+@jax.jit
+def residual(x: Array, frame_flat: Array, op: Operator) -> Array:
+    """``h − Q x`` on the block."""
+    return op.rhs - apply_operator(x, frame_flat, op)
 
 
 @jax.jit

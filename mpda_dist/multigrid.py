@@ -1,10 +1,18 @@
-"""Multigrid levels and the prolongation of messages between them (DESIGN §2).
+"""Multigrid levels and the index maps between a level and the next coarser one
+(DESIGN §2; the cycle itself is in :mod:`mpda_dist.cycle`).
 
-Level ``l`` keeps every ``2^l``-th node of the target grid, counted from node 0, so a
-coarse node *is* a fine node and an observation on it is used there as it is.  The
-coarse grid keeps the fine spacing ×2 (its far edge may sit up to one fine cell inside
-the domain); coarse levels only provide a starting point, so the target level's fixed
-point does not depend on them.
+Level ``l`` keeps every other node of level ``l-1``: along an axis with a boundary
+(x and y on the rectangle, latitude on the sphere) coarse interior node ``I`` is fine
+interior node ``2I + 1`` (full index ``2I + 2``: boundary nodes stay boundary nodes);
+along the periodic longitude it is fine column ``2I`` (the sphere halves only an even
+number of columns).  The coarse grid keeps the fine spacing × 2; its far edge may sit
+one fine cell inside the domain, where the coarse correction is held at 0.
+
+Between levels: *injection* (a coarse node takes its fine node's value),
+*prolongation* ``P`` (linear interpolation along each axis) and *restriction* ``Pᵀ``
+(its transpose, full weighting).  A coarse block holds the coarse nodes that lie in the
+fine block (:func:`coarse_cuts`), so all three are local to a block plus a one-node
+frame that the field exchange provides.
 """
 
 from __future__ import annotations
@@ -45,65 +53,98 @@ class Level:
     def interior(self) -> tuple[int, int]:
         return (self.ny - 2, self.nx if self.periodic_x else self.nx - 2)
 
+    @property
+    def offsets(self) -> tuple[int, int]:
+        """Per axis ``(y, x)``: the fine interior index of coarse node 0."""
+        return (1, 0 if self.periodic_x else 1)
 
-def sphere_level(ny: int, nx: int, lat_range: tuple[float, float]) -> list[Level]:
-    """The single level of a sphere run.  Multigrid is off on the sphere: halving a
-    periodic longitude axis needs an even ``nx`` at every level and the coarse clip rows
-    would move, so the schedule is the target grid alone."""
-    lo, hi = (float(v) for v in lat_range)
-    return [Level(ny, nx, 1, (hi - lo) / (ny - 1), 360.0 / nx, "sphere", (lo, hi))]
+    def coarser(self) -> Level | None:
+        """The next coarser level, or None when this one cannot be halved."""
+        cy = (self.ny - 1) // 2 + 1
+        if self.periodic_x:
+            if self.nx % 2:
+                return None
+            cx = self.nx // 2
+            lo = self.lat_range[0]
+            lr = (lo, lo + 2 * self.dy * (cy - 1))
+        else:
+            cx, lr = (self.nx - 1) // 2 + 1, None
+        out = Level(cy, cx, self.stride * 2, self.dy * 2, self.dx * 2, self.domain, lr)
+        if min(out.interior) < 4:  # a block needs 4 nodes per side (decomposition)
+            return None
+        return out
+
+
+def hierarchy(target: Level, min_size: int = 32, enabled: bool = True) -> list[Level]:
+    """Levels from coarsest to ``target``, halving while the longest side > ``min_size``."""
+    levels = [target]
+    while enabled and max(levels[-1].ny, levels[-1].nx) > min_size:
+        nxt = levels[-1].coarser()
+        if nxt is None:
+            break
+        levels.append(nxt)
+    return levels[::-1]
 
 
 def schedule(
     ny: int, nx: int, dy: float, dx: float, min_size: int = 32, enabled: bool = True
 ) -> list[Level]:
-    """Levels from coarsest to the target, halving while the longest side > ``min_size``."""
-    levels = [Level(ny, nx, 1, dy, dx)]
-    while enabled:
-        top = levels[-1]
-        if max(top.ny, top.nx) <= min_size:
-            break
-        cy, cx = (top.ny - 1) // 2 + 1, (top.nx - 1) // 2 + 1
-        if min(cy, cx) < 6:  # a block needs 4 interior nodes per side (decomposition)
-            break
-        levels.append(Level(cy, cx, top.stride * 2, top.dy * 2, top.dx * 2))
-    return levels[::-1]
+    """Rectangle levels from coarsest to the target (:func:`hierarchy`)."""
+    return hierarchy(Level(ny, nx, 1, dy, dx), min_size, enabled)
 
 
-def coarse_index(n_fine: int, n_coarse: int) -> np.ndarray:
-    """For each fine interior index, the coarse interior index nearest below it."""
-    full = np.arange(1, n_fine + 1)
-    return np.clip(full // 2 - 1, 0, n_coarse - 1)
+def sphere_schedule(
+    ny: int, nx: int, lat_range: tuple[float, float], min_size: int = 32, enabled: bool = True
+) -> list[Level]:
+    """Sphere levels from coarsest to the target (:func:`hierarchy`)."""
+    lo, hi = (float(v) for v in lat_range)
+    target = Level(ny, nx, 1, (hi - lo) / (ny - 1), 360.0 / nx, "sphere", (lo, hi))
+    return hierarchy(target, min_size, enabled)
 
 
-def prolong(messages: np.ndarray, fine_interior: tuple[int, int], mask: np.ndarray) -> np.ndarray:
-    """Coarse messages ``(..., nc_y, nc_x)`` → a fine start ``(..., n_y, n_x)``.
+def sphere_level(ny: int, nx: int, lat_range: tuple[float, float]) -> list[Level]:
+    """The target sphere grid alone (one level)."""
+    return sphere_schedule(ny, nx, lat_range, enabled=False)
 
-    Each fine node takes the messages of the coarse node at (or just before) it, and
-    messages on edges that do not exist at the fine level (``mask`` false, shape of the
-    result) are zeroed.
+
+def coarse_range(lo: int, hi: int, offset: int, n_coarse: int) -> tuple[int, int]:
+    """Coarse nodes ``I`` whose fine node ``2I + offset`` lies in fine range ``[lo, hi)``."""
+    a, b = -((offset - lo) // 2), -((offset - hi) // 2)  # ceil((lo - offset) / 2), ...
+    return min(max(a, 0), n_coarse), min(max(b, 0), n_coarse)
+
+
+def coarse_cuts(cuts: tuple[int, ...], offset: int, n_coarse: int) -> tuple[int, ...]:
+    """Block boundaries of the coarse level that keep every coarse node in the block
+    of its fine node (``cuts``: the fine boundaries, ``0 … n_fine``)."""
+    out = [coarse_range(c, c, offset, n_coarse)[0] for c in cuts]
+    out[-1] = n_coarse
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """Static local indices along one axis between a fine block and its coarse block.
+
+    Indices into *framed* arrays count from the start of a 2-node frame (a block index
+    ``i`` is framed index ``i + 2``).
     """
-    iy = coarse_index(fine_interior[0], messages.shape[-2])
-    ix = coarse_index(fine_interior[1], messages.shape[-1])
-    return messages[..., iy[:, None], ix[None, :]] * mask
+
+    inject: np.ndarray  # (bc,) block index in the fine block of each coarse node
+    restrict: np.ndarray  # (bc, 3) framed fine indices: centre, before, after
+    prolong: np.ndarray  # (bf, 2) framed coarse indices of each fine node's two parents
+    weight: np.ndarray  # (bf, 2) their weights (1, 0) or (½, ½)
 
 
-def _interp_axis(values: np.ndarray, n_fine: int, axis: int) -> np.ndarray:
-    """Linear interpolation along ``axis`` from a coarse interior (its boundary 0) to
-    ``n_fine`` fine interior nodes; fine full index ``F`` sits at coarse ``F/2``."""
-    nc = values.shape[axis]
-    padded = np.moveaxis(values, axis, -1)
-    padded = np.concatenate(
-        [np.zeros(padded.shape[:-1] + (1,)), padded, np.zeros(padded.shape[:-1] + (1,))], -1
-    )
-    pos = np.minimum(np.arange(1, n_fine + 1) / 2.0, nc + 1)
-    lo = np.minimum(np.floor(pos).astype(int), nc)
-    frac = pos - lo
-    out = padded[..., lo] * (1 - frac) + padded[..., np.minimum(lo + 1, nc + 1)] * frac
-    return np.moveaxis(out, -1, axis)
-
-
-def prolong_mean(mean: np.ndarray, fine_interior: tuple[int, int]) -> np.ndarray:
-    """Bilinear interpolation of a coarse interior mean ``(nc_y, nc_x)`` to the fine
-    interior ``(n_y, n_x)`` (zero anomaly on the boundary)."""
-    return _interp_axis(_interp_axis(mean, fine_interior[0], 0), fine_interior[1], 1)
+def axis_map(fine: tuple[int, int], coarse: tuple[int, int], offset: int) -> AxisMap:
+    """``fine = (f0, f1)``, ``coarse = (c0, c1)`` (global interior ranges)."""
+    f0, f1 = fine
+    c0, c1 = coarse
+    centre = 2 * np.arange(c0, c1) + offset - f0
+    framed = centre + 2
+    restrict = np.stack([framed, framed - 1, framed + 1], axis=1)
+    i = np.arange(f0, f1) - offset
+    lo = np.floor_divide(i, 2)
+    odd = (i % 2).astype(bool)
+    parents = np.stack([lo, lo + odd], axis=1) - c0 + 2
+    weight = np.where(odd[:, None], 0.5, np.array([1.0, 0.0])[None, :])
+    return AxisMap(centre, restrict, parents, weight)

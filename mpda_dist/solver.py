@@ -17,15 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from mpi4py import MPI
 
 from mpda_dist import kernel
-from mpda_dist.decomposition import Decomposition, agglomerated_size, auto_grid, check_grid
+from mpda_dist.decomposition import Decomposition, check_grid
 from mpda_dist.exchange import HaloExchange, allreduce_sum
 from mpda_dist.halo import field_layout, message_layout
-from mpda_dist.multigrid import Level, prolong, prolong_mean
+from mpda_dist.multigrid import Level
 from mpda_dist.observations import NodeObservations
-from mpda_dist.stencil import build
 
 log = logging.getLogger("mpda_dist")
 
@@ -42,15 +40,16 @@ class Settings:
     momentum: float = 0.0
     stopping: str = "residual"
     tol: float = 1e-5
-    check_every: int = 50
+    check_every: int = 20
     max_iterations: int = 10000
     dtype: str = "float32"
     mode: str = "async"
     every: int = 1
-    max_staleness: int = 4
+    max_staleness: int = 1
     divergence_factor: float = 1e4
     heartbeat_seconds: float = 10.0
-    prolong: str = "mean"  # "mean": b from the interpolated mean; "messages": copy b
+    cycle: str = "fas"  # "fas": coarse-grid corrections at every check; "nested": starts only
+    smoothing: int = 20  # iterations per visit of a coarser level in a correction
 
 
 @dataclass
@@ -77,6 +76,12 @@ class LevelResult:
     reductions: int = 0
     halo_exchanges: int = 0
     setup_seconds: float = 0.0
+    # Multigrid: "exact" for the coarsest level (direct solve on rank 0), coarse-grid
+    # corrections made by this level, and iterations this level ran inside the
+    # corrections of finer levels.
+    solver: str = "mp"
+    corrections: int = 0
+    cycle_iterations: int = 0
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -120,12 +125,16 @@ def solve_level(
     start: Any = None,
     saver: Callable[..., None] | None = None,
     requests: Any = None,
-) -> tuple[jax.Array, jax.Array]:
+    correct: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Iterate one level to its stopping rule; updates ``res`` in place.
 
     ``start`` (a :class:`checkpoint.State`) continues a level from a checkpoint;
     ``saver(it, a, b, b_prev, best, delta0)`` is called on every rank when the
     global reduction says a checkpoint is due (``requests``: this rank's triggers).
+    ``correct(mean, residual)`` (multigrid, :mod:`mpda_dist.cycle`) returns a field to
+    add to the mean at every check that does not stop: the ``b`` messages shift by it.
+    Returns ``a, b`` and ``b_prev``.
     """
     comm = decomp.comm
     npdt = np.dtype(s.dtype)
@@ -230,6 +239,21 @@ def solve_level(
         if it >= s.max_iterations:
             res.status = CAPPED
             break
+        if correct is not None:
+            mex.drain()
+            e = correct(mu, kernel.residual(mu, frame, op))
+            ef = (
+                jnp.asarray(fex.exchange(np.asarray(kernel.pack_frame(e))))
+                if neighbours
+                else frame_edge
+            )
+            db = kernel.messages_from_mean(e, ef, op, s.c)
+            b = b + db
+            if s.momentum:
+                bp = bp + db
+            if neighbours:
+                halo = jnp.asarray(mex.exchange(np.asarray(init(a, b, op, p))))
+            res.corrections += 1
         if tot[4] > 0 and saver is not None:
             saver(it, a, b, bp if s.momentum else None, best, delta0)
             if requests is not None:
@@ -245,20 +269,7 @@ def solve_level(
     res.bytes_sent = mex.bytes_sent
     res.compile_seconds = jit.seconds
     res.solve_seconds = time.perf_counter() - t_start - jit.seconds
-    return a, b
-
-
-def _b_from_mean(decomp: Decomposition, op: kernel.Operator, whole_mean: Any, s: Settings) -> Any:
-    """Scatter a prolonged mean and turn it into this block's starting ``b`` messages."""
-    m = jnp.asarray(decomp.scatter(whole_mean, (), np.dtype(s.dtype)))
-    fex = HaloExchange(decomp, field_layout(*decomp.shape), np.dtype(s.dtype), tag=400)
-    frame = fex.exchange(np.asarray(kernel.pack_frame(m)))
-    return np.asarray(kernel.messages_from_mean(m, jnp.asarray(frame), op, s.c))
-
-
-def _level_comm(comm: Any, members: int) -> Any:
-    sub = comm.Split(0 if comm.Get_rank() < members else MPI.UNDEFINED, comm.Get_rank())
-    return sub
+    return a, b, bp
 
 
 def solve(
@@ -269,7 +280,6 @@ def solve(
     amplitude: float,
     s: Settings,
     process_grid: tuple[int, int] | None = None,
-    agglomerate_below: int = 32,
     resume: Any = None,
     checkpoint_path: str | None = None,
     requests: Any = None,
@@ -278,139 +288,191 @@ def solve(
 ) -> SolveResult:
     """Multigrid message passing on every rank of ``comm``; ``levels`` coarse → fine.
 
-    ``process_grid`` is ``(Px, Py)`` for the target level (None: automatic).
-    ``periodic`` is the ``(y, x)`` periodicity of the process grid (None: each level's
-    own, :attr:`Level.periodic`: x periodic on the sphere, nothing on the rectangle).
+    The coarsest level of the hierarchy (:class:`cycle.Hierarchy`) is solved exactly;
+    each finer level starts from the one below and, with ``s.cycle == "fas"``, is
+    corrected from the levels below at every convergence check.
+    ``process_grid`` is ``(Px, Py)`` for every level (None: automatic).
+    ``periodic`` is the ``(y, x)`` periodicity of the process grid (None: the target
+    level's own, :attr:`Level.periodic`: x periodic on the sphere).
     ``resume`` (a :class:`checkpoint.State`, on rank 0; None elsewhere) continues a
     checkpointed run; ``checkpoint_path`` and ``requests`` enable writing them.
     """
-    from mpda_dist import checkpoint
+    from mpda_dist import io
+    from mpda_dist.cycle import Hierarchy
 
     size, rank = comm.Get_size(), comm.Get_rank()
     dtype = jnp.dtype(s.dtype)
+    grid = None
+    if process_grid is not None:
+        grid = (process_grid[1], process_grid[0])
+        check_grid(grid, size, levels[-1].interior)
+    per = levels[-1].periodic if periodic is None else periodic
+    p = kernel.Params(s.c, s.damping)
+    t0 = time.perf_counter()
+    hier = Hierarchy(comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype)
+    setup = time.perf_counter() - t0
+    nlev = len(hier.levels)
+    resume_level = comm.bcast(resume.level if resume is not None else 0, root=0)
+    if resume is not None and rank == 0 and resume.levels not in (0, nlev):
+        raise io.InputError(
+            f"the checkpoint was written with {resume.levels} multigrid levels but this run "
+            f"has {nlev} (blocks of a coarse level need 4 nodes a side): resume with the "
+            "process grid and solver.multigrid settings that wrote it"
+        )
     results: list[LevelResult] = []
-    whole: tuple[np.ndarray, np.ndarray] | None = None  # rank 0: previous level's messages
-    anomaly = None
-    start_level = comm.bcast(resume.level if resume is not None else 0, root=0)
     if rank == 0 and resume is not None:
         results = [LevelResult(**_tuples(d)) for d in resume.finished]
-    for li, level in enumerate(levels):
-        if li < start_level:
-            continue
-        final = li == len(levels) - 1
-        if final and process_grid is not None:
-            members, grid = size, (process_grid[1], process_grid[0])
-            check_grid(grid, size, level.interior)
-        else:
-            members = agglomerated_size(level.interior, size, agglomerate_below)
-            members = comm.bcast(members if rank == 0 else None, root=0)
-            grid = auto_grid(members, level.interior)
-        lobs = nodes.at_level(level.stride, level.interior, level.periodic_x)
-        res = LevelResult(
-            (level.ny, level.nx), members, (grid[1], grid[0]), observations=len(lobs.iy)
-        )
-        sub = _level_comm(comm, members)
-        if sub != MPI.COMM_NULL:
-            decomp = Decomposition(
-                sub, level.interior, grid, level.periodic if periodic is None else periodic
-            )
-            st = build(level, lengthscale, amplitude, lobs, *decomp.extent)
-            op = kernel.Operator(*(jnp.asarray(v, dtype) for v in (st.diag, st.weights, st.rhs)))
-            start = None
-            if li == start_level and sub.bcast(resume is not None, root=0):
-                # Continue exactly: the checkpoint's whole arrays, scattered afresh.
-                a0 = decomp.scatter(resume.a if rank == 0 else None, (12,), dtype)
-                b0 = decomp.scatter(resume.b if rank == 0 else None, (12,), dtype)
-                has_bp = sub.bcast(rank == 0 and resume.b_prev is not None, root=0)
-                bp = (
-                    decomp.scatter(resume.b_prev if rank == 0 else None, (12,), dtype)
-                    if has_bp
-                    else None
-                )
-                meta = (resume.iteration, resume.best, resume.delta0) if rank == 0 else None
-                it0, best0, d0 = sub.bcast(meta, root=0)
-                start = checkpoint.State(li, it0, a0, b0, bp, best0, d0)
-            elif whole is None and li == 0:
-                a0 = np.zeros((12,) + decomp.shape, dtype)
-                b0 = np.full((12,) + decomp.shape, 1e-8, dtype)
-            else:
-                a0 = decomp.scatter(whole[0] if whole else None, (12,), dtype)
-                mask = st.weights != 0  # edges that do not exist at this level carry nothing
-                a0 = a0 * mask
-                if s.prolong == "mean":
-                    b0 = _b_from_mean(decomp, op, whole[1] if whole else None, s)
-                else:
-                    b0 = decomp.scatter(whole[1] if whole else None, (12,), dtype) * mask
-            if rank == 0:
-                log.info(
-                    "level %d/%d: %d x %d points, %d observations, %d rank(s) as %d x %d",
-                    li + 1,
-                    len(levels),
-                    level.nx,
-                    level.ny,
-                    res.observations,
-                    members,
-                    res.process_grid[0],
-                    res.process_grid[1],
-                )
-            saver = None
-            if checkpoint_path is not None:
+    results = comm.bcast(results if rank == 0 else None, root=0)
 
-                def saver(it, a, b, bp, best, delta0, li=li, decomp=decomp):
-                    ga = decomp.gather(np.asarray(a))
-                    gb = decomp.gather(np.asarray(b))
-                    gp = decomp.gather(np.asarray(bp)) if bp is not None else None
-                    if decomp.rank == 0:
-                        done = [r.summary() for r in results]
-                        state = checkpoint.State(li, it, ga, gb, gp, best, delta0, done)
-                        checkpoint.write(checkpoint_path, state, config_text)
-                        log.info(
-                            "checkpoint: level %d, iteration %d -> %s", li + 1, it, checkpoint_path
-                        )
+    def level_result(i: int) -> LevelResult:
+        lv, d = hier.levels[i], hier.decomps[i]
+        pg = d.blocks.grid
+        return LevelResult((lv.ny, lv.nx), size, (pg[1], pg[0]))
 
-            a, b = solve_level(
-                decomp,
-                op,
-                jnp.asarray(a0),
-                jnp.asarray(b0),
-                s,
-                res,
-                start=start,
-                saver=saver,
-                requests=requests,
-            )
-            if final:
-                mu, _ = kernel.marginal_mean(a, b, op, kernel.Params(s.c, s.damping))
-                anomaly = decomp.gather(np.asarray(mu, np.float64))
-            elif res.status not in (DIVERGED, INTERRUPTED):
-                ga = decomp.gather(np.asarray(a))
-                if s.prolong == "mean":
-                    mu, _ = kernel.marginal_mean(a, b, op, kernel.Params(s.c, s.damping))
-                    gb = decomp.gather(np.asarray(mu, np.float64))
-                else:
-                    gb = decomp.gather(np.asarray(b))
-                if rank == 0:
-                    nxt = levels[li + 1].interior
-                    fine_b = prolong_mean(gb, nxt) if s.prolong == "mean" else prolong(gb, nxt, 1.0)
-                    whole = (prolong(ga, nxt, 1.0), fine_b)
-            decomp.free()
-            sub.Free()
-        res = comm.bcast(res if rank == 0 else None, root=0)
+    mean = None
+    if nlev > 1 and resume_level == 0:
+        res = level_result(0)
+        res.solver, res.status, res.residual = "exact", CONVERGED, 0.0
+        mean = hier.coarse.solve(hier.ops[0].rhs)
+        res.solve_seconds, res.setup_seconds = hier.coarse.seconds, setup
         results.append(res)
+        _log_level(rank, 0, nlev, hier, res)
+    first = 1 if nlev > 1 else 0
+    for i in range(max(first, resume_level), nlev):
+        sm, op, decomp = hier.smoothers[i], hier.ops[i], hier.decomps[i]
+        res = level_result(i)
         if rank == 0:
+            lv = hier.levels[i]
             log.info(
-                "level %d/%d: %s after %d iterations, residual %.3e (solve %.2f s, compile %.2f s)",
-                li + 1,
-                len(levels),
-                res.status,
-                res.iterations,
-                res.residual,
-                res.solve_seconds,
-                res.compile_seconds,
+                "level %d/%d: %d x %d points, %d rank(s) as %d x %d",
+                i + 1,
+                nlev,
+                lv.nx,
+                lv.ny,
+                size,
+                *res.process_grid,
             )
+        start = None
+        has_resume = comm.bcast(resume is not None, root=0) if i == resume_level else False
+        if has_resume:
+            start = _scatter_resume(hier, resume, i, dtype)
+            a0, b0 = jnp.asarray(start.a), jnp.asarray(start.b)
+        elif i == 0:
+            a0 = jnp.zeros((12,) + decomp.shape, dtype)
+            b0 = jnp.full((12,) + decomp.shape, 1e-8, dtype)
+        else:
+            a0, b0 = hier.start(i, mean)
+        correct = None
+        if i > 0 and s.cycle == "fas":
+
+            def correct(x, r, i=i):
+                return hier.correction(i, x, r, s.smoothing)
+
+        saver = None
+        if checkpoint_path is not None:
+
+            def saver(it, a, b, bp, best, delta0, i=i):
+                _save(hier, checkpoint_path, config_text, results, i, it, a, b, bp, best, delta0)
+
+        a, b, bp = solve_level(
+            decomp,
+            op,
+            a0,
+            b0,
+            s,
+            res,
+            start=start,
+            saver=saver,
+            requests=requests,
+            correct=correct,
+        )
+        sm.a, sm.b, sm.bp = a, b, (bp if s.momentum else jnp.zeros((0,), dtype))
+        mean = sm.mean(op)
+        results.append(res)
+        _log_level(rank, i, nlev, hier, res)
         if res.status in (DIVERGED, INTERRUPTED):
             break
-    return SolveResult(results, anomaly)
+    for i, sm in enumerate(hier.smoothers):
+        if i < len(results):
+            results[i].cycle_iterations = sm.iterations
+    anomaly = None
+    if results[-1].status not in (DIVERGED, INTERRUPTED) and len(results) == nlev:
+        anomaly = hier.decomps[-1].gather(np.asarray(mean, np.float64))
+    hier.free()
+    return SolveResult(results, anomaly if rank == 0 else None)
+
+
+def _log_level(rank: int, i: int, nlev: int, hier: Any, res: LevelResult) -> None:
+    if rank != 0:
+        return
+    lv = hier.levels[i]
+    if res.solver == "exact":
+        log.info(
+            "level %d/%d: %d x %d points, solved exactly on rank 0 (%.2f s)",
+            i + 1,
+            nlev,
+            lv.nx,
+            lv.ny,
+            res.solve_seconds,
+        )
+        return
+    log.info(
+        "level %d/%d: %s after %d iterations, %d coarse corrections, residual %.3e "
+        "(solve %.2f s, compile %.2f s)",
+        i + 1,
+        nlev,
+        res.status,
+        res.iterations,
+        res.corrections,
+        res.residual,
+        res.solve_seconds,
+        res.compile_seconds,
+    )
+
+
+def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0) -> None:
+    """Gather this level's messages and every coarser MP level's warm state; rank 0
+    writes the checkpoint."""
+    from mpda_dist import checkpoint
+
+    d = hier.decomps[i]
+    ga, gb = d.gather(np.asarray(a)), d.gather(np.asarray(b))
+    gp = d.gather(np.asarray(bp)) if bp is not None else None
+    coarse = []
+    for c in range(1, i):
+        sm, dc = hier.smoothers[c], hier.decomps[c]
+        cp = dc.gather(np.asarray(sm.bp)) if bp is not None else None
+        coarse.append((dc.gather(np.asarray(sm.a)), dc.gather(np.asarray(sm.b)), cp))
+    if d.rank == 0:
+        done = [r.summary() for r in results]
+        state = checkpoint.State(i, it, ga, gb, gp, best, delta0, done, coarse, len(hier.levels))
+        checkpoint.write(path, state, config_text)
+        log.info("checkpoint: level %d, iteration %d -> %s", i + 1, it, path)
+
+
+def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:
+    """This rank's part of a checkpoint (held whole by rank 0) for level ``i``; the
+    coarser levels' warm states go straight into their smoothers."""
+    from mpda_dist import checkpoint
+
+    comm = hier.decomps[i].comm
+    root = comm.Get_rank() == 0
+
+    def part(c: int, arr: Any) -> Any:
+        return hier.decomps[c].scatter(arr if root else None, (12,), dtype)
+
+    has_bp = comm.bcast(root and resume.b_prev is not None, root=0)
+    for c in range(1, i):
+        sm = hier.smoothers[c]
+        ca, cb, cp = resume.coarse[c - 1] if root else (None, None, None)
+        sm.a, sm.b = jnp.asarray(part(c, ca)), jnp.asarray(part(c, cb))
+        sm.bp = jnp.asarray(part(c, cp)) if has_bp else jnp.zeros((0,), dtype)
+    a0 = part(i, resume.a if root else None)
+    b0 = part(i, resume.b if root else None)
+    bp = part(i, resume.b_prev if root else None) if has_bp else None
+    meta = (resume.iteration, resume.best, resume.delta0) if root else None
+    it0, best0, d0 = comm.bcast(meta, root=0)
+    return checkpoint.State(i, it0, a0, b0, bp, best0, d0)
 
 
 def _tuples(d: dict) -> dict:

@@ -31,22 +31,33 @@ RANK = comm.Get_rank()
 def _solve(c, levels, nodes, grid=None, **kw):
     s = Settings(**({"dtype": "float64", "tol": 1e-9, "max_iterations": 40000} | kw))
     with jax.enable_x64(True):
-        return solve(c, levels, nodes, 0.15, 1.1, s, process_grid=grid, agglomerate_below=8)
+        return solve(c, levels, nodes, 0.15, 1.1, s, process_grid=grid)
 
 
 def sync_equals_serial(ny: str, nx: str, px: str = "0", py: str = "0") -> None:
-    """Sync mode on this process grid gives the 1-rank iterates (same iterations)."""
+    """Sync mode on this process grid gives the 1-rank iterates (same iterations) when
+    both have the same multigrid levels; with fewer levels (a coarse level's blocks
+    would be under 4 nodes a side) both still equal the exact solve."""
     grid = (int(px), int(py)) if int(px) else None
-    _, nodes, levels, _ = problem(int(ny), int(nx), 0.08, seed=1)
+    _, nodes, levels, exact = problem(int(ny), int(nx), 0.08, seed=1)
     dist = _solve(comm, levels, nodes, grid, mode="sync")
     if RANK == 0:
         serial = _solve(MPI.COMM_SELF, levels, nodes, mode="sync")
         assert dist.levels[-1].ranks == comm.Get_size(), dist.levels[-1]
         its = [lv.iterations for lv in dist.levels]
-        assert its == [lv.iterations for lv in serial.levels], (its, serial.levels)
         diff = np.abs(dist.anomaly - serial.anomaly).max() / np.abs(serial.anomaly).max()
-        assert diff <= 1e-12, diff
-        print(f"OK sync grid={dist.levels[-1].process_grid} iterations={its} diff={diff:.2e}")
+        err = np.abs(dist.anomaly - exact).max() / np.abs(exact).max()
+        assert err <= 1e-7, err
+        if len(dist.levels) == len(serial.levels):
+            assert its == [lv.iterations for lv in serial.levels], (its, serial.levels)
+            assert diff <= 1e-12, diff
+        else:
+            assert len(dist.levels) < len(serial.levels), (dist.levels, serial.levels)
+            assert diff <= 1e-7, diff
+        print(
+            f"OK sync grid={dist.levels[-1].process_grid} levels={len(dist.levels)}/"
+            f"{len(serial.levels)} iterations={its} diff={diff:.2e} vs exact {err:.2e}"
+        )
 
 
 def sphere_sync_equals_serial(ny: str, nx: str, px: str, py: str) -> None:
@@ -75,7 +86,7 @@ def sphere_sync_equals_serial(ny: str, nx: str, px: str, py: str) -> None:
 
 def async_equals_exact(ny: str, nx: str) -> None:
     _, nodes, levels, exact = problem(int(ny), int(nx), 0.08, seed=2)
-    res = _solve(comm, levels, nodes, mode="async", max_staleness=3, tol=1e-12)
+    res = _solve(comm, levels, nodes, mode="async", max_staleness=1, tol=1e-12)
     assert all(lv.status == CONVERGED for lv in res.levels), res.levels
     if RANK == 0:
         err = rel_rmse(res.anomaly, exact)

@@ -49,10 +49,10 @@ def test_dataclass_defaults() -> None:
         "residual",
         "float32",
     )
-    assert (s.tol, s.check_every, s.max_iterations) == (None, 50, 10000)
+    assert (s.tol, s.check_every, s.max_iterations) == (None, 20, 10000)
     assert (s.multigrid.min_size, s.multigrid.enabled) == (32, True)
-    assert (s.exchange.mode, s.exchange.every, s.exchange.max_staleness) == ("async", 1, 4)
-    assert cfg.decomposition == DecompositionConfig("auto", 32)
+    assert (s.exchange.mode, s.exchange.every, s.exchange.max_staleness) == ("async", 1, 1)
+    assert cfg.decomposition == DecompositionConfig("auto")
     assert cfg.output.file == "analysis.h5"
     assert (cfg.logging.level, cfg.logging.per_rank, cfg.logging.heartbeat_seconds) == (
         "info",
@@ -157,7 +157,12 @@ def test_dump_load_round_trip(tmp_path: Path, overrides: tuple[str, ...]) -> Non
 def test_config_to_dict_is_plain() -> None:
     d = config_to_dict(Config())
     assert d["grid"]["extent"] == [1.0, 1.0]
-    assert d["solver"]["multigrid"] == {"min_size": 32, "enabled": True, "prolong": "mean"}
+    assert d["solver"]["multigrid"] == {
+        "min_size": 32,
+        "enabled": True,
+        "cycle": "fas",
+        "smoothing": 20,
+    }
     assert set(d) == {f.name for f in dataclasses.fields(Config)}
 
 

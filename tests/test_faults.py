@@ -33,7 +33,7 @@ MARKER = "MPDA_FAULT_TEST"
 FOREVER = [
     str(ROOT / "configs" / "small.yaml"),
     *("--set", "grid.nx=40", "--set", "grid.ny=40"),
-    *("--set", "solver.multigrid.enabled=false", "--set", "decomposition.agglomerate_below=0"),
+    *("--set", "solver.multigrid.enabled=false"),
     *("--set", "solver.tol=1e-30", "--set", "solver.max_iterations=1000000000"),
 ]
 START_TIMEOUT = 150  # s until the solve runs (JAX import and compilation included)
