@@ -63,16 +63,23 @@ _CHILD = "MPDA_TABLE_CHILD"
 
 
 def _mp_counts(levels, s) -> tuple[int, int]:
-    """MP's reductions and halo rounds, from the loop in ``solver.solve_level``: one
-    reduction for ‖D⁻¹h‖ and one per residual/δ check (every ``check_every``
-    iterations), one message round per ``every`` iterations (plus the first) and one
-    field round per check.  Counted for a distributed run even on one rank, as
-    ``krylov`` counts its exchanges."""
+    """MP's global collectives and halo rounds, from the loops in ``solver.solve_level``
+    and ``cycle``: one reduction for ‖D⁻¹h‖ and one per residual/δ check (every
+    ``check_every`` iterations); each coarse-grid correction gathers and scatters the
+    coarsest level once (2 collectives).  Halo rounds: one message round per ``every``
+    iterations (plus the first), one field round per check, and per correction of a
+    level with ``k`` message-passing levels below it ``4 + 6k`` rounds of frames and
+    cavities besides one message round per coarse iteration.
+    Counted for a distributed run even on one rank, as ``krylov`` counts its exchanges."""
     red = halo = 0
+    mp_levels = [lr for lr in levels if lr.solver == "mp"]
     for lr in levels:
+        red += 2 if lr.solver == "exact" else 0
+        halo += lr.cycle_iterations
+    for k, lr in enumerate(mp_levels):
         checks = math.ceil(lr.iterations / s.check_every)
-        red += 1 + checks
-        halo += 1 + math.ceil(lr.iterations / s.every) + checks
+        red += 1 + checks + 2 * lr.corrections
+        halo += 1 + math.ceil(lr.iterations / s.every) + checks + (4 + 6 * k) * lr.corrections
     return red, halo
 
 
@@ -126,15 +133,7 @@ def run_method(comm, method: str, cfg, problem_nodes, levels, s) -> dict:
         stopping = "delta" if method == "mp_delta" else "residual"
         ms = dataclasses.replace(s, stopping=stopping)
         with jax.enable_x64(s.dtype == "float64"):
-            result = solve(
-                comm,
-                levels,
-                problem_nodes,
-                lscale,
-                amp,
-                ms,
-                agglomerate_below=cfg.decomposition.agglomerate_below,
-            )
+            result = solve(comm, levels, problem_nodes, lscale, amp, ms)
         lv = result.levels
         wall = time.perf_counter() - t0
         solve_s = sum(lr.solve_seconds for lr in lv)

@@ -46,10 +46,19 @@ Array = jax.Array
 @dataclass(frozen=True)
 class Transfer:
     """Injection, restriction ``Pᵀ`` and prolongation ``P`` between one fine block and
-    its coarse block (static indices per axis, ``y`` then ``x``)."""
+    its coarse block (static indices per axis, ``y`` then ``x``).  The ``*_framed``
+    attributes are the jitted forms that take a block and its flat frame."""
 
     y: AxisMap
     x: AxisMap
+
+    def __post_init__(self) -> None:
+        def framed(fn: Any) -> Any:
+            return jax.jit(lambda v, frame: fn(kernel.framed(v, frame, 2)))
+
+        object.__setattr__(self, "restrict_framed", framed(self.restrict))
+        object.__setattr__(self, "prolong_framed", framed(self.prolong))
+        object.__setattr__(self, "inject_jit", jax.jit(self.inject))
 
     def inject(self, x: Array) -> Array:
         return x[self.y.inject][:, self.x.inject]
@@ -101,7 +110,7 @@ class Frames:
         return jnp.asarray(self.ex.exchange(np.asarray(kernel.pack_frame(x))))
 
     def framed(self, x: Array) -> Array:
-        return kernel.framed(x, self.of(x), 2)
+        return _framed(x, self.of(x))
 
 
 class ExactCoarse:
@@ -260,7 +269,7 @@ class Hierarchy:
         m, h = jnp.asarray(mass, dt), ops[0].rhs
         for i in range(len(self.levels) - 2, -1, -1):
             t, fr = self.transfers[i + 1], self.frames[i + 1]
-            m, h = t.restrict(fr.framed(m)), t.restrict(fr.framed(h))
+            m, h = t.restrict_framed(m, fr.of(m)), t.restrict_framed(h, fr.of(h))
             lv, dc = self.levels[i], self.decomps[i]
             pr = build(lv, ell, amp, _no_obs(nodes), *dc.extent)
             diag = jnp.asarray(pr.diag, dt) + m
@@ -276,33 +285,42 @@ class Hierarchy:
         """FAS correction for level ``i`` (mean ``x``, residual ``r``): a field on
         level ``i``'s block to add to its mean."""
         t = self.transfers[i]
-        rc = t.restrict(self.frames[i].framed(r))
+        rc = t.restrict_framed(r, self.frames[i].of(r))
         if i - 1 == 0:
             ec = self.coarse.solve(rc)
         else:
             c = i - 1
             sm = self.smoothers[c]
-            xc = t.inject(x)
-            fc = kernel.apply_operator(xc, self.frames[c].of(xc), self.ops[c]) + rc
+            xc = t.inject_jit(x)
+            fc = _fas_rhs(xc, self.frames[c].of(xc), self.ops[c], rc)
             op = self.ops[c]._replace(rhs=fc)
             sm.smooth(nu, op)
             u = sm.mean(op)
             sm.shift(self.correction(c, u, kernel.residual(u, self.frames[c].of(u), op), nu), op)
             ec = sm.mean(op) - xc
-        return t.prolong(self.frames[i - 1].framed(ec))
+        return t.prolong_framed(ec, self.frames[i - 1].of(ec))
 
     def start(self, i: int, below: Array) -> tuple[Array, Array]:
         """Level ``i``'s first ``a, b`` from the level below (its mean ``below``, and
         its ``a`` messages when it has them)."""
         t = self.transfers[i]
         op = self.ops[i]
-        m = t.prolong(self.frames[i - 1].framed(below))
+        m = t.prolong_framed(below, self.frames[i - 1].of(below))
         b = kernel.messages_from_mean(m, self.frames[i].of(m), op, self.smoothers[i].params.c)
         if i - 1 == 0:
             a = jnp.zeros_like(b)
         else:
             a = t.copy_up(self.smoothers[i - 1].a) * (op.weights != 0)
         return a, b
+
+
+_framed = jax.jit(lambda x, frame: kernel.framed(x, frame, 2))
+
+
+@jax.jit
+def _fas_rhs(xc: Array, frame: Array, op: kernel.Operator, rc: Array) -> Array:
+    """``Q_c x̂ + Pᵀ r``: the coarse right-hand side of the full-approximation scheme."""
+    return kernel.apply_operator(xc, frame, op) + rc
 
 
 def _no_obs(nodes: Any) -> NodeObservations:

@@ -82,6 +82,7 @@ class LevelResult:
     solver: str = "mp"
     corrections: int = 0
     cycle_iterations: int = 0
+    correction_seconds: float = 0.0  # in this level's corrections (part of solve_seconds)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -240,6 +241,7 @@ def solve_level(
             res.status = CAPPED
             break
         if correct is not None:
+            tc = time.perf_counter()
             mex.drain()
             e = correct(mu, kernel.residual(mu, frame, op))
             ef = (
@@ -254,6 +256,7 @@ def solve_level(
             if neighbours:
                 halo = jnp.asarray(mex.exchange(np.asarray(init(a, b, op, p))))
             res.corrections += 1
+            res.correction_seconds += time.perf_counter() - tc
         if tot[4] > 0 and saver is not None:
             saver(it, a, b, bp if s.momentum else None, best, delta0)
             if requests is not None:
@@ -418,7 +421,7 @@ def _log_level(rank: int, i: int, nlev: int, hier: Any, res: LevelResult) -> Non
         return
     log.info(
         "level %d/%d: %s after %d iterations, %d coarse corrections, residual %.3e "
-        "(solve %.2f s, compile %.2f s)",
+        "(solve %.2f s of which corrections %.2f s, compile %.2f s)",
         i + 1,
         nlev,
         res.status,
@@ -426,6 +429,7 @@ def _log_level(rank: int, i: int, nlev: int, hier: Any, res: LevelResult) -> Non
         res.corrections,
         res.residual,
         res.solve_seconds,
+        res.correction_seconds,
         res.compile_seconds,
     )
 
