@@ -282,12 +282,9 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
     dy, dx = ly / (ny - 1), lx / (nx - 1)
     mg = cfg.solver.multigrid
     on_sphere = is_sphere(cfg)
-    if on_sphere and cfg.solver.method not in ("mp", "exact"):
-        raise RunError(
-            f"solver.method = {cfg.solver.method!r} is not available with grid.domain: "
-            "sphere (its periodic longitude is not wired into the CG/3D-Var/AMG "
-            "baselines yet); use mp or exact"
-        )
+    # Every method runs on the sphere: cg and 3dvar wrap the process grid in longitude
+    # (krylov.solve passes Level.periodic to the Decomposition), exact and amg_cg
+    # assemble Q with the periodic seam (baselines.assemble_periodic).
     multigrid = mg.enabled and cfg.solver.method == "mp"
     if on_sphere:
         levels = sphere_schedule(ny, nx, cfg.grid.lat_range, mg.min_size, multigrid)
