@@ -1,9 +1,11 @@
 """Observation-space diagnostics of an analysis (DESIGN §6).
 
-Per observation: ``H f_b`` and ``H μ`` (the background and the analysis mean at the
-nearest node).  Summary over the observations used (flag ``ok``; a merged duplicate
-group counts once, with its merged value and noise), with departures
-``O−B = y − H f_b`` and ``O−A = y − H μ``:
+Per observation: ``H f_b`` and ``H μ`` (the background and the analysis mean seen
+through the observation operator the analysis used, ``observations.operator``: at the
+nearest node, or interpolated bilinearly in the grid cell holding the observation,
+periodic in longitude on the sphere).  Summary over the observations used (flag
+``ok``; a merged duplicate group counts once, with its merged value and noise), with
+departures ``O−B = y − H f_b`` and ``O−A = y − H μ``:
 
 - ``omb_bias``, ``omb_rmse``, ``oma_bias``, ``oma_rmse`` (field units);
 - ``jo_over_n = Σ ((y − H μ)/σ)² / n``.  Its expectation is ``1 − tr(HK)/n``: below 1
@@ -20,27 +22,54 @@ from typing import Any
 
 import numpy as np
 
+from mpda_dist.observations import apply_bilinear, bilinear_nodes
 from mpda_dist.qc import QCReport, flag_attrs
 
 __all__ = ["column_attrs", "observation_diagnostics", "summary_line"]
 
 
 def observation_diagnostics(
-    report: QCReport, mean: np.ndarray
+    report: QCReport,
+    mean: np.ndarray,
+    *,
+    operator: str = "nearest",
+    background: np.ndarray | float | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
     """Per-observation columns and summary statistics.
 
-    ``mean`` is the analysis on the whole grid ``(ny, nx)``, y first.  Returns
-    ``columns`` (``hfb``, ``hmu``: float64 ``(n,)``, NaN where the location is invalid)
-    and ``summary`` (``n_used`` and the statistics of the module docstring; NaN when
-    nothing was used).
+    ``mean`` is the analysis on the whole grid ``(ny, nx)``, y first.  ``operator`` is
+    the observation operator the analysis used (``nearest`` or ``bilinear``); with
+    ``bilinear``, ``background`` (the ``(ny, nx)`` field or a constant) is needed,
+    since quality control's ``report.hfb`` is the background at the nearest node.
+    Returns ``columns`` (``hfb``, ``hmu``: float64 ``(n,)``, NaN where the location is
+    invalid) and ``summary`` (``n_used`` and the statistics of the module docstring;
+    NaN when nothing was used).
     """
     located = report.iy >= 0
     hmu = np.full(len(report.flag), np.nan)
-    hmu[located] = mean[report.iy[located], report.ix[located]]
+    if operator == "nearest":
+        hfb = report.hfb
+        hmu[located] = mean[report.iy[located], report.ix[located]]
+    elif operator == "bilinear":
+        if background is None:
+            raise ValueError("observation_diagnostics: operator 'bilinear' needs background")
+        obs = report.obs
+        iy, ix, w = bilinear_nodes(
+            obs.x[located],
+            obs.y[located] - report.y0,
+            mean.shape,
+            report.extent,
+            report.periodic_x,
+        )
+        bg = np.broadcast_to(np.asarray(background, dtype=np.float64), mean.shape)
+        hfb = np.full(len(report.flag), np.nan)
+        hfb[located] = apply_bilinear(bg, iy, ix, w)
+        hmu[located] = apply_bilinear(mean, iy, ix, w)
+    else:
+        raise ValueError(f"operator = {operator!r}; choose nearest or bilinear")
     u = report.used
     y, sigma = report.value_used[u], report.noise_used[u]
-    omb, oma = y - report.hfb[u], y - hmu[u]
+    omb, oma = y - hfb[u], y - hmu[u]
     n = int(u.sum())
 
     def avg(a: np.ndarray) -> float:
@@ -55,7 +84,7 @@ def observation_diagnostics(
         "jo_over_n": avg((oma / sigma) ** 2),
         "desroziers_ratio": avg(oma * omb / sigma**2),
     }
-    return {"hfb": report.hfb, "hmu": hmu}, summary
+    return {"hfb": hfb, "hmu": hmu}, summary
 
 
 def summary_line(summary: dict[str, Any]) -> str:
@@ -69,8 +98,10 @@ def summary_line(summary: dict[str, Any]) -> str:
     )
 
 
-def column_attrs() -> dict[str, dict[str, Any]]:
-    """CF attributes (``long_name``) of the per-observation output columns."""
+def column_attrs(operator: str = "nearest") -> dict[str, dict[str, Any]]:
+    """CF attributes (``long_name``) of the per-observation output columns;
+    ``operator`` as for :func:`observation_diagnostics`."""
+    at = "at the nearest node" if operator == "nearest" else "interpolated bilinearly"
     return {
         "x": {"long_name": "observation x coordinate", "units": "1"},
         "y": {"long_name": "observation y coordinate", "units": "1"},
@@ -89,6 +120,6 @@ def column_attrs() -> dict[str, dict[str, Any]]:
         "noise_used": {
             "long_name": "sigma assimilated (merged for a duplicate group; NaN: not used)"
         },
-        "hfb": {"long_name": "background at the nearest node, H f_b"},
-        "hmu": {"long_name": "analysis mean at the nearest node, H mu"},
+        "hfb": {"long_name": f"background {at}, H f_b"},
+        "hmu": {"long_name": f"analysis mean {at}, H mu"},
     }

@@ -406,7 +406,10 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
             attrs["coverage_nodes"], attrs["coverage_area"] = problem.coverage
             summary += f", coverage {100 * problem.coverage[0]:.1f}% of the nodes"
         report = problem.qc
-        columns, stats = diagnostics.observation_diagnostics(report, mean)
+        operator = cfg.observations.operator  # H of the analysis, for O-B and O-A too
+        columns, stats = diagnostics.observation_diagnostics(
+            report, mean, operator=operator, background=problem.background
+        )
         log.info("diagnostics: %s", diagnostics.summary_line(stats))
         attrs |= _qc_attrs(cfg, problem)
         attrs |= {k: v for k, v in stats.items() if k != "n_used"}
@@ -433,7 +436,8 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
                 background=problem.background,
                 truth=problem.truth,
                 attrs=attrs,
-                observation_attrs=diagnostics.column_attrs(),
+                observation_attrs=diagnostics.column_attrs(operator),
+                lonlat=on_sphere,
             )
         except OSError as exc:  # ENOSPC, EIO, quota: the temporary is already removed
             raise io.InputError(

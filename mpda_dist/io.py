@@ -1,9 +1,11 @@
 """HDF5 input and output (h5py).
 
 Array layout: fields are ``(ny, nx)``, y first, the whole grid including the boundary;
-``/grid/x`` has shape ``(nx,)`` and ``/grid/y`` shape ``(ny,)`` in domain units.
-Observations are 1-D arrays of one length ``n``: ``x``, ``y`` (domain units),
-``value`` (field units) and ``noise`` (standard deviation, field units).
+``/grid/x`` has shape ``(nx,)`` and ``/grid/y`` shape ``(ny,)`` in domain units (on the
+sphere: longitude and latitude in degrees, CF units ``degrees_east``/``degrees_north``).
+Observations are 1-D arrays of one length ``n``: ``x``, ``y`` (domain units, or
+longitude and latitude), ``value`` (field units) and ``noise`` (standard deviation,
+field units).
 
 Outputs are written to a temporary name in the target directory and renamed when
 complete, so a file at the final path is always a finished result.  Analysis files are
@@ -291,6 +293,21 @@ _COORDS = {
     "x": {"axis": "X", "long_name": "x coordinate of the grid node", "units": "1"},
     "y": {"axis": "Y", "long_name": "y coordinate of the grid node", "units": "1"},
 }
+# The sphere (grid.domain: sphere): CF longitude and latitude.
+_LONLAT_COORDS = {
+    "x": {
+        "axis": "X",
+        "long_name": "longitude of the grid node",
+        "standard_name": "longitude",
+        "units": "degrees_east",
+    },
+    "y": {
+        "axis": "Y",
+        "long_name": "latitude of the grid node",
+        "standard_name": "latitude",
+        "units": "degrees_north",
+    },
+}
 _FIELDS = {  # name -> (group, long_name); group "" is the root
     "mean": ("analysis", "posterior (analysis) mean"),
     "increment": ("analysis", "analysis increment (mean - background)"),
@@ -303,11 +320,17 @@ _OBS_ATTRS = {
     "value": {"long_name": "observed value"},
     "noise": {"long_name": "observation error standard deviation"},
 }
+_LONLAT_OBS_ATTRS = {
+    "x": {"long_name": "observation longitude", "units": "degrees_east"},
+    "y": {"long_name": "observation latitude", "units": "degrees_north"},
+}
 
 
-def _coords(group: h5py.Group, xs: np.ndarray, ys: np.ndarray) -> tuple[h5py.Dataset, ...]:
+def _coords(
+    group: h5py.Group, xs: np.ndarray, ys: np.ndarray, coords: Mapping[str, Mapping[str, Any]]
+) -> tuple[h5py.Dataset, ...]:
     """Coordinate variables (netCDF dimensions) ``y``, ``x`` of ``group``."""
-    return _dim(group, "y", ys, **_COORDS["y"]), _dim(group, "x", xs, **_COORDS["x"])
+    return _dim(group, "y", ys, **coords["y"]), _dim(group, "x", xs, **coords["x"])
 
 
 def write_analysis(
@@ -322,6 +345,7 @@ def write_analysis(
     increment: np.ndarray | None = None,
     attrs: Mapping[str, Any],
     observation_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+    lonlat: bool = False,
 ) -> None:
     """Write the analysis file atomically, laid out as netCDF-4 with CF attributes.
 
@@ -338,6 +362,11 @@ def write_analysis(
     engine="h5netcdf")`` and ``..., group="analysis")`` both come with coordinates;
     ``/observations`` has the dimension ``obs`` and ``x``, ``y`` as auxiliary
     coordinates (CF ``coordinates`` attribute).
+
+    ``lonlat``: ``x``, ``y`` are longitude and latitude in degrees (the sphere); the grid
+    coordinates and the observations' ``x``, ``y`` then carry the CF units
+    ``degrees_east`` and ``degrees_north`` (and ``standard_name`` on the grid) instead
+    of the rectangle's dimensionless ``"1"``.
     """
     xs = np.asarray(x, dtype=np.float64)
     ys = np.asarray(y, dtype=np.float64)
@@ -356,22 +385,26 @@ def write_analysis(
     if truth is not None:
         fields["truth"] = _field("truth", truth, shape)
     obs = _obs_arrays(observations)
+    coords = _LONLAT_COORDS if lonlat else _COORDS
     col_attrs = {k: dict(_OBS_ATTRS.get(k, {})) for k in obs}
     for k, extra in (observation_attrs or {}).items():
         if k in col_attrs:
             col_attrs[k].update({a: _attr_value(a, v) for a, v in extra.items()})
+    if lonlat:  # the coordinates' units are this function's to set, whatever the caller
+        for k, extra in _LONLAT_OBS_ATTRS.items():
+            col_attrs[k].update(extra)
     converted = {k: _attr_value(k, v) for k, v in attrs.items()}
 
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["Conventions"] = "CF-1.8"
         f.attrs.update(converted)
         groups = {"": f, "analysis": f.create_group("analysis")}
-        scales = {name: _coords(g, xs, ys) for name, g in groups.items()}
+        scales = {name: _coords(g, xs, ys, coords) for name, g in groups.items()}
         grid = f.create_group("grid")
         for name, data, scale in (("x", xs, scales[""][1]), ("y", ys, scales[""][0])):
             ds = grid.create_dataset(name, data=data)
             _attach(ds, scale)
-            ds.attrs.update(_COORDS[name])
+            ds.attrs.update(coords[name])
         for key, data in fields.items():
             where, long_name = _FIELDS[key]
             ds = groups[where].create_dataset(key, data=data)
