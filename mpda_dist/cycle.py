@@ -24,6 +24,7 @@ diverges on it (not walk-summable), the lumped diagonal keeps every level safe f
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,8 @@ from mpda_dist.observations import NodeObservations
 from mpda_dist.stencil import build
 
 Array = jax.Array
+log = logging.getLogger("mpda_dist")
+COARSE_WARN = 40_000  # unknowns on the coarsest level above which its factorisation is slow
 
 
 @dataclass(frozen=True)
@@ -247,11 +250,20 @@ class Hierarchy:
         ]
         self.frames = [Frames(d, self.dtype, 5000 + 100 * i) for i, d in enumerate(self.decomps)]
         self.ops = self._operators(nodes, lengthscale, amplitude)
-        self.coarse = (
-            ExactCoarse(self.decomps[0], self.ops[0], self.levels[0].periodic_x)
-            if len(self.levels) > 1
-            else None
-        )
+        self.coarse = None
+        if len(self.levels) > 1:
+            n = int(np.prod(self.levels[0].interior))
+            if n > COARSE_WARN and self.decomps[0].rank == 0:
+                log.warning(
+                    "the coarsest multigrid level has %d unknowns (%d x %d points): its exact "
+                    "factorisation on rank 0 may take minutes; a grid whose sides halve more "
+                    "often (longitudes: a multiple of a power of 2) or fewer ranks coarsen "
+                    "further",
+                    n,
+                    self.levels[0].nx,
+                    self.levels[0].ny,
+                )
+            self.coarse = ExactCoarse(self.decomps[0], self.ops[0], self.levels[0].periodic_x)
         self.smoothers = [
             Smoother(d, op, params, momentum, self.dtype, 3000 + 100 * i)
             for i, (d, op) in enumerate(zip(self.decomps, self.ops, strict=True))
