@@ -55,30 +55,28 @@ class Transfer:
     y: AxisMap
     x: AxisMap
 
-    def __post_init__(self) -> None:
-        def framed(fn: Any) -> Any:
-            return jax.jit(lambda v, frame: fn(kernel.framed(v, frame, 2)))
-
-        object.__setattr__(self, "restrict_framed", framed(self.restrict))
-        object.__setattr__(self, "prolong_framed", framed(self.prolong))
-        object.__setattr__(self, "inject_jit", jax.jit(self.inject))
-
     def inject(self, x: Array) -> Array:
-        return x[self.y.inject][:, self.x.inject]
+        return _inject(x, self.y.inject, self.x.inject)
 
     def restrict(self, framed: Array) -> Array:
         """``Pᵀ r`` from the fine ``r`` with its 2-node frame."""
-        ry = self.y.restrict
-        t = framed[ry[:, 0]] + 0.5 * (framed[ry[:, 1]] + framed[ry[:, 2]])
-        rx = self.x.restrict
-        return t[:, rx[:, 0]] + 0.5 * (t[:, rx[:, 1]] + t[:, rx[:, 2]])
+        return _restrict(framed, self.y.restrict, self.x.restrict)
 
     def prolong(self, framed: Array) -> Array:
         """``P e`` from the coarse ``e`` with its 2-node frame."""
-        py, wy = self.y.prolong, jnp.asarray(self.y.weight, framed.dtype)
-        t = framed[py[:, 0]] * wy[:, :1] + framed[py[:, 1]] * wy[:, 1:]
-        px, wx = self.x.prolong, jnp.asarray(self.x.weight, framed.dtype)
-        return t[:, px[:, 0]] * wx[:, 0] + t[:, px[:, 1]] * wx[:, 1]
+        return _prolong(framed, self.y.prolong, self.y.weight, self.x.prolong, self.x.weight)
+
+    # The same, jitted once per block shape for every hierarchy (the index arrays are
+    # arguments, not constants): a block and its flat frame in.
+    def restrict_framed(self, v: Array, frame: Array) -> Array:
+        return _restrict_jit(v, frame, self.y.restrict, self.x.restrict)
+
+    def prolong_framed(self, v: Array, frame: Array) -> Array:
+        y, x = self.y, self.x
+        return _prolong_jit(v, frame, y.prolong, y.weight, x.prolong, x.weight)
+
+    def inject_jit(self, x: Array) -> Array:
+        return _inject_jit(x, self.y.inject, self.x.inject)
 
     def copy_up(self, coarse: Array) -> Array:
         """Each fine node takes the (leading-axes) values of its first coarse parent,
@@ -86,6 +84,28 @@ class Transfer:
         iy = np.clip(self.y.prolong[:, 0] - 2, 0, coarse.shape[-2] - 1)
         ix = np.clip(self.x.prolong[:, 0] - 2, 0, coarse.shape[-1] - 1)
         return coarse[..., iy, :][..., ix]
+
+
+def _inject(x: Array, iy: Any, ix: Any) -> Array:
+    return x[iy][:, ix]
+
+
+def _restrict(f: Array, ry: Any, rx: Any) -> Array:
+    t = f[ry[:, 0]] + 0.5 * (f[ry[:, 1]] + f[ry[:, 2]])
+    return t[:, rx[:, 0]] + 0.5 * (t[:, rx[:, 1]] + t[:, rx[:, 2]])
+
+
+def _prolong(f: Array, py: Any, wy: Any, px: Any, wx: Any) -> Array:
+    wy, wx = jnp.asarray(wy, f.dtype), jnp.asarray(wx, f.dtype)
+    t = f[py[:, 0]] * wy[:, :1] + f[py[:, 1]] * wy[:, 1:]
+    return t[:, px[:, 0]] * wx[:, 0] + t[:, px[:, 1]] * wx[:, 1]
+
+
+_inject_jit = jax.jit(_inject)
+_restrict_jit = jax.jit(lambda v, frame, ry, rx: _restrict(kernel.framed(v, frame, 2), ry, rx))
+_prolong_jit = jax.jit(
+    lambda v, frame, py, wy, px, wx: _prolong(kernel.framed(v, frame, 2), py, wy, px, wx)
+)
 
 
 def transfer(fine: Decomposition, coarse: Decomposition, level: Level) -> Transfer:
