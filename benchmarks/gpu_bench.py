@@ -346,6 +346,8 @@ def solve_case(
             "solve": sum(lr.solve_seconds for lr in res.levels),
             "iterations": "/".join(str(lr.iterations) for lr in res.levels),
             "finest_iterations": res.levels[-1].iterations,
+            "corrections": sum(lr.corrections for lr in res.levels),
+            "correction_s": sum(lr.correction_seconds for lr in res.levels),
             "status": res.status,
             "residual": res.levels[-1].residual,
             "anomaly": res.anomaly,
@@ -371,6 +373,8 @@ def _run_rows(
         rows.append((stage, case, "problem_build", out["build_s"], "s"))
     if tag != "warmup50":
         rows.append((stage, case, f"{tag}_iterations_per_level", run["iterations"], ""))
+        rows.append((stage, case, f"{tag}_corrections", run["corrections"], ""))
+        rows.append((stage, case, f"{tag}_correction_s", run["correction_s"], "s"))
         rows.append((stage, case, f"{tag}_residual", run["residual"], ""))
     return rows
 

@@ -124,3 +124,37 @@ def test_schedule_halves_down_to_min_size():
     sph = sphere_schedule(181, 360, (-80.0, 80.0), 32)
     assert [lv.nx for lv in sph] == [45, 90, 180, 360]
     assert all(lv.lat_range[0] == -80.0 for lv in sph)
+
+
+class _StopAt:
+    """Checkpoint requests that ask for a checkpoint and a stop at the n-th check."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls, self.last = n, 0, 0.0
+
+    def flags(self, is_root: bool) -> tuple[float, float]:
+        self.calls += 1
+        hit = float(self.calls == self.n)
+        return hit, hit
+
+
+def test_checkpoint_on_the_finest_level_resumes_exactly(tmp_path):
+    """Stopped on the finest of 4 levels, the checkpoint carries the coarser levels' warm
+    messages: the resumed run ends with the uninterrupted run's mean and iterations."""
+    from mpda_dist import checkpoint
+    from mpda_dist.solver import INTERRUPTED
+
+    _, nodes, levels, _ = problem(66, 66, 0.02, seed=4)
+    s = Settings(dtype="float64", tol=1e-9, mode="sync", momentum=0.5)
+    path = str(tmp_path / "ckpt.h5")
+    with jax.enable_x64(True):
+        full = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s)
+        stop = solve(
+            MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s, checkpoint_path=path, requests=_StopAt(40)
+        )
+        assert stop.status == INTERRUPTED and len(stop.levels) == len(levels)
+        state = checkpoint.read(path)
+        assert state.level == len(levels) - 1 and len(state.coarse) == len(levels) - 2
+        again = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s, resume=state)
+    assert [r.iterations for r in again.levels] == [r.iterations for r in full.levels]
+    assert np.array_equal(again.anomaly, full.anomaly)
