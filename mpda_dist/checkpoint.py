@@ -70,6 +70,7 @@ class State:
     # the coarse-grid corrections continue from, and the hierarchy's depth.
     coarse: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=list)
     levels: int = 0
+    frozen: bool = False  # a is at its fixed point (the level iterates b alone)
 
 
 def write(path: str, state: State, config_text: str) -> None:
@@ -86,6 +87,7 @@ def write(path: str, state: State, config_text: str) -> None:
         if state.b_prev is not None:
             f["b_prev"] = state.b_prev
         f.attrs["levels"] = state.levels
+        f.attrs["frozen"] = int(state.frozen)
         for k, (ca, cb, cp) in enumerate(state.coarse):
             g = f.create_group(f"coarse/{k}")
             g["a"], g["b"] = ca, cb
@@ -114,6 +116,7 @@ def read(path: str) -> State:
                     for g in (f["coarse"][k] for k in sorted(f.get("coarse", {}), key=int))
                 ],
                 levels=int(f.attrs.get("levels", 0)),
+                frozen=bool(f.attrs.get("frozen", 0)),
             )
     except (OSError, KeyError, ValueError) as exc:
         if isinstance(exc, io.InputError):

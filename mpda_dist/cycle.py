@@ -178,6 +178,7 @@ class Smoother:
     a: Array | None = None
     b: Array | None = None
     bp: Array | None = None
+    g: Array | None = None  # gains of the frozen a (kernel.gains), or None: coupled update
     iterations: int = 0  # run inside corrections
     compiled: dict = field(default_factory=dict)
 
@@ -200,17 +201,31 @@ class Smoother:
         done = 0
         while done < n:
             k = min(chunk, n - done)
-            self.a, self.b, self.bp, out, _ = kernel.iterate(
-                self.a,
-                self.b,
-                self.bp,
-                op,
-                halo,
-                self.params,
-                n=k,
-                momentum=self.momentum,
-                delta=False,
-            )
+            if self.g is not None:
+                self.b, self.bp, out, _ = kernel.iterate_b(
+                    self.a,
+                    self.b,
+                    self.bp,
+                    self.g,
+                    op,
+                    halo,
+                    self.params,
+                    n=k,
+                    momentum=self.momentum,
+                    delta=False,
+                )
+            else:
+                self.a, self.b, self.bp, out, _ = kernel.iterate(
+                    self.a,
+                    self.b,
+                    self.bp,
+                    op,
+                    halo,
+                    self.params,
+                    n=k,
+                    momentum=self.momentum,
+                    delta=False,
+                )
             done += k
             if self.decomp.has_neighbours and done < n:
                 halo = jnp.asarray(self.mex.exchange(np.asarray(out)))

@@ -86,6 +86,13 @@ class HaloExchange:
         return out
 
 
+def allreduce_max(comm: Any, value: float) -> float:
+    """Global maximum of one number."""
+    out = np.empty(1)
+    comm.Allreduce(np.array([value], dtype=np.float64), out, op=MPI.MAX)
+    return float(out[0])
+
+
 def allreduce_sum(comm: Any, values: np.ndarray) -> np.ndarray:
     """Global sums of a small float64 vector."""
     out = np.empty_like(values)

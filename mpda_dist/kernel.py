@@ -199,6 +199,106 @@ def iterate(
     return a, b, b_prev, pack_cavities(a, b, op, p, layout), change
 
 
+# -- Frozen precisions ------------------------------------------------------------------
+# The precision messages ``a`` do not depend on ``b`` or ``h``; they reach their fixed
+# point (to rounding) in a few dozen iterations, long before the ``b`` messages.  Once
+# they are there, each ``b`` update is ``(1 − η) b − g ⊙ β`` with constant gains
+# ``g = η (Γ/c) / α``: no division, no ``a`` traffic, and the same fixed point.
+
+
+@partial(jax.jit, static_argnames=("n",), donate_argnums=(0,))
+def iterate_a(
+    a: Array, b: Array, op: Operator, halo_flat: Array, p: Params, n: int
+) -> tuple[Array, Array, Array]:
+    """``n`` updates of ``a`` alone (``b`` only fills the outgoing buffer).  Returns
+    ``a``, the outgoing cavity buffer and ``max|Δa| / max|a|`` of the last update."""
+    by, bx = a.shape[1:]
+    layout = message_layout(by, bx)
+    halo = _split(halo_flat, layout.incoming)
+    eta = p.damping
+
+    def step(sa):
+        A = lax.optimization_barrier(op.diag + p.c * _slot_sum(sa))
+        out = []
+        for k, d in enumerate(OFFSETS):
+            alpha = _shifted(A - sa[OPPOSITE[k]], d, halo, k)
+            w = op.weights[k] / p.c
+            out.append((1 - eta) * sa[k] - eta * (w * w) / alpha)
+        return tuple(out)
+
+    sa = lax.fori_loop(0, n - 1, lambda _, s: step(s), _slots(a))
+    new = step(sa)
+    change = jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(new, sa, strict=True)]))
+    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in new]))
+    a = jnp.stack(new)
+    return a, pack_cavities(a, b, op, p, layout), change / jnp.maximum(scale, 1e-30)
+
+
+@jax.jit
+def gains(a: Array, op: Operator, halo_flat: Array, p: Params) -> Array:
+    """``g[k] = η (Γ_k/c) / α_k`` for frozen ``a`` (its cavities across the border come
+    from ``halo_flat``, which must hold the frozen ``a``'s cavities)."""
+    by, bx = a.shape[1:]
+    halo = _split(halo_flat, message_layout(by, bx).incoming)
+    A = op.diag + p.c * _slot_sum(a)
+    return jnp.stack(
+        [
+            p.damping * (op.weights[k] / p.c) / _shifted(A - a[OPPOSITE[k]], d, halo, k)
+            for k, d in enumerate(OFFSETS)
+        ]
+    )
+
+
+@partial(jax.jit, static_argnames=("n", "momentum", "delta"), donate_argnums=(1, 2))
+def iterate_b(
+    a: Array,
+    b: Array,
+    b_prev: Array,
+    g: Array,
+    op: Operator,
+    halo_flat: Array,
+    p: Params,
+    n: int,
+    momentum: float = 0.0,
+    delta: bool = True,
+) -> tuple[Array, Array, Array, Array]:
+    """Like :func:`iterate` with ``a`` frozen at its fixed point and ``g = gains(a)``.
+
+    Returns ``b``, ``b_prev``, the outgoing cavity buffer and ``[0, Σ|Δb|]``."""
+    by, bx = b.shape[1:]
+    layout = message_layout(by, bx)
+    halo = _split(halo_flat, layout.incoming)
+    gs = _slots(g)
+
+    def step(sb, sp):
+        B = lax.optimization_barrier(op.rhs + p.c * _slot_sum(sb))
+        new = []
+        for k, d in enumerate(OFFSETS):
+            beta = _shifted(B - sb[OPPOSITE[k]], d, halo, k + NSLOTS)
+            x = (1 - p.damping) * sb[k] - gs[k] * beta
+            new.append(x + momentum * (sb[k] - sp[k]) if momentum else x)
+        return tuple(new), (sb if momentum else sp)
+
+    sp0 = _slots(b_prev) if momentum else b_prev
+    state = (_slots(b), sp0)
+    if delta:
+        sb, sp = lax.fori_loop(0, n - 1, lambda _, s: step(*s), state)
+        b1 = sb
+        sb, sp = step(sb, sp)
+        change = jnp.stack(
+            [
+                jnp.zeros((), b.dtype),
+                sum(jnp.sum(jnp.abs(x - y)) for x, y in zip(sb, b1, strict=True)),
+            ]
+        )
+    else:
+        sb, sp = lax.fori_loop(0, n, lambda _, s: step(*s), state)
+        change = jnp.zeros(2, b.dtype)
+    b = jnp.stack(sb)
+    b_prev = jnp.stack(sp) if momentum else sp
+    return b, b_prev, pack_cavities(a, b, op, p, layout), change
+
+
 @jax.jit
 def initial_cavities(a: Array, b: Array, op: Operator, p: Params) -> Array:
     by, bx = a.shape[1:]

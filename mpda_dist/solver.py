@@ -20,7 +20,7 @@ import numpy as np
 
 from mpda_dist import kernel
 from mpda_dist.decomposition import Decomposition, check_grid
-from mpda_dist.exchange import HaloExchange, allreduce_sum
+from mpda_dist.exchange import HaloExchange, allreduce_max, allreduce_sum
 from mpda_dist.halo import field_layout, message_layout
 from mpda_dist.multigrid import Level
 from mpda_dist.observations import NodeObservations
@@ -29,6 +29,7 @@ log = logging.getLogger("mpda_dist")
 
 CONVERGED, CAPPED, DIVERGED = "converged", "max_iterations", "diverged"
 STALL = 5  # δ rule: checks without a 10 % fall of δ that count as converged
+FREEZE_CAP = 2000  # most a-only iterations before falling back to the coupled update
 INTERRUPTED = "interrupted"  # a signal asked for a checkpoint and a stop
 
 
@@ -49,6 +50,7 @@ class Settings:
     max_staleness: int = 1
     divergence_factor: float = 1e4
     heartbeat_seconds: float = 10.0
+    freeze_precisions: bool = True  # iterate a alone to its fixed point, then b alone
     cycle: str = "fas"  # "fas": coarse-grid corrections at every check; "nested": starts only
     smoothing: int = 20  # iterations per visit of a coarser level in a correction
 
@@ -84,6 +86,7 @@ class LevelResult:
     corrections: int = 0
     cycle_iterations: int = 0
     correction_seconds: float = 0.0  # in this level's corrections (part of solve_seconds)
+    precision_iterations: int = 0  # a-only iterations before a was frozen (not in iterations)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -172,6 +175,12 @@ def solve_level(
     if neighbours:
         init = jit(kernel.initial_cavities, "init", a, b, op, p)
         halo = jnp.asarray(mex.exchange(np.asarray(init(a, b, op, p))))
+    g = None
+    if s.freeze_precisions:
+        done_before = start is not None and start.frozen
+        a, halo, g, res.precision_iterations = _freeze(
+            decomp, mex, op, a, b, halo, p, jit, already=done_before
+        )
     it, best, delta0 = 0, math.inf, None
     dmin, stall = math.inf, 0
     if start is not None:
@@ -183,21 +192,40 @@ def solve_level(
             res.iterations = it
             res.status = CAPPED
             break
-        step = jit(
-            kernel.iterate,
-            n,
-            a,
-            b,
-            bp,
-            op,
-            halo,
-            p,
-            n=n,
-            momentum=s.momentum,
-            delta=s.stopping == "delta",
-        )
         t0 = time.perf_counter()
-        a, b, bp, out, d = step(a, b, bp, op, halo, p)
+        if g is not None:
+            step = jit(
+                kernel.iterate_b,
+                ("b", n),
+                a,
+                b,
+                bp,
+                g,
+                op,
+                halo,
+                p,
+                n=n,
+                momentum=s.momentum,
+                delta=s.stopping == "delta",
+            )
+            t0 = time.perf_counter()
+            b, bp, out, d = step(a, b, bp, g, op, halo, p)
+        else:
+            step = jit(
+                kernel.iterate,
+                n,
+                a,
+                b,
+                bp,
+                op,
+                halo,
+                p,
+                n=n,
+                momentum=s.momentum,
+                delta=s.stopping == "delta",
+            )
+            t0 = time.perf_counter()
+            a, b, bp, out, d = step(a, b, bp, op, halo, p)
         it += n
         if neighbours:
             out_host = np.asarray(out)  # waits for the device
@@ -267,7 +295,7 @@ def solve_level(
             res.corrections += 1
             res.correction_seconds += time.perf_counter() - tc
         if tot[4] > 0 and saver is not None:
-            saver(it, a, b, bp if s.momentum else None, best, delta0)
+            saver(it, a, b, bp if s.momentum else None, best, delta0, g is not None)
             if requests is not None:
                 requests.last = time.monotonic()
         if tot[5] > 0:
@@ -281,7 +309,38 @@ def solve_level(
     res.bytes_sent = mex.bytes_sent
     res.compile_seconds = jit.seconds
     res.solve_seconds = time.perf_counter() - t_start - jit.seconds
-    return a, b, bp
+    return a, b, bp, g
+
+
+def _freeze(
+    decomp: Decomposition,
+    mex: HaloExchange,
+    op: kernel.Operator,
+    a: jax.Array,
+    b: jax.Array,
+    halo: jax.Array,
+    p: kernel.Params,
+    jit: _Compiled,
+    already: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, int]:
+    """Iterate ``a`` alone (synchronous exchange) until no rank's ``a`` changes by more
+    than 16 ulp relative, then the constant gains for :func:`kernel.iterate_b`.  Returns
+    ``a``, the halo, the gains (None: not converged in FREEZE_CAP iterations, keep the
+    coupled update) and the a-only iterations.  ``already``: ``a`` is frozen (resumed)."""
+    tol = 16 * float(jnp.finfo(a.dtype).eps)
+    its = 0
+    while not already:
+        step = jit(kernel.iterate_a, ("a", 10), a, b, op, halo, p, n=10)
+        a, out, change = step(a, b, op, halo, p)
+        its += 10
+        if decomp.has_neighbours:
+            halo = jnp.asarray(mex.exchange(np.asarray(out)))
+        if allreduce_max(decomp.comm, float(change)) <= tol:
+            break
+        if its >= FREEZE_CAP:
+            return a, halo, None, its
+    g = jit(kernel.gains, "gains", a, op, halo, p)(a, op, halo, p)
+    return a, halo, g, its
 
 
 def solve(
@@ -383,10 +442,23 @@ def solve(
         saver = None
         if checkpoint_path is not None:
 
-            def saver(it, a, b, bp, best, delta0, i=i):
-                _save(hier, checkpoint_path, config_text, results, i, it, a, b, bp, best, delta0)
+            def saver(it, a, b, bp, best, delta0, frozen, i=i):
+                _save(
+                    hier,
+                    checkpoint_path,
+                    config_text,
+                    results,
+                    i,
+                    it,
+                    a,
+                    b,
+                    bp,
+                    best,
+                    delta0,
+                    frozen,
+                )
 
-        a, b, bp = solve_level(
+        a, b, bp, g = solve_level(
             decomp,
             op,
             a0,
@@ -398,7 +470,7 @@ def solve(
             requests=requests,
             correct=correct,
         )
-        sm.a, sm.b, sm.bp = a, b, (bp if s.momentum else jnp.zeros((0,), dtype))
+        sm.a, sm.b, sm.bp, sm.g = a, b, (bp if s.momentum else jnp.zeros((0,), dtype)), g
         mean = sm.mean(op)
         results.append(res)
         _log_level(rank, i, nlev, hier, res)
@@ -443,7 +515,7 @@ def _log_level(rank: int, i: int, nlev: int, hier: Any, res: LevelResult) -> Non
     )
 
 
-def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0) -> None:
+def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0, frozen) -> None:
     """Gather this level's messages and every coarser MP level's warm state; rank 0
     writes the checkpoint."""
     from mpda_dist import checkpoint
@@ -458,7 +530,9 @@ def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0) -> No
         coarse.append((dc.gather(np.asarray(sm.a)), dc.gather(np.asarray(sm.b)), cp))
     if d.rank == 0:
         done = [r.summary() for r in results]
-        state = checkpoint.State(i, it, ga, gb, gp, best, delta0, done, coarse, len(hier.levels))
+        state = checkpoint.State(
+            i, it, ga, gb, gp, best, delta0, done, coarse, len(hier.levels), frozen
+        )
         checkpoint.write(path, state, config_text)
         log.info("checkpoint: level %d, iteration %d -> %s", i + 1, it, path)
 
@@ -475,17 +549,20 @@ def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:
         return hier.decomps[c].scatter(arr if root else None, (12,), dtype)
 
     has_bp = comm.bcast(root and resume.b_prev is not None, root=0)
+    frozen = comm.bcast(root and resume.frozen, root=0)
     for c in range(1, i):
         sm = hier.smoothers[c]
         ca, cb, cp = resume.coarse[c - 1] if root else (None, None, None)
         sm.a, sm.b = jnp.asarray(part(c, ca)), jnp.asarray(part(c, cb))
         sm.bp = jnp.asarray(part(c, cp)) if has_bp else jnp.zeros((0,), dtype)
+        if frozen:  # the coarse levels froze a too (their own solves ran before this one)
+            sm.g = kernel.gains(sm.a, sm.op, sm.cavities(sm.op), sm.params)
     a0 = part(i, resume.a if root else None)
     b0 = part(i, resume.b if root else None)
     bp = part(i, resume.b_prev if root else None) if has_bp else None
     meta = (resume.iteration, resume.best, resume.delta0) if root else None
     it0, best0, d0 = comm.bcast(meta, root=0)
-    return checkpoint.State(i, it0, a0, b0, bp, best0, d0)
+    return checkpoint.State(i, it0, a0, b0, bp, best0, d0, frozen=frozen)
 
 
 def _tuples(d: dict) -> dict:
