@@ -201,31 +201,8 @@ class Smoother:
         done = 0
         while done < n:
             k = min(chunk, n - done)
-            if self.g is not None:
-                self.b, self.bp, out, _ = kernel.iterate_b(
-                    self.a,
-                    self.b,
-                    self.bp,
-                    self.g,
-                    op,
-                    halo,
-                    self.params,
-                    n=k,
-                    momentum=self.momentum,
-                    delta=False,
-                )
-            else:
-                self.a, self.b, self.bp, out, _ = kernel.iterate(
-                    self.a,
-                    self.b,
-                    self.bp,
-                    op,
-                    halo,
-                    self.params,
-                    n=k,
-                    momentum=self.momentum,
-                    delta=False,
-                )
+            fn, args = kernel.update_call(self.a, self.b, self.bp, self.g, op, halo, self.params)
+            self.a, self.b, self.bp, out, _ = fn(*args, n=k, momentum=self.momentum, delta=False)
             done += k
             if self.decomp.has_neighbours and done < n:
                 halo = jnp.asarray(self.mex.exchange(np.asarray(out)))

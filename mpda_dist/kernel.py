@@ -175,28 +175,39 @@ def iterate(
             return a2, b2, b
         return a2, b2, bp
 
-    def body(_, s):
-        return step(*s)
-
     # Inside the loop the slots travel as 12 separate arrays (see update).
     bp0 = _slots(b_prev) if momentum else b_prev
-    state = (_slots(a), _slots(b), bp0)
-    if not delta:
-        sa, sb, sp = lax.fori_loop(0, n, body, state)
-        change = jnp.zeros(2, a.dtype)
-    else:
-        sa, sb, sp = lax.fori_loop(0, n - 1, body, state)
-        a1, b1 = sa, sb
-        sa, sb, sp = step(sa, sb, sp)
-        change = jnp.stack(
-            [
-                sum(jnp.sum(jnp.abs(x - y)) for x, y in zip(sa, a1, strict=True)),
-                sum(jnp.sum(jnp.abs(x - y)) for x, y in zip(sb, b1, strict=True)),
-            ]
-        )
+    (sa, sb, sp), prev = _loop(step, (_slots(a), _slots(b), bp0), n, delta)
+    change = jnp.zeros(2, a.dtype)
+    if delta:
+        change = jnp.stack([_abs_change(sa, prev[0]), _abs_change(sb, prev[1])])
     a, b = jnp.stack(sa), jnp.stack(sb)
     b_prev = jnp.stack(sp) if momentum else sp
     return a, b, b_prev, pack_cavities(a, b, op, p, layout), change
+
+
+def _loop(step, state: tuple, n: int, delta: bool) -> tuple[tuple, tuple | None]:
+    """``n ≥ 1`` applications of ``step`` to ``state`` in one ``fori_loop``; with
+    ``delta`` also the state before the last one (for the δ rule's change)."""
+    if not delta:
+        return lax.fori_loop(0, n, lambda _, s: step(*s), state), None
+    prev = lax.fori_loop(0, n - 1, lambda _, s: step(*s), state)
+    return step(*prev), prev
+
+
+def _abs_change(new: Sequence[Array], old: Sequence[Array]) -> Array:
+    return sum(jnp.sum(jnp.abs(x - y)) for x, y in zip(new, old, strict=True))
+
+
+def update_call(
+    a: Array, b: Array, b_prev: Array, g: Array | None, op: Operator, halo: Array, p: Params
+) -> tuple:
+    """The jitted update for this state and its positional arguments: :func:`iterate_b`
+    once ``a`` is frozen (``g`` its gains), else :func:`iterate`.  Both take the same
+    static arguments and return ``(a, b, b_prev, cavities, change)``."""
+    if g is None:
+        return iterate, (a, b, b_prev, op, halo, p)
+    return iterate_b, (a, b, b_prev, g, op, halo, p)
 
 
 # -- Frozen precisions ------------------------------------------------------------------
@@ -226,8 +237,7 @@ def iterate_a(
             out.append((1 - eta) * sa[k] - eta * (w * w) / alpha)
         return tuple(out)
 
-    sa = lax.fori_loop(0, n - 1, lambda _, s: step(s), _slots(a))
-    new = step(sa)
+    (new,), (sa,) = _loop(lambda s: (step(s),), (_slots(a),), n, True)
     change = jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(new, sa, strict=True)]))
     scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in new]))
     a = jnp.stack(new)
@@ -264,7 +274,8 @@ def iterate_b(
 ) -> tuple[Array, Array, Array, Array]:
     """Like :func:`iterate` with ``a`` frozen at its fixed point and ``g = gains(a)``.
 
-    Returns ``b``, ``b_prev``, the outgoing cavity buffer and ``[0, Σ|Δb|]``."""
+    Returns ``a`` (as given), ``b``, ``b_prev``, the outgoing cavity buffer and
+    ``[0, Σ|Δb|]``."""
     by, bx = b.shape[1:]
     layout = message_layout(by, bx)
     halo = _split(halo_flat, layout.incoming)
@@ -280,23 +291,13 @@ def iterate_b(
         return tuple(new), (sb if momentum else sp)
 
     sp0 = _slots(b_prev) if momentum else b_prev
-    state = (_slots(b), sp0)
+    (sb, sp), prev = _loop(step, (_slots(b), sp0), n, delta)
+    change = jnp.zeros(2, b.dtype)
     if delta:
-        sb, sp = lax.fori_loop(0, n - 1, lambda _, s: step(*s), state)
-        b1 = sb
-        sb, sp = step(sb, sp)
-        change = jnp.stack(
-            [
-                jnp.zeros((), b.dtype),
-                sum(jnp.sum(jnp.abs(x - y)) for x, y in zip(sb, b1, strict=True)),
-            ]
-        )
-    else:
-        sb, sp = lax.fori_loop(0, n, lambda _, s: step(*s), state)
-        change = jnp.zeros(2, b.dtype)
+        change = jnp.stack([jnp.zeros((), b.dtype), _abs_change(sb, prev[0])])
     b = jnp.stack(sb)
     b_prev = jnp.stack(sp) if momentum else sp
-    return b, b_prev, pack_cavities(a, b, op, p, layout), change
+    return a, b, b_prev, pack_cavities(a, b, op, p, layout), change
 
 
 @jax.jit

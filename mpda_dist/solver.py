@@ -192,40 +192,10 @@ def solve_level(
             res.iterations = it
             res.status = CAPPED
             break
+        fn, args = kernel.update_call(a, b, bp, g, op, halo, p)
+        step = jit(fn, n, *args, n=n, momentum=s.momentum, delta=s.stopping == "delta")
         t0 = time.perf_counter()
-        if g is not None:
-            step = jit(
-                kernel.iterate_b,
-                ("b", n),
-                a,
-                b,
-                bp,
-                g,
-                op,
-                halo,
-                p,
-                n=n,
-                momentum=s.momentum,
-                delta=s.stopping == "delta",
-            )
-            t0 = time.perf_counter()
-            b, bp, out, d = step(a, b, bp, g, op, halo, p)
-        else:
-            step = jit(
-                kernel.iterate,
-                n,
-                a,
-                b,
-                bp,
-                op,
-                halo,
-                p,
-                n=n,
-                momentum=s.momentum,
-                delta=s.stopping == "delta",
-            )
-            t0 = time.perf_counter()
-            a, b, bp, out, d = step(a, b, bp, op, halo, p)
+        a, b, bp, out, d = step(*args)
         it += n
         if neighbours:
             out_host = np.asarray(out)  # waits for the device
