@@ -210,6 +210,9 @@ class SolverConfig(Section):
     check_every: int = opt(20, ge=1)
     max_iterations: int = opt(10000, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
+    # Iterate the precision messages a alone to their fixed point (16 ulp), then the b
+    # messages alone with constant gains: ~2.5x cheaper iterations, the same answer.
+    freeze_precisions: bool = True
     multigrid: MultigridConfig = opt(factory=MultigridConfig)
     exchange: ExchangeConfig = opt(factory=ExchangeConfig)
 

@@ -242,6 +242,7 @@ def settings_from(cfg: Any) -> Any:
         check_every=s.check_every,
         max_iterations=s.max_iterations,
         dtype=s.dtype,
+        freeze_precisions=s.freeze_precisions,
         mode=s.exchange.mode,
         every=s.exchange.every,
         max_staleness=s.exchange.max_staleness,

@@ -72,3 +72,48 @@ def test_iteration_cap_is_reported():
     _, nodes, levels, _ = problem(24, 24, 0.05)
     res = run(levels[-1:], nodes, dtype="float64", tol=1e-14, max_iterations=100)
     assert res.status == "max_iterations" and res.levels[-1].iterations == 100
+
+
+def test_frozen_precisions_update_equals_the_coupled_update():
+    """Once ``a`` is at its fixed point, ``iterate_b`` with ``gains(a)`` is one step of
+    the coupled update (same ``b``; the coupled ``a`` does not move)."""
+    from mpda_dist import kernel
+    from mpda_dist.decomposition import Decomposition
+    from mpda_dist.exchange import HaloExchange
+    from mpda_dist.halo import message_layout
+    from mpda_dist.stencil import build
+
+    _, nodes, levels, _ = problem(24, 32, 0.1)
+    lv = levels[-1]
+    n, m = lv.interior
+    st = build(lv, 0.15, 1.1, nodes, (0, n), (0, m))
+    with jax.enable_x64(True):
+        op = kernel.Operator(*(jax.numpy.asarray(v) for v in (st.diag, st.weights, st.rhs)))
+        ex = HaloExchange(Decomposition(MPI.COMM_SELF, (n, m)), message_layout(n, m), float, 1)
+        halo = jax.numpy.asarray(ex.edge)
+        p = kernel.Params(10.0, 0.6)
+        z = np.zeros((12, n, m))
+        a, b, bp, _, _ = kernel.iterate(
+            *(jax.numpy.asarray(z) for _ in range(3)), op, halo, p, n=300, momentum=0.5
+        )
+        g = kernel.gains(a, op, halo, p)
+        a0, b0, bp0 = np.asarray(a), np.asarray(b), np.asarray(bp)
+        ca, cb, cp, _, _ = kernel.iterate(a, b, bp, op, halo, p, n=1, momentum=0.5, delta=False)
+        fa, fb, fp, _, _ = kernel.iterate_b(
+            *(jax.numpy.asarray(x) for x in (a0, b0, bp0)), g, op, halo, p, n=1, momentum=0.5
+        )
+    assert np.abs(np.asarray(ca) - a0).max() <= 1e-13 * np.abs(a0).max()
+    np.testing.assert_allclose(
+        np.asarray(fb), np.asarray(cb), rtol=0, atol=1e-12 * np.abs(cb).max()
+    )
+    np.testing.assert_array_equal(np.asarray(fa), a0)
+    np.testing.assert_array_equal(np.asarray(fp), np.asarray(cp))
+
+
+def test_freezing_precisions_keeps_the_answer():
+    _, nodes, levels, exact = problem(40, 40, 0.05)
+    on = run(levels, nodes, dtype="float64", tol=1e-11, momentum=0.5)
+    off = run(levels, nodes, dtype="float64", tol=1e-11, momentum=0.5, freeze_precisions=False)
+    assert on.status == off.status == CONVERGED
+    assert on.levels[-1].precision_iterations > 0 and off.levels[-1].precision_iterations == 0
+    assert rel_rmse(on.anomaly, exact) <= 1e-8 and rel_rmse(off.anomaly, exact) <= 1e-8
