@@ -230,11 +230,11 @@ def stage_kernel(args) -> None:
     tri = C.jax_triad(mib * 2**20)
     meta["device_triad"] = tri
     sink.add([("kernel", "device triad", "bandwidth", tri["triad_gbs"], "GB/s")])
-    for n in pick("kernel", args.quick):
-        r = kb.bench_size(n, "float32", iters, reps, 10.0, 0.6)
+    for n, frozen in [(n, f) for n in pick("kernel", args.quick) for f in (False, True)]:
+        r = kb.bench_size(n, "float32", iters, reps, 10.0, 0.6, frozen=frozen)
         t = r["t_iter_median_ms"] / 1e3
         floor_t = r["mb_per_iter"] * 1e6 / FLOOR_BPS
-        case = f"{n}x{n}"
+        case = f"{n}x{n}" + (" frozen-a" if frozen else "")
         sink.add(
             [
                 ("kernel", case, "compile", r["compile_s"], "s"),

@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 VALUES_PER_NODE = 24 + 24 + 12 + 2  # messages in, messages out, weights, diag + rhs
+# The frozen-precision update (kernel.iterate_b): b in, b out, gains, rhs.
+VALUES_FROZEN = 12 + 12 + 12 + 1
 
 
 def make_block(n: int, dtype: str, fraction: float = 0.05, seed: int = 0):
@@ -67,8 +69,18 @@ def make_block(n: int, dtype: str, fraction: float = 0.05, seed: int = 0):
 
 
 def bench_size(
-    n: int, dtype: str, iters: int, repeats: int, c: float, damping: float, quiet: float = 0.0
+    n: int,
+    dtype: str,
+    iters: int,
+    repeats: int,
+    c: float,
+    damping: float,
+    quiet: float = 0.0,
+    frozen: bool = False,
 ) -> dict:
+    """Per-iteration time of the coupled update (``kernel.iterate``) or, with
+    ``frozen``, of the b-only update (``kernel.iterate_b``, gains from 60 coupled
+    iterations' ``a``), on an ``n × n`` block."""
     import jax
     import numpy as np
 
@@ -79,23 +91,30 @@ def bench_size(
     C.block((op, a, b, halo))
     setup = time.perf_counter() - t0
     p = kernel.Params(c, damping)
-    compile_s, step = C.compile_timed(kernel.iterate, a, b, bp, op, halo, p, n=iters, momentum=0.0)
+    args: tuple = (a, b, bp, op, halo, p)
+    fn = kernel.iterate
+    if frozen:
+        a, b, bp, _, _ = kernel.iterate(a, b, bp, op, halo, p, n=60, momentum=0.0)
+        fn, args = kernel.update_call(a, b, bp, kernel.gains(a, op, halo, p), op, halo, p)
+    compile_s, step = C.compile_timed(fn, *args, n=iters, momentum=0.0)
     # one untimed call: first-touch page faults and thread-pool start-up
-    a, b, bp, out, d = C.block(step(a, b, bp, op, halo, p))
+    a, b, bp, out, d = C.block(step(*args))
+    rest = args[3:]
     busy = C.wait_for_quiet(quiet) if quiet > 0 else C.cpu_busy(0.5)
     per_iter = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a, b, bp, out, d = step(a, b, bp, op, halo, p)
+        a, b, bp, out, d = step(a, b, bp, *rest)
         jax.block_until_ready((a, b, bp, out, d))
         per_iter.append((time.perf_counter() - t0) / iters)
     if not np.all(np.isfinite(np.asarray(d))):
         raise RuntimeError(f"{n}²: the iteration produced non-finite values")
     s = C.summary(per_iter)
     itemsize = np.dtype(dtype).itemsize
-    nbytes = VALUES_PER_NODE * itemsize * n * n
+    nbytes = (VALUES_FROZEN if frozen else VALUES_PER_NODE) * itemsize * n * n
     return {
         "size": f"{n}x{n}",
+        "kernel": "frozen a (iterate_b)" if frozen else "coupled (iterate)",
         "nodes": n * n,
         "dtype": dtype,
         "iters_per_call": iters,
@@ -161,15 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     jbw = C.jax_triad(args.triad_mib * 2**20)
     rows = []
     with ctx:
-        for n in args.sizes:
+        for n, frozen in [(n, f) for n in args.sizes for f in (False, True)]:
             r = bench_size(
-                n, args.dtype, args.iters, args.repeats, args.c, args.damping, args.wait_quiet
+                n,
+                args.dtype,
+                args.iters,
+                args.repeats,
+                args.c,
+                args.damping,
+                args.wait_quiet,
+                frozen,
             )
             r["ratio_vs_numpy_triad"] = r["achieved_gbs"] / bw["triad_gbs"]
             r["ratio_vs_jax_triad"] = r["achieved_gbs"] / jbw["triad_gbs"]
             rows.append(r)
             print(
-                f"  {r['size']}: {r['t_iter_median_ms']:.3f} ms/iter, "
+                f"  {r['size']} {r['kernel']}: {r['t_iter_median_ms']:.3f} ms/iter, "
                 f"{r['achieved_gbs']:.2f} GB/s (compile {r['compile_s']:.2f} s)",
                 flush=True,
             )
@@ -177,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["loadavg_at_end"] = C.loadavg()
     notes = [
         "bytes/iter = nodes x (24 + 24 + 12 + 2) x itemsize "
-        f"= {VALUES_PER_NODE} x itemsize x nodes",
+        f"= {VALUES_PER_NODE} x itemsize x nodes (coupled); frozen a: b in, b out, gains, "
+        f"rhs = {VALUES_FROZEN} x itemsize x nodes",
         f"numpy triad a=b+s*c (float64, 2 passes, 5 transfers/element counted): "
         f"{bw['triad_gbs']:.2f} GB/s; numpy copy: {bw['copy_gbs']:.2f} GB/s; "
         f"jitted JAX triad (float32, fused, 3 transfers/element): {jbw['triad_gbs']:.2f} GB/s",
@@ -200,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             rows,
             [
                 ("size", "block"),
+                ("kernel", "update"),
                 ("dtype", "dtype"),
                 ("compile_s", "compile [s]"),
                 ("t_iter_median_ms", "t/iter median [ms]"),
