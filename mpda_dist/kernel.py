@@ -222,7 +222,7 @@ def iterate_a(
     a: Array, b: Array, op: Operator, halo_flat: Array, p: Params, n: int
 ) -> tuple[Array, Array, Array]:
     """``n`` updates of ``a`` alone (``b`` only fills the outgoing buffer).  Returns
-    ``a``, the outgoing cavity buffer and ``max|Δa| / max|a|`` of the last update."""
+    ``a``, the outgoing cavity buffer and the largest ``|Δa| / |a|`` of the last update."""
     by, bx = a.shape[1:]
     layout = message_layout(by, bx)
     halo = _split(halo_flat, layout.incoming)
@@ -238,10 +238,19 @@ def iterate_a(
         return tuple(out)
 
     (new,), (sa,) = _loop(lambda s: (step(s),), (_slots(a),), n, True)
-    change = jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(new, sa, strict=True)]))
-    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in new]))
+    # Relative to each message itself: small messages far from the largest (those of
+    # observed nodes) must have converged too.
+    tiny = jnp.finfo(a.dtype).tiny
+    change = jnp.max(
+        jnp.stack(
+            [
+                jnp.max(jnp.abs(x - y) / jnp.maximum(jnp.maximum(jnp.abs(x), jnp.abs(y)), tiny))
+                for x, y in zip(new, sa, strict=True)
+            ]
+        )
+    )
     a = jnp.stack(new)
-    return a, pack_cavities(a, b, op, p, layout), change / jnp.maximum(scale, 1e-30)
+    return a, pack_cavities(a, b, op, p, layout), change
 
 
 @jax.jit

@@ -30,6 +30,7 @@ log = logging.getLogger("mpda_dist")
 CONVERGED, CAPPED, DIVERGED = "converged", "max_iterations", "diverged"
 STALL = 5  # δ rule: checks without a 10 % fall of δ that count as converged
 FREEZE_CAP = 2000  # most a-only iterations before falling back to the coupled update
+UNFREEZE_AFTER = 10  # checks without a 10 % fall of the residual before a moves again
 INTERRUPTED = "interrupted"  # a signal asked for a checkpoint and a stop
 
 
@@ -87,6 +88,7 @@ class LevelResult:
     cycle_iterations: int = 0
     correction_seconds: float = 0.0  # in this level's corrections (part of solve_seconds)
     precision_iterations: int = 0  # a-only iterations before a was frozen (not in iterations)
+    unfrozen_at: int = 0  # iteration where a stalled residual made a move again (0: never)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -182,7 +184,7 @@ def solve_level(
             decomp, mex, op, a, b, halo, p, jit, already=done_before
         )
     it, best, delta0 = 0, math.inf, None
-    dmin, stall = math.inf, 0
+    dmin, stall, since_best = math.inf, 0, 0
     if start is not None:
         it, best, delta0 = start.iteration, start.best, start.delta0
     last_beat = time.perf_counter()
@@ -228,7 +230,18 @@ def solve_level(
         if tot[1] > 0 or not math.isfinite(rel) or rel > s.divergence_factor * best:
             res.status = DIVERGED
             break
+        if rel < 0.9 * best:
+            since_best = 0
+        else:
+            since_best += 1
         best = min(best, rel)
+        if g is not None and since_best >= UNFREEZE_AFTER:
+            # Safety net: a frozen a that is not quite at its fixed point leaves the
+            # residual on a floor; the coupled update moves a again.
+            g = None
+            res.unfrozen_at = it
+            if decomp.rank == 0:
+                log.info("  residual stalled at %.3e: iterating a and b together again", rel)
         if s.stopping == "residual":
             done = rel < s.tol
         else:
@@ -299,13 +312,18 @@ def _freeze(
     coupled update) and the a-only iterations.  ``already``: ``a`` is frozen (resumed)."""
     tol = 16 * float(jnp.finfo(a.dtype).eps)
     its = 0
+    reached = 0  # iterations when the change first fell to tol
     while not already:
         step = jit(kernel.iterate_a, ("a", 10), a, b, op, halo, p, n=10)
         a, out, change = step(a, b, op, halo, p)
         its += 10
         if decomp.has_neighbours:
             halo = jnp.asarray(mex.exchange(np.asarray(out)))
-        if allreduce_max(decomp.comm, float(change)) <= tol:
+        if not reached and allreduce_max(decomp.comm, float(change)) <= tol:
+            reached = its
+        # A small last change is not a small error when a converges slowly (c < 0:
+        # ~0.85 per iteration): iterate as long again past that point.
+        if reached and its >= 2 * reached:
             break
         if its >= FREEZE_CAP:
             return a, halo, None, its
