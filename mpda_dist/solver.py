@@ -312,18 +312,13 @@ def _freeze(
     coupled update) and the a-only iterations.  ``already``: ``a`` is frozen (resumed)."""
     tol = 16 * float(jnp.finfo(a.dtype).eps)
     its = 0
-    reached = 0  # iterations when the change first fell to tol
     while not already:
         step = jit(kernel.iterate_a, ("a", 10), a, b, op, halo, p, n=10)
         a, out, change = step(a, b, op, halo, p)
         its += 10
         if decomp.has_neighbours:
             halo = jnp.asarray(mex.exchange(np.asarray(out)))
-        if not reached and allreduce_max(decomp.comm, float(change)) <= tol:
-            reached = its
-        # A small last change is not a small error when a converges slowly (c < 0:
-        # ~0.85 per iteration): iterate as long again past that point.
-        if reached and its >= 2 * reached:
+        if allreduce_max(decomp.comm, float(change)) <= tol:
             break
         if its >= FREEZE_CAP:
             return a, halo, None, its
