@@ -10,6 +10,7 @@
 #           RMSE vs truth and vs exact
 #   big     4096² at 5 % (compile warm-up, then the warm run)
 #   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists
+#   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
 #   report  all tables again
 # Results: $OUT/gpu_results.csv (+ .json metadata, + gpu_log.txt) when OUT is set,
 # else ./gpu_results.csv.
@@ -117,7 +118,11 @@ else
     echo "scipy missing: RMSE vs exact skipped"
 fi
 
-if [ -n "$QUICK" ]; then L_K=120 L_S=120 L_B=90 L_M=90; else L_K=80 L_S=110 L_B=150 L_M=70; fi
+if [ -n "$QUICK" ]; then
+    L_K=120 L_S=120 L_B=90 L_M=90 L_F=60
+else
+    L_K=80 L_S=110 L_B=150 L_M=70 L_F=90
+fi
 
 stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV"
 stage solve $L_S "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
@@ -138,6 +143,8 @@ else
     echo
     echo "SKIPPED stage mpi: no mpiexec on PATH or next to $PY"
 fi
+
+stage fit $L_F "$PY" benchmarks/gpu_bench.py fit $QUICK --csv "$CSV"
 
 for pid in $EXACT_PIDS; do kill "$pid" 2>/dev/null; done
 [ -f "$EXACT_DIR/exact.log" ] && { echo; echo "--- exact stage log:"; cat "$EXACT_DIR/exact.log"; }

@@ -23,6 +23,8 @@ Stages:
   big     4096², 5 %: a compile warm-up (50 iterations per level), then the warm run.
   mpi     two ranks sharing the GPU (run under ``mpiexec -n 2``), 1024², 5 %: first and
           warm run; time = max over ranks.
+  fit     8192², 5 %: one solve capped at 20 iterations per level; the peak device
+          memory says whether the largest grid fits on one device.
   report  the tables of every stage from the CSV.
 
 Every stage appends rows ``stage, case, metric, value, unit`` to the CSV (metadata as
@@ -52,6 +54,7 @@ SIZES = {  # full, quick
     "kernel": ([1024, 2048, 4096], [64, 128, 256]),
     "solve": (1024, 128),
     "big": (4096, 160),
+    "fit": (8192, 192),
     "mpi": (1024, 128),
 }
 
@@ -371,7 +374,7 @@ def _run_rows(
     ]
     if i == 0:
         rows.append((stage, case, "problem_build", out["build_s"], "s"))
-    if tag != "warmup50":
+    if tag not in ("warmup50", "capped20"):
         rows.append((stage, case, f"{tag}_iterations_per_level", run["iterations"], ""))
         rows.append((stage, case, f"{tag}_corrections", run["corrections"], ""))
         rows.append((stage, case, f"{tag}_correction_s", run["correction_s"], "s"))
@@ -460,6 +463,29 @@ def stage_big(args) -> None:
     finish(sink)
 
 
+def stage_fit(args) -> None:
+    """Does the largest grid fit on one device?  One solve capped at 20 iterations per
+    level (every kernel and array of a full solve, little solving); the peak device
+    memory is the figure, the time is not."""
+    comm = _start()
+    warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+    n = pick("fit", args.quick)
+    sink = Sink(args, "fit", stage_meta(args))
+    case = f"{n}x{n} 5%"
+    solve_case(
+        comm,
+        n,
+        0.05,
+        runs=1,
+        first_max_iterations=20,
+        on_run=lambda i, r, o: (
+            sink.add(_run_rows("fit", case, i, r, o, first="capped20")),
+            print(f"  fit {case}: capped run {r['wall']:.2f} s, {r['status']}", flush=True),
+        ),
+    )
+    finish(sink)
+
+
 def stage_mpi(args) -> None:
     comm = _start()
     if comm is None or comm.Get_size() < 2:
@@ -505,7 +531,7 @@ def stage_report(args) -> None:
     if meta:
         print(f"machine: {C.machine_line(meta)}")
     print(f"results: {path}")
-    for stage in ("kernel", "solve", "big", "mpi"):
+    for stage in ("kernel", "solve", "big", "mpi", "fit"):
         print(render(stage, rows))
         pk = [r for r in rows if r[0] == stage and r[2].startswith("peak_device_bytes")]
         for r in pk:
@@ -517,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("stage", choices=["kernel", "exact", "solve", "big", "mpi", "report"])
+    ap.add_argument(
+        "stage", choices=["kernel", "exact", "solve", "big", "mpi", "fit", "report"]
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test)")
     default_csv = (
         str(Path(os.environ["OUT"]) / "gpu_results.csv")
@@ -547,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         "solve": stage_solve,
         "big": stage_big,
         "mpi": stage_mpi,
+        "fit": stage_fit,
         "report": stage_report,
     }[args.stage](args)
     return 0
