@@ -543,9 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument(
-        "stage", choices=["kernel", "exact", "solve", "big", "mpi", "fit", "report"]
-    )
+    ap.add_argument("stage", choices=["kernel", "exact", "solve", "big", "mpi", "fit", "report"])
     ap.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test)")
     default_csv = (
         str(Path(os.environ["OUT"]) / "gpu_results.csv")
