@@ -397,7 +397,7 @@ def stage_solve(args) -> None:
     n = pick("solve", args.quick)
     done = []
     for f in args.fractions:
-        case = f"{n}x{n} {f:.0%}"
+        case = f"{n}x{n} {f:.0%}{args.label}"
         out = solve_case(
             comm,
             n,
@@ -557,6 +557,11 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[0.05, 0.1, 0.01],
         help="solve stage (default 0.05 0.1 0.01: the slowest to converge last)",
+    )
+    ap.add_argument(
+        "--label",
+        default="",
+        help="solve stage: appended to each case name (e.g. ' disk cache' for a rerun)",
     )
     ap.add_argument("--dir", default="/tmp/mpda_exact", help="exact stage: output folder")
     ap.add_argument("--exact-dir", default=None, help="solve stage: where exact .npz files are")

@@ -44,15 +44,17 @@ def configure_jax_env(local_size: int, cores: int | None = None) -> None:
         _setdefault_env("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         _setdefault_env("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / local_size:.3f}")
     _setdefault_env("TF_CPP_MIN_LOG_LEVEL", "2")
-    # Kernels are compiled per block shape (seconds each on a CPU); a persistent cache
-    # makes every later run with the same shapes start at once.
+    # Kernels are compiled per block shape (seconds each); a persistent cache makes every
+    # later run with the same shapes start at once.  Every program is cached, the small
+    # ones too: a solve compiles ~50 of them, and on a GPU even a one-op program costs
+    # ~0.1 s (a first run on an H100 compiled for 37 s; benchmarks/RESULTS.md §8).
     cache = os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "mpda_dist",
         "jax",
     )
     _setdefault_env("JAX_COMPILATION_CACHE_DIR", cache)
-    _setdefault_env("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    _setdefault_env("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 # MPI_Abort makes hydra's mpiexec kill every process at once, possibly before its proxy
