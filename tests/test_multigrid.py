@@ -131,7 +131,7 @@ def test_sphere_multigrid_with_an_odd_number_of_latitude_cells_equals_exact():
 @pytest.mark.parametrize(("ny", "lat"), [(34, 70.0), (376, 80.0), (181, 80.0), (34, 88.0)])
 def test_sphere_coarse_levels_cover_the_fine_latitudes(ny, lat):
     levels = sphere_schedule(ny, 64, (-lat, lat), 8)
-    for coarse, fine in zip(levels, levels[1:]):
+    for coarse, fine in zip(levels[:-1], levels[1:], strict=True):
         lo, hi = coarse.lat_range
         assert lo == fine.lat_range[0] and coarse.dy == 2 * fine.dy
         assert hi == pytest.approx(lo + coarse.dy * (coarse.ny - 1))
