@@ -5,7 +5,21 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+MPIEXEC = Path(sys.executable).with_name("mpiexec")
+
+
+def mpirun(n: int, script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``mpiexec -n n python tests/<script> args…`` with a hard timeout (a deadlock
+    fails the test instead of hanging it)."""
+    cmd = [str(MPIEXEC), "-n", str(n), sys.executable, str(HERE / script), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def alive(pid: int) -> bool:

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
+import _procs
 import pytest
-
-HERE = Path(__file__).parent
-MPIEXEC = Path(sys.executable).with_name("mpiexec")
+from _procs import MPIEXEC
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="mpiexec not in the venv")
 
 
 def mpirun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [str(MPIEXEC), "-n", str(n), sys.executable, str(HERE / "mpi_cases.py"), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return _procs.mpirun(n, "mpi_cases.py", *args, timeout=timeout)
 
 
 def check(proc: subprocess.CompletedProcess) -> str:

@@ -3,23 +3,17 @@ timeout: the same answer on 1, 2 and 4 ranks (cases in tests/mpi_baselines.py)."
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
+import _procs
 import pytest
-
-HERE = Path(__file__).parent
-MPIEXEC = Path(sys.executable).with_name("mpiexec")
+from _procs import MPIEXEC
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="mpiexec not in the venv")
 
 
 def mpirun(n: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [str(MPIEXEC), "-n", str(n), sys.executable, str(HERE / "mpi_baselines.py"), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return _procs.mpirun(n, "mpi_baselines.py", *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("n,px,py", [(1, 1, 1), (2, 0, 0), (4, 2, 2)])
