@@ -5,9 +5,9 @@ Level ``l`` keeps every other node of level ``l-1``: along an axis with a bounda
 (x and y on the rectangle, latitude on the sphere) coarse interior node ``I`` is fine
 interior node ``2I + 1`` (full index ``2I + 2``: boundary nodes stay boundary nodes);
 along the periodic longitude it is fine column ``2I`` (the sphere halves only an even
-number of columns).  The coarse grid keeps the fine spacing × 2; with an odd number of
-fine cells its far edge sits one fine cell inside the domain on the rectangle and one
-outside on the sphere (:meth:`Level.coarser`).
+number of columns, and an even number of latitude cells).  The coarse grid keeps the fine
+spacing × 2; on the rectangle, with an odd number of fine cells, its far edge sits one
+fine cell inside the domain, where the coarse correction is held at 0.
 
 Between levels: *injection* (a coarse node takes its fine node's value),
 *prolongation* ``P`` (linear interpolation along each axis) and *restriction* ``Pᵀ``
@@ -65,21 +65,17 @@ class Level:
         With an odd number of fine cells along an axis with a boundary, the coarse far
         edge cannot fall on the fine one.  On the rectangle it moves one fine cell
         inside (the coarse correction is held at 0 on the last interior row).  On the
-        sphere the latitude edge moves one fine cell *outside* (unless that would pass a
-        pole): at the clip rows the grid is strongly anisotropic, and holding the
-        correction at 0 there cost 2-4x more iterations per level, while the outside
-        edge matches a grid whose edges align (benchmarks/RESULTS.md §9).  On the
-        rectangle the outside edge made one level of the FAS test 7x slower, so it
-        keeps the inside edge.
+        sphere the hierarchy stops there instead: at the strongly anisotropic clip rows
+        a misplaced coarse edge made corrections 2-4x weaker (edge inside) or made the
+        level diverge (edge outside; benchmarks/RESULTS.md §9), so the sphere halves
+        only an even number of latitude cells (:func:`sphere_odd_cells`).
         """
         cy = (self.ny - 1) // 2 + 1  # the far edge on or inside the fine one
         if self.periodic_x:
-            if self.nx % 2:
+            if self.nx % 2 or (self.ny - 1) % 2:
                 return None
             cx = self.nx // 2
             lo = self.lat_range[0]
-            if lo + 2 * self.dy * (self.ny // 2) < 90.0:
-                cy = self.ny // 2 + 1  # the far edge on or outside the fine one
             lr = (lo, lo + 2 * self.dy * (cy - 1))
         else:
             cx, lr = (self.nx - 1) // 2 + 1, None
@@ -114,6 +110,13 @@ def sphere_schedule(
     lo, hi = (float(v) for v in lat_range)
     target = Level(ny, nx, 1, (hi - lo) / (ny - 1), 360.0 / nx, "sphere", (lo, hi))
     return hierarchy(target, min_size, enabled)
+
+
+def sphere_odd_cells(levels: list[Level]) -> bool:
+    """True when a sphere hierarchy stopped early on an odd number of latitude cells
+    (``ny − 1``) that could otherwise have been halved further."""
+    c = levels[0]
+    return c.periodic_x and (c.ny - 1) % 2 == 1 and c.nx % 2 == 0
 
 
 def sphere_level(ny: int, nx: int, lat_range: tuple[float, float]) -> list[Level]:

@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 from mpda_dist import kernel
 from mpda_dist.cycle import Hierarchy
-from mpda_dist.multigrid import coarse_cuts, schedule, sphere_schedule
+from mpda_dist.multigrid import coarse_cuts, schedule, sphere_odd_cells, sphere_schedule
 from mpda_dist.solver import CONVERGED, Settings, solve
 
 
@@ -118,32 +118,28 @@ def test_sphere_multigrid_equals_exact():
     assert np.abs(res.anomaly - exact).max() / np.abs(exact).max() <= 1e-7
 
 
-def test_sphere_multigrid_with_an_odd_number_of_latitude_cells_equals_exact():
-    # 33 latitude cells: each coarse level's top clip row lies outside the fine one.
-    _, nodes, _, exact, (ell, amp) = globe_problem(34, 64)
-    levels = sphere_schedule(34, 64, (-70.0, 70.0), 16)
-    assert len(levels) >= 3 and levels[-2].lat_range[1] > 70.0
-    res = _run(levels, nodes, ell, amp, c=-2.0, damping=0.7, tol=1e-10)
-    assert res.status == CONVERGED
-    assert np.abs(res.anomaly - exact).max() / np.abs(exact).max() <= 1e-7
-
-
-@pytest.mark.parametrize(("ny", "lat"), [(34, 70.0), (376, 80.0), (181, 80.0), (34, 88.0)])
-def test_sphere_coarse_levels_cover_the_fine_latitudes(ny, lat):
+@pytest.mark.parametrize(("ny", "lat"), [(34, 70.0), (376, 80.0), (181, 80.0), (97, 88.0)])
+def test_sphere_coarse_levels_keep_both_clip_rows(ny, lat):
     levels = sphere_schedule(ny, 64, (-lat, lat), 8)
     for coarse, fine in zip(levels[:-1], levels[1:], strict=True):
-        lo, hi = coarse.lat_range
-        assert lo == fine.lat_range[0] and coarse.dy == 2 * fine.dy
-        assert hi == pytest.approx(lo + coarse.dy * (coarse.ny - 1))
-        if fine.lat_range[1] + fine.dy < 90.0:  # else it stays inside: no row past a pole
-            assert hi >= fine.lat_range[1] - 1e-9  # the top clip row on or outside
-        assert hi < 90.0
+        assert coarse.lat_range == pytest.approx(fine.lat_range)
+        assert coarse.dy == 2 * fine.dy and (fine.ny - 1) % 2 == 0
+    # An odd number of latitude cells stops the halving, and says so.
+    assert sphere_odd_cells(levels) == ((levels[0].ny - 1) % 2 == 1)
+    assert sphere_odd_cells(levels) == (ny in (34, 376, 181))  # 181: 180 → 90 → 45 cells
+
+
+def test_odd_latitude_cells_warn_with_a_better_ny(caplog):
+    _, nodes, _, _, (ell, amp) = globe_problem(34, 64)
+    with caplog.at_level("WARNING", logger="mpda_dist"):
+        hierarchy(sphere_schedule(34, 64, (-70.0, 70.0), 8), nodes, ell, amp)
+    assert "33 latitude cells is odd" in caplog.text and "grid.ny = 65" in caplog.text
 
 
 def test_schedule_halves_down_to_min_size():
     levels = schedule(257, 129, 1.0, 1.0, 32)
     assert [(lv.ny, lv.nx) for lv in levels] == [(17, 9), (33, 17), (65, 33), (129, 65), (257, 129)]
-    sph = sphere_schedule(181, 360, (-80.0, 80.0), 32)
+    sph = sphere_schedule(177, 360, (-80.0, 80.0), 32)
     assert [lv.nx for lv in sph] == [45, 90, 180, 360]
     assert all(lv.lat_range[0] == -80.0 for lv in sph)
 
