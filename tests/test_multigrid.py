@@ -131,7 +131,7 @@ def test_sphere_coarse_levels_keep_both_clip_rows(ny, lat):
 
 def test_odd_latitude_cells_warn_with_a_better_ny(caplog):
     _, nodes, _, _, (ell, amp) = globe_problem(34, 64)
-    with caplog.at_level("WARNING", logger="mpda_dist"):
+    with caplog.at_level("WARNING", logger="mpda_dist"), jax.enable_x64(True):
         hierarchy(sphere_schedule(34, 64, (-70.0, 70.0), 8), nodes, ell, amp)
     assert "33 latitude cells is odd" in caplog.text and "grid.ny = 65" in caplog.text
 
