@@ -60,8 +60,7 @@ class Transfer:
 
     def restrict(self, framed: Array) -> Array:
         """``Pᵀ r`` from the fine ``r`` with its 2-node frame."""
-        y, x = self.y, self.x
-        return _restrict(framed, y.restrict, x.restrict, y.rweight, x.rweight)
+        return _restrict(framed, self.y.restrict, self.x.restrict)
 
     def prolong(self, framed: Array) -> Array:
         """``P e`` from the coarse ``e`` with its 2-node frame."""
@@ -70,8 +69,7 @@ class Transfer:
     # The same, jitted once per block shape for every hierarchy (the index arrays are
     # arguments, not constants): a block and its flat frame in.
     def restrict_framed(self, v: Array, frame: Array) -> Array:
-        y, x = self.y, self.x
-        return _restrict_jit(v, frame, y.restrict, x.restrict, y.rweight, x.rweight)
+        return _restrict_jit(v, frame, self.y.restrict, self.x.restrict)
 
     def prolong_framed(self, v: Array, frame: Array) -> Array:
         y, x = self.y, self.x
@@ -92,10 +90,9 @@ def _inject(x: Array, iy: Any, ix: Any) -> Array:
     return x[iy][:, ix]
 
 
-def _restrict(f: Array, ry: Any, rx: Any, wy: Any, wx: Any) -> Array:
-    wy, wx = jnp.asarray(wy, f.dtype), jnp.asarray(wx, f.dtype)
-    t = f[ry[:, 0]] * wy[0] + (f[ry[:, 1]] * wy[1] + f[ry[:, 2]] * wy[2])
-    return t[:, rx[:, 0]] * wx[0] + (t[:, rx[:, 1]] * wx[1] + t[:, rx[:, 2]] * wx[2])
+def _restrict(f: Array, ry: Any, rx: Any) -> Array:
+    t = f[ry[:, 0]] + 0.5 * (f[ry[:, 1]] + f[ry[:, 2]])
+    return t[:, rx[:, 0]] + 0.5 * (t[:, rx[:, 1]] + t[:, rx[:, 2]])
 
 
 def _prolong(f: Array, py: Any, wy: Any, px: Any, wx: Any) -> Array:
@@ -105,9 +102,7 @@ def _prolong(f: Array, py: Any, wy: Any, px: Any, wx: Any) -> Array:
 
 
 _inject_jit = jax.jit(_inject)
-_restrict_jit = jax.jit(
-    lambda v, frame, ry, rx, wy, wx: _restrict(kernel.framed(v, frame, 2), ry, rx, wy, wx)
-)
+_restrict_jit = jax.jit(lambda v, frame, ry, rx: _restrict(kernel.framed(v, frame, 2), ry, rx))
 _prolong_jit = jax.jit(
     lambda v, frame, py, wy, px, wx: _prolong(kernel.framed(v, frame, 2), py, wy, px, wx)
 )

@@ -18,7 +18,6 @@ frame that the field exchange provides.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,28 +55,9 @@ class Level:
         return (self.ny - 2, self.nx if self.periodic_x else self.nx - 2)
 
     @property
-    def offsets(self) -> tuple[int | None, int]:
-        """Per axis ``(y, x)``: the fine interior index of coarse node 0 in the next
-        coarser level; ``None`` for an axis that level keeps (:meth:`halves_y`)."""
-        return (1 if self.halves_y() else None, 0 if self.periodic_x else 1)
-
-    def halves_y(self) -> bool:
-        """Whether the next coarser level halves y too (else only the longitudes).
-
-        A lat/lon grid is anisotropic: at the clip latitude φ the longitude spacing
-        ``dx cos φ`` is much shorter than ``dy`` (x coupling strong, ratio
-        ``r_clip = dy / (dx cos φ)``), at the equator ``dx`` may exceed ``dy``
-        (``r_eq = dx / dy``).  Point smoothing leaves errors that are smooth along the
-        strong direction only, so a coarse grid must keep the weak direction's
-        resolution.  Where ``r_clip > 2 r_eq``, halving the longitudes alone balances the
-        two (e.g. 2560 × 1537 over ±80°: 4.3 and 1.35 become 2.1 and 2.7), and the full
-        halvings below keep that balance (benchmarks/RESULTS.md §9).
-        """
-        if not self.periodic_x:
-            return True
-        lat = max(abs(v) for v in self.lat_range)
-        r_clip = self.dy / (self.dx * math.cos(math.radians(lat)))
-        return r_clip <= 2.0 * self.dx / self.dy
+    def offsets(self) -> tuple[int, int]:
+        """Per axis ``(y, x)``: the fine interior index of coarse node 0."""
+        return (1, 0 if self.periodic_x else 1)
 
     def coarser(self) -> Level | None:
         """The next coarser level, or None when this one cannot be halved.
@@ -91,20 +71,15 @@ class Level:
         only an even number of latitude cells (:func:`sphere_odd_cells`).
         """
         cy = (self.ny - 1) // 2 + 1  # the far edge on or inside the fine one
-        dy = self.dy * 2
         if self.periodic_x:
-            if self.nx % 2:
+            if self.nx % 2 or (self.ny - 1) % 2:
                 return None
             cx = self.nx // 2
             lo = self.lat_range[0]
-            if not self.halves_y():
-                cy, dy = self.ny, self.dy
-            elif (self.ny - 1) % 2:
-                return None
-            lr = (lo, lo + dy * (cy - 1))
+            lr = (lo, lo + 2 * self.dy * (cy - 1))
         else:
             cx, lr = (self.nx - 1) // 2 + 1, None
-        out = Level(cy, cx, self.stride * 2, dy, self.dx * 2, self.domain, lr)
+        out = Level(cy, cx, self.stride * 2, self.dy * 2, self.dx * 2, self.domain, lr)
         if min(out.interior) < 4:  # a block needs 4 nodes per side (decomposition)
             return None
         return out
@@ -141,7 +116,7 @@ def sphere_odd_cells(levels: list[Level]) -> bool:
     """True when a sphere hierarchy stopped early on an odd number of latitude cells
     (``ny − 1``) that could otherwise have been halved further."""
     c = levels[0]
-    return c.periodic_x and c.halves_y() and (c.ny - 1) % 2 == 1 and c.nx % 2 == 0
+    return c.periodic_x and (c.ny - 1) % 2 == 1 and c.nx % 2 == 0
 
 
 def sphere_level(ny: int, nx: int, lat_range: tuple[float, float]) -> list[Level]:
@@ -155,12 +130,9 @@ def coarse_range(lo: int, hi: int, offset: int, n_coarse: int) -> tuple[int, int
     return min(max(a, 0), n_coarse), min(max(b, 0), n_coarse)
 
 
-def coarse_cuts(cuts: tuple[int, ...], offset: int | None, n_coarse: int) -> tuple[int, ...]:
+def coarse_cuts(cuts: tuple[int, ...], offset: int, n_coarse: int) -> tuple[int, ...]:
     """Block boundaries of the coarse level that keep every coarse node in the block
-    of its fine node (``cuts``: the fine boundaries, ``0 … n_fine``; ``offset`` None:
-    the axis is kept, the same boundaries)."""
-    if offset is None:
-        return tuple(cuts)
+    of its fine node (``cuts``: the fine boundaries, ``0 … n_fine``)."""
     out = [coarse_range(c, c, offset, n_coarse)[0] for c in cuts]
     out[-1] = n_coarse
     return tuple(out)
@@ -178,25 +150,12 @@ class AxisMap:
     restrict: np.ndarray  # (bc, 3) framed fine indices: centre, before, after
     prolong: np.ndarray  # (bf, 2) framed coarse indices of each fine node's two parents
     weight: np.ndarray  # (bf, 2) their weights (1, 0) or (½, ½)
-    rweight: np.ndarray  # (3,) restriction weights of centre, before, after
 
 
-def axis_map(fine: tuple[int, int], coarse: tuple[int, int], offset: int | None) -> AxisMap:
-    """``fine = (f0, f1)``, ``coarse = (c0, c1)`` (global interior ranges); ``offset``
-    None: the coarse level keeps this axis (identity maps)."""
+def axis_map(fine: tuple[int, int], coarse: tuple[int, int], offset: int) -> AxisMap:
+    """``fine = (f0, f1)``, ``coarse = (c0, c1)`` (global interior ranges)."""
     f0, f1 = fine
     c0, c1 = coarse
-    if offset is None:
-        centre = np.arange(c0, c1) - f0
-        framed = centre + 2
-        keep = np.stack([framed, framed], axis=1)
-        return AxisMap(
-            centre,
-            np.stack([framed] * 3, axis=1),
-            keep,
-            np.tile([1.0, 0.0], (len(centre), 1)),
-            np.array([1.0, 0.0, 0.0]),
-        )
     centre = 2 * np.arange(c0, c1) + offset - f0
     framed = centre + 2
     restrict = np.stack([framed, framed - 1, framed + 1], axis=1)
@@ -205,4 +164,4 @@ def axis_map(fine: tuple[int, int], coarse: tuple[int, int], offset: int | None)
     odd = (i % 2).astype(bool)
     parents = np.stack([lo, lo + odd], axis=1) - c0 + 2
     weight = np.where(odd[:, None], 0.5, np.array([1.0, 0.0])[None, :])
-    return AxisMap(centre, restrict, parents, weight, np.array([1.0, 0.5, 0.5]))
+    return AxisMap(centre, restrict, parents, weight)
