@@ -8,9 +8,9 @@
 #   exact   (background, host CPU) exact sparse solves for the 1024² problems, if scipy
 #   solve   time to solution 1024² at 1 %, 5 %, 10 % observations (first + warm run),
 #           RMSE vs truth and vs exact
-#   big     4096² at 5 % (compile warm-up, then the warm run)
 #   cached  1024² at 10 % again in a fresh process: "first" now finds the kernels in
 #           JAX's persistent compilation cache (runtime.configure_jax_env), as a rerun does
+#   big     4096² at 5 % (compile warm-up, then the warm run)
 #   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists
 #   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
 #   report  all tables again
