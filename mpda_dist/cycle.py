@@ -78,12 +78,13 @@ class Transfer:
     def inject_jit(self, x: Array) -> Array:
         return _inject_jit(x, self.y.inject, self.x.inject)
 
-    def copy_up(self, coarse: Array) -> Array:
+    def copy_up_masked(self, coarse: Array, weights: Array) -> Array:
         """Each fine node takes the (leading-axes) values of its first coarse parent,
-        clamped to the coarse block: a starting point for the ``a`` messages."""
+        clamped to the coarse block, where ``weights`` is non-zero (else 0): a starting
+        point for the ``a`` messages."""
         iy = np.clip(self.y.prolong[:, 0] - 2, 0, coarse.shape[-2] - 1)
         ix = np.clip(self.x.prolong[:, 0] - 2, 0, coarse.shape[-1] - 1)
-        return coarse[..., iy, :][..., ix]
+        return _copy_up_jit(coarse, iy, ix, weights)
 
 
 def _inject(x: Array, iy: Any, ix: Any) -> Array:
@@ -102,6 +103,14 @@ def _prolong(f: Array, py: Any, wy: Any, px: Any, wx: Any) -> Array:
 
 
 _inject_jit = jax.jit(_inject)
+_copy_up_jit = jax.jit(lambda c, iy, ix, w: c[..., iy, :][..., ix] * (w != 0))
+
+
+def _device(v: Any, dtype: Any) -> Array:
+    """``v`` on the device as ``dtype``, converted on the host (no device program)."""
+    return jnp.asarray(np.asarray(v, dtype))
+
+
 _restrict_jit = jax.jit(lambda v, frame, ry, rx: _restrict(kernel.framed(v, frame, 2), ry, rx))
 _prolong_jit = jax.jit(
     lambda v, frame, py, wy, px, wx: _prolong(kernel.framed(v, frame, 2), py, wy, px, wx)
@@ -304,15 +313,17 @@ class Hierarchy:
         bare = build(top, ell, amp, _no_obs(nodes), *d.extent)
         mass = (full.diag - bare.diag) + (full.weights - bare.weights).sum(axis=0)
         dt = self.dtype
-        ops = [kernel.Operator(*(jnp.asarray(v, dt) for v in (full.diag, full.weights, full.rhs)))]
-        m, h = jnp.asarray(mass, dt), ops[0].rhs
+        # dtype conversions and sums on the host: each device-side one is a separate
+        # program to compile per level (~0.1 s each on a GPU).
+        ops = [kernel.Operator(*(_device(v, dt) for v in (full.diag, full.weights, full.rhs)))]
+        m, h = _device(mass, dt), ops[0].rhs
         for i in range(len(self.levels) - 2, -1, -1):
             t, fr = self.transfers[i + 1], self.frames[i + 1]
             m, h = t.restrict_framed(m, fr.of(m)), t.restrict_framed(h, fr.of(h))
             lv, dc = self.levels[i], self.decomps[i]
             pr = build(lv, ell, amp, _no_obs(nodes), *dc.extent)
-            diag = jnp.asarray(pr.diag, dt) + m
-            ops.append(kernel.Operator(diag, jnp.asarray(pr.weights, dt), h))
+            diag = _device(np.asarray(pr.diag, dt) + np.asarray(m), dt)
+            ops.append(kernel.Operator(diag, _device(pr.weights, dt), h))
         return ops[::-1]
 
     def free(self) -> None:
@@ -349,7 +360,7 @@ class Hierarchy:
         if i - 1 == 0:
             a = jnp.zeros_like(b)
         else:
-            a = t.copy_up(self.smoothers[i - 1].a) * (op.weights != 0)
+            a = t.copy_up_masked(self.smoothers[i - 1].a, op.weights)
         return a, b
 
 
