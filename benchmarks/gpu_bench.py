@@ -8,8 +8,9 @@
     python benchmarks/gpu_bench.py report --csv ...
 
 Stages:
-  kernel  per-iteration time of ``kernel.iterate`` (one block, constant edge halo,
-          momentum off, float32) at 1024², 2048², 4096²; bytes/iter = 62·4·N (DESIGN §2)
+  kernel  per-iteration time of ``kernel.iterate`` and ``iterate_b`` (one block, constant
+          edge halo, momentum off, float32), each border form (``strips``, ``pads``), at
+          1024², 2048², 4096²; bytes/iter = 62·4·N, frozen 37·4·N (DESIGN §2)
           → achieved GB/s, ratio to the 3.0 TB/s floor (DESIGN §2) and to a jitted
           device triad measured here.
   exact   the exact sparse solve (scipy, float64) of a 1024² problem on the host CPU;
@@ -216,6 +217,8 @@ def stage_kernel(args) -> None:
     import jax  # noqa: F401
     import kernel as kb  # benchmarks/kernel.py
 
+    from mpda_dist.kernel import FORMS
+
     warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
     try:
         import scipy  # noqa: F401
@@ -233,11 +236,14 @@ def stage_kernel(args) -> None:
     tri = C.jax_triad(mib * 2**20)
     meta["device_triad"] = tri
     sink.add([("kernel", "device triad", "bandwidth", tri["triad_gbs"], "GB/s")])
-    for n, frozen in [(n, f) for n in pick("kernel", args.quick) for f in (False, True)]:
-        r = kb.bench_size(n, "float32", iters, reps, 10.0, 0.6, frozen=frozen)
+    # Both border forms (mpda_dist.kernel.FORMS): the solver's default on a GPU is
+    # "pads"; "strips" is ~2x faster on a CPU and not yet measured on a GPU.
+    sizes = pick("kernel", args.quick)
+    for n, frozen, form in [(n, f, m) for n in sizes for f in (False, True) for m in FORMS]:
+        r = kb.bench_size(n, "float32", iters, reps, 10.0, 0.6, frozen=frozen, form=form)
         t = r["t_iter_median_ms"] / 1e3
         floor_t = r["mb_per_iter"] * 1e6 / FLOOR_BPS
-        case = f"{n}x{n}" + (" frozen-a" if frozen else "")
+        case = f"{n}x{n}" + (" frozen-a" if frozen else "") + f" {form}"
         sink.add(
             [
                 ("kernel", case, "compile", r["compile_s"], "s"),

@@ -77,6 +77,7 @@ def bench_size(
     damping: float,
     quiet: float = 0.0,
     frozen: bool = False,
+    form: str = "strips",
 ) -> dict:
     """Per-iteration time of the coupled update (``kernel.iterate``) or, with
     ``frozen``, of the b-only update (``kernel.iterate_b``, gains from 60 coupled
@@ -96,7 +97,8 @@ def bench_size(
     if frozen:
         a, b, bp, _, _ = kernel.iterate(a, b, bp, op, halo, p, n=60, momentum=0.0)
         fn, args = kernel.update_call(a, b, bp, kernel.gains(a, op, halo, p), op, halo, p)
-    compile_s, step = C.compile_timed(fn, *args, n=iters, momentum=0.0)
+    # delta=False: the program the solver runs with the residual rule (the default)
+    compile_s, step = C.compile_timed(fn, *args, n=iters, momentum=0.0, delta=False, form=form)
     # one untimed call: first-touch page faults and thread-pool start-up
     a, b, bp, out, d = C.block(step(*args))
     rest = args[3:]
@@ -115,6 +117,7 @@ def bench_size(
     return {
         "size": f"{n}x{n}",
         "kernel": "frozen a (iterate_b)" if frozen else "coupled (iterate)",
+        "form": form,
         "nodes": n * n,
         "dtype": dtype,
         "iters_per_call": iters,
@@ -164,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         help="before each size wait up to this long for the CPUs to be < 25%% busy "
         "(other processes); the busy fraction seen is recorded (default 20)",
     )
+    ap.add_argument(
+        "--forms",
+        nargs="+",
+        choices=["strips", "pads"],
+        default=None,
+        help="how the kernel reads across the block border (mpda_dist.kernel.FORMS); "
+        "default: the form this backend uses (strips on a CPU)",
+    )
     ap.add_argument("--csv", default="benchmarks/out/kernel.csv", help="CSV output path")
     args = ap.parse_args(argv)
 
@@ -178,9 +189,13 @@ def main(argv: list[str] | None = None) -> int:
 
     bw = C.stream_triad(args.triad_mib * 2**20)
     jbw = C.jax_triad(args.triad_mib * 2**20)
+    from mpda_dist import kernel
+
+    forms = args.forms or [kernel.default_form()]
     rows = []
     with ctx:
-        for n, frozen in [(n, f) for n in args.sizes for f in (False, True)]:
+        cases = [(n, f, fm) for n in args.sizes for f in (False, True) for fm in forms]
+        for n, frozen, form in cases:
             r = bench_size(
                 n,
                 args.dtype,
@@ -190,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.damping,
                 args.wait_quiet,
                 frozen,
+                form,
             )
             r["ratio_vs_numpy_triad"] = r["achieved_gbs"] / bw["triad_gbs"]
+            r["time_over_floor"] = 1.0 / r["ratio_vs_numpy_triad"]
             r["ratio_vs_jax_triad"] = r["achieved_gbs"] / jbw["triad_gbs"]
             rows.append(r)
             print(
-                f"  {r['size']} {r['kernel']}: {r['t_iter_median_ms']:.3f} ms/iter, "
+                f"  {r['size']} {r['kernel']} [{form}]: {r['t_iter_median_ms']:.3f} ms/iter, "
                 f"{r['achieved_gbs']:.2f} GB/s (compile {r['compile_s']:.2f} s)",
                 flush=True,
             )
@@ -209,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{bw['triad_gbs']:.2f} GB/s; numpy copy: {bw['copy_gbs']:.2f} GB/s; "
         f"jitted JAX triad (float32, fused, 3 transfers/element): {jbw['triad_gbs']:.2f} GB/s",
         "t_iter = wall time of one call of `iters` iterations / iters, synchronised "
-        "(block_until_ready); median over repeats; compile time measured apart (AOT)",
+        "(block_until_ready); median over repeats; compile time measured apart (AOT); "
+        "delta=False (the residual rule's program)",
+        "floor = bytes/iter at the numpy triad's bandwidth; time / floor = 1 / (÷ numpy triad)",
         "cpu busy = share of all CPUs busy (any process) just before a size's timed calls; "
         "values > 0 mean other work shared the machine",
     ]
@@ -228,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 ("size", "block"),
                 ("kernel", "update"),
+                ("form", "form"),
                 ("dtype", "dtype"),
                 ("compile_s", "compile [s]"),
                 ("t_iter_median_ms", "t/iter median [ms]"),
@@ -239,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("achieved_gbs_best", "best [GB/s]"),
                 ("ratio_vs_numpy_triad", "÷ numpy triad"),
                 ("ratio_vs_jax_triad", "÷ JAX triad"),
+                ("time_over_floor", "time ÷ floor"),
                 ("cpu_busy_before", "CPU busy before"),
             ],
             formats={"cpu_busy_before": ".0%"},

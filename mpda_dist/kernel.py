@@ -12,6 +12,7 @@ from this rank across a periodic seam, or is the constant at a domain edge.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
@@ -95,31 +96,6 @@ def _beliefs(a: Array, b: Array, op: Operator, c: float) -> tuple[Array, Array]:
     return op.diag + c * _slot_sum(a), op.rhs + c * _slot_sum(b)
 
 
-def _slots(x: Array) -> tuple[Array, ...]:
-    return tuple(x[k] for k in range(x.shape[0]))
-
-
-def update(a: Sequence[Array], b: Sequence[Array], op: Operator, halo: dict, p: Params) -> tuple:
-    """One synchronous damped update of every message (DESIGN §2).
-
-    ``a`` and ``b`` are sequences of the 12 per-slot ``(by, bx)`` arrays: keeping the
-    slots apart inside the loop avoids re-stacking (a full copy) every iteration.
-    """
-    # Materialise the beliefs once: left to itself XLA fuses their 12-slot sums into
-    # each of the 24 per-slot outputs and reads every message array 24 times.
-    A, B = lax.optimization_barrier((op.diag + p.c * _slot_sum(a), op.rhs + p.c * _slot_sum(b)))
-    eta = p.damping
-    new_a, new_b = [], []
-    for k, d in enumerate(OFFSETS):
-        # Cavity of the sending node i = j + d: its belief minus the message j → i.
-        alpha = _shifted(A - a[OPPOSITE[k]], d, halo, k)
-        beta = _shifted(B - b[OPPOSITE[k]], d, halo, k + NSLOTS)
-        w = op.weights[k] / p.c
-        new_a.append((1 - eta) * a[k] - eta * (w * w) / alpha)
-        new_b.append((1 - eta) * b[k] - eta * w * beta / alpha)
-    return tuple(new_a), tuple(new_b)
-
-
 def pack_cavities(a: Array, b: Array, op: Operator, p: Params, layout: Layout) -> Array:
     """Flat outgoing buffer: for each direction, the cavities that neighbour needs.
 
@@ -142,7 +118,145 @@ def pack_cavities(a: Array, b: Array, op: Operator, p: Params, layout: Layout) -
     return jnp.concatenate(parts)
 
 
-@partial(jax.jit, static_argnames=("n", "momentum", "delta"), donate_argnums=(0, 1, 2))
+def _slot_terms(per_slot) -> Array:
+    """``stack([per_slot(k) for every slot])``: one buffer that each slot's fusion
+    writes its part of, with no copy."""
+    return jnp.stack([per_slot(k) for k in range(NSLOTS)])
+
+
+# -- Reading across the block border ------------------------------------------------
+# An update reads the cavity of every sender, ``x[j + d]``; near the border ``j + d``
+# lies outside the block and the value comes from the halo.  Two forms, equal to
+# rounding:
+#
+# ``pads``   the halo pieces are summed into the shifted array inside the update
+#            (:func:`_shifted`).  XLA hoists the padded pieces out of the loop as
+#            full-size arrays, so a slot reads up to three more arrays per node.
+# ``strips`` the update reads the block only, with a fill outside it for which the
+#            incoming term is 0 (β = 0, α = +inf).  The terms on the border strips
+#            depend only on the halo, which is fixed during a call: they are computed
+#            once per call and added to the strips after each update.  On a CPU this is
+#            about twice as fast per iteration (benchmarks/RESULTS.md §11); on a GPU it
+#            adds two small in-place updates per slot and iteration, so ``pads`` stays
+#            the default there until it is measured.
+FORMS = ("strips", "pads")
+FORM_ENV = "MPDA_KERNEL_FORM"
+
+
+def default_form() -> str:
+    """The border form for this process: ``$MPDA_KERNEL_FORM`` if set, else ``strips``
+    on a CPU and ``pads`` on an accelerator."""
+    form = os.environ.get(FORM_ENV, "").strip()
+    if form:
+        if form not in FORMS:
+            raise ValueError(f"{FORM_ENV}={form!r}: expected one of {', '.join(FORMS)}")
+        return form
+    return "strips" if jax.default_backend() == "cpu" else "pads"
+
+
+def _shift_in(src: Array, d: tuple[int, int], fill: float) -> Array:
+    """``src[j + d]`` where ``j + d`` is inside the block, ``fill`` elsewhere."""
+    dy, dx = d
+    by, bx = src.shape
+    rows = slice(max(dy, 0), by + min(dy, 0))
+    cols = slice(max(dx, 0), bx + min(dx, 0))
+    pad = ((max(-dy, 0), max(dy, 0)), (max(-dx, 0), max(dx, 0)))
+    return jnp.pad(src[rows, cols], pad, constant_values=fill)
+
+
+def _strips(d: tuple[int, int], by: int, bx: int) -> list[tuple[slice, slice]]:
+    """Where ``j + d`` lies outside the block: the rows strip (all columns) first, then
+    the columns strip (all rows)."""
+    dy, dx = d
+    out = []
+    if dy:
+        out.append((slice(by - dy, by) if dy > 0 else slice(0, -dy), slice(None)))
+    if dx:
+        out.append((slice(None), slice(bx - dx, bx) if dx > 0 else slice(0, -dx)))
+    return out
+
+
+def _halo_strips(d: tuple[int, int], pieces: dict, array: int, fill: float) -> list[Array]:
+    """``x[j + d]`` on :func:`_strips` from the halo pieces, without a full-size array.
+    The columns strip holds ``fill`` on the rows that the rows strip covers."""
+    dy, dx = d
+    out = []
+    if dy:
+        ys = pieces[(array, "y")]
+        if dx > 0:
+            ys = jnp.concatenate([ys[:, dx:], pieces[(array, "corner")]], axis=1)
+        elif dx < 0:
+            ys = jnp.concatenate([pieces[(array, "corner")], ys[:, :dx]], axis=1)
+        out.append(ys)
+    if dx:
+        xs = pieces[(array, "x")]
+        xs = xs[max(dy, 0) : xs.shape[0] + min(dy, 0), :]
+        out.append(jnp.pad(xs, ((max(-dy, 0), max(dy, 0)), (0, 0)), constant_values=fill))
+    return out
+
+
+_FILL = {"alpha": jnp.inf, "beta": 0.0}
+ALL = (slice(None), slice(None))
+
+
+class _Border:
+    """How one call's updates read the cavities of senders across the block border."""
+
+    def __init__(self, halo_flat: Array, by: int, bx: int, form: str | None):
+        self.pieces = _split(halo_flat, message_layout(by, bx).incoming)
+        self.form = form or default_form()
+        if self.form not in FORMS:
+            raise ValueError(f"kernel form {self.form!r}: expected one of {', '.join(FORMS)}")
+        self.shape = (by, bx)
+
+    def shift(self, x: Array, k: int, kind: str) -> Array:
+        """``x[j + OFFSETS[k]]``: the cavity (``kind`` alpha or beta) of slot ``k``'s
+        senders."""
+        array = k if kind == "alpha" else k + NSLOTS
+        if self.form == "pads":
+            return _shifted(x, OFFSETS[k], self.pieces, array)
+        return _shift_in(x, OFFSETS[k], _FILL[kind])
+
+    def edge_terms(self, term) -> list[list[tuple]]:
+        """Per slot, ``[(index, term(k, index, alpha, beta))]`` on its border strips
+        from the halo (none with ``pads``, where the update reads the halo itself)."""
+        if self.form == "pads":
+            return [[] for _ in OFFSETS]
+        out = []
+        for k, d in enumerate(OFFSETS):
+            idx = _strips(d, *self.shape)
+            al = _halo_strips(d, self.pieces, k, _FILL["alpha"])
+            be = _halo_strips(d, self.pieces, k + NSLOTS, _FILL["beta"])
+            out.append([(i, term(k, i, x, y)) for i, x, y in zip(idx, al, be, strict=True)])
+        return out
+
+    @staticmethod
+    def add(x: Array, edges: list[list[tuple]]) -> Array:
+        for k, strips in enumerate(edges):
+            for (rows, cols), val in strips:
+                x = x.at[k, rows, cols].add(val)
+        return x
+
+
+def _node_sum(base: Array, x: Array, c: float) -> Array:
+    """Node beliefs ``base + c Σ_k x[k]`` (precisions with ``diag``, potentials with
+    ``rhs``).  The loops carry them: computed after each update, they cross the loop
+    boundary, so XLA materialises them once instead of fusing the 12-slot sum into
+    every slot's update (which then read every message array 12 more times)."""
+    return base + c * _slot_sum(x)
+
+
+def _precision_term(op: Operator, p: Params):
+    """What a precision message takes from its sender: ``−η (Γ/c)² / α``."""
+
+    def term(k, idx, alpha, beta):
+        w = op.weights[k][idx] / p.c
+        return -p.damping * (w * w) / alpha
+
+    return term
+
+
+@partial(jax.jit, static_argnames=("n", "momentum", "delta", "form"), donate_argnums=(0, 1, 2))
 def iterate(
     a: Array,
     b: Array,
@@ -153,37 +267,52 @@ def iterate(
     n: int,
     momentum: float = 0.0,
     delta: bool = True,
+    form: str | None = None,
 ) -> tuple[Array, Array, Array, Array, Array]:
-    """``n ≥ 1`` updates with the halo held fixed.
+    """``n ≥ 1`` synchronous damped updates of every message (DESIGN §2) with the halo
+    held fixed.
 
     ``momentum > 0`` adds a heavy-ball term ``momentum·(b_t − b_{t−1})`` to the
     ``b`` update; it vanishes at a fixed point, so the answer is unchanged.  ``b_prev``
     is the previous ``b`` (any array when ``momentum == 0``; returned as given).
+    ``form`` is how the border is read (:data:`FORMS`; default :func:`default_form`).
 
     Returns the new messages, ``b_prev``, the flat outgoing cavity buffer for the
     neighbours, and ``[Σ|Δa|, Σ|Δb|]`` of the last update (for the paper's δ rule;
     zeros when ``delta`` is false, which compiles a smaller program).
     """
     by, bx = a.shape[1:]
-    layout = message_layout(by, bx)
-    halo = _split(halo_flat, layout.incoming)
+    border = _Border(halo_flat, by, bx, form)
+    eta = p.damping
+    term_a = _precision_term(op, p)
 
-    def step(a, b, bp):
-        a2, b2 = update(a, b, op, halo, p)
-        if momentum:
-            b2 = tuple(x + momentum * (y - z) for x, y, z in zip(b2, b, bp, strict=True))
-            return a2, b2, b
-        return a2, b2, bp
+    def term_b(k, idx, alpha, beta):
+        return -eta * (op.weights[k][idx] / p.c) * beta / alpha
 
-    # Inside the loop the slots travel as 12 separate arrays (see update).
-    bp0 = _slots(b_prev) if momentum else b_prev
-    (sa, sb, sp), prev = _loop(step, (_slots(a), _slots(b), bp0), n, delta)
+    edges_a, edges_b = border.edge_terms(term_a), border.edge_terms(term_b)
+
+    def step(a, b, A, B, bp):
+        def new_a(k):
+            alpha = border.shift(A - a[OPPOSITE[k]], k, "alpha")
+            return (1 - eta) * a[k] + term_a(k, ALL, alpha, None)
+
+        def new_b(k):
+            alpha = border.shift(A - a[OPPOSITE[k]], k, "alpha")
+            beta = border.shift(B - b[OPPOSITE[k]], k, "beta")
+            x = (1 - eta) * b[k] + term_b(k, ALL, alpha, beta)
+            return x + momentum * (b[k] - bp[k]) if momentum else x
+
+        a2 = border.add(_slot_terms(new_a), edges_a)
+        b2 = border.add(_slot_terms(new_b), edges_b)
+        A2, B2 = _node_sum(op.diag, a2, p.c), _node_sum(op.rhs, b2, p.c)
+        return a2, b2, A2, B2, (b if momentum else bp)
+
+    start = (a, b, _node_sum(op.diag, a, p.c), _node_sum(op.rhs, b, p.c), b_prev)
+    (a, b, _, _, b_prev), prev = _loop(step, start, n, delta)
     change = jnp.zeros(2, a.dtype)
     if delta:
-        change = jnp.stack([_abs_change(sa, prev[0]), _abs_change(sb, prev[1])])
-    a, b = jnp.stack(sa), jnp.stack(sb)
-    b_prev = jnp.stack(sp) if momentum else sp
-    return a, b, b_prev, pack_cavities(a, b, op, p, layout), change
+        change = jnp.stack([_abs_change(a, prev[0]), _abs_change(b, prev[1])])
+    return a, b, b_prev, pack_cavities(a, b, op, p, message_layout(by, bx)), change
 
 
 def _loop(step, state: tuple, n: int, delta: bool) -> tuple[tuple, tuple | None]:
@@ -195,8 +324,8 @@ def _loop(step, state: tuple, n: int, delta: bool) -> tuple[tuple, tuple | None]
     return step(*prev), prev
 
 
-def _abs_change(new: Sequence[Array], old: Sequence[Array]) -> Array:
-    return sum(jnp.sum(jnp.abs(x - y)) for x, y in zip(new, old, strict=True))
+def _abs_change(new: Array, old: Array) -> Array:
+    return jnp.sum(jnp.abs(new - old))
 
 
 def update_call(
@@ -217,40 +346,31 @@ def update_call(
 # ``g = η (Γ/c) / α``: no division, no ``a`` traffic, and the same fixed point.
 
 
-@partial(jax.jit, static_argnames=("n",), donate_argnums=(0,))
+@partial(jax.jit, static_argnames=("n", "form"), donate_argnums=(0,))
 def iterate_a(
-    a: Array, b: Array, op: Operator, halo_flat: Array, p: Params, n: int
+    a: Array, b: Array, op: Operator, halo_flat: Array, p: Params, n: int, form: str | None = None
 ) -> tuple[Array, Array, Array]:
     """``n`` updates of ``a`` alone (``b`` only fills the outgoing buffer).  Returns
     ``a``, the outgoing cavity buffer and the largest ``|Δa| / |a|`` of the last update."""
     by, bx = a.shape[1:]
-    layout = message_layout(by, bx)
-    halo = _split(halo_flat, layout.incoming)
-    eta = p.damping
+    border = _Border(halo_flat, by, bx, form)
+    term = _precision_term(op, p)
+    edges = border.edge_terms(term)
 
-    def step(sa):
-        A = lax.optimization_barrier(op.diag + p.c * _slot_sum(sa))
-        out = []
-        for k, d in enumerate(OFFSETS):
-            alpha = _shifted(A - sa[OPPOSITE[k]], d, halo, k)
-            w = op.weights[k] / p.c
-            out.append((1 - eta) * sa[k] - eta * (w * w) / alpha)
-        return tuple(out)
+    def step(a, A):
+        def new(k):
+            alpha = border.shift(A - a[OPPOSITE[k]], k, "alpha")
+            return (1 - p.damping) * a[k] + term(k, ALL, alpha, None)
 
-    (new,), (sa,) = _loop(lambda s: (step(s),), (_slots(a),), n, True)
+        a2 = border.add(_slot_terms(new), edges)
+        return a2, _node_sum(op.diag, a2, p.c)
+
+    (new, _), (old, _) = _loop(step, (a, _node_sum(op.diag, a, p.c)), n, True)
     # Relative to each message itself: small messages far from the largest (those of
     # observed nodes) must have converged too.
-    tiny = jnp.finfo(a.dtype).tiny
-    change = jnp.max(
-        jnp.stack(
-            [
-                jnp.max(jnp.abs(x - y) / jnp.maximum(jnp.maximum(jnp.abs(x), jnp.abs(y)), tiny))
-                for x, y in zip(new, sa, strict=True)
-            ]
-        )
-    )
-    a = jnp.stack(new)
-    return a, pack_cavities(a, b, op, p, layout), change
+    scale = jnp.maximum(jnp.maximum(jnp.abs(new), jnp.abs(old)), jnp.finfo(a.dtype).tiny)
+    change = jnp.max(jnp.abs(new - old) / scale)
+    return new, pack_cavities(new, b, op, p, message_layout(by, bx)), change
 
 
 @jax.jit
@@ -268,7 +388,7 @@ def gains(a: Array, op: Operator, halo_flat: Array, p: Params) -> Array:
     )
 
 
-@partial(jax.jit, static_argnames=("n", "momentum", "delta"), donate_argnums=(1, 2))
+@partial(jax.jit, static_argnames=("n", "momentum", "delta", "form"), donate_argnums=(1, 2))
 def iterate_b(
     a: Array,
     b: Array,
@@ -280,33 +400,34 @@ def iterate_b(
     n: int,
     momentum: float = 0.0,
     delta: bool = True,
+    form: str | None = None,
 ) -> tuple[Array, Array, Array, Array]:
     """Like :func:`iterate` with ``a`` frozen at its fixed point and ``g = gains(a)``.
 
     Returns ``a`` (as given), ``b``, ``b_prev``, the outgoing cavity buffer and
     ``[0, Σ|Δb|]``."""
     by, bx = b.shape[1:]
-    layout = message_layout(by, bx)
-    halo = _split(halo_flat, layout.incoming)
-    gs = _slots(g)
+    border = _Border(halo_flat, by, bx, form)
 
-    def step(sb, sp):
-        B = lax.optimization_barrier(op.rhs + p.c * _slot_sum(sb))
-        new = []
-        for k, d in enumerate(OFFSETS):
-            beta = _shifted(B - sb[OPPOSITE[k]], d, halo, k + NSLOTS)
-            x = (1 - p.damping) * sb[k] - gs[k] * beta
-            new.append(x + momentum * (sb[k] - sp[k]) if momentum else x)
-        return tuple(new), (sb if momentum else sp)
+    def term(k, idx, alpha, beta):
+        return -g[k][idx] * beta
 
-    sp0 = _slots(b_prev) if momentum else b_prev
-    (sb, sp), prev = _loop(step, (_slots(b), sp0), n, delta)
+    edges = border.edge_terms(term)
+
+    def step(b, B, bp):
+        def new(k):
+            beta = border.shift(B - b[OPPOSITE[k]], k, "beta")
+            x = (1 - p.damping) * b[k] + term(k, ALL, None, beta)
+            return x + momentum * (b[k] - bp[k]) if momentum else x
+
+        b2 = border.add(_slot_terms(new), edges)
+        return b2, _node_sum(op.rhs, b2, p.c), (b if momentum else bp)
+
+    (b, _, b_prev), prev = _loop(step, (b, _node_sum(op.rhs, b, p.c), b_prev), n, delta)
     change = jnp.zeros(2, b.dtype)
     if delta:
-        change = jnp.stack([jnp.zeros((), b.dtype), _abs_change(sb, prev[0])])
-    b = jnp.stack(sb)
-    b_prev = jnp.stack(sp) if momentum else sp
-    return a, b, b_prev, pack_cavities(a, b, op, p, layout), change
+        change = jnp.stack([jnp.zeros((), b.dtype), _abs_change(b, prev[0])])
+    return a, b, b_prev, pack_cavities(a, b, op, p, message_layout(by, bx)), change
 
 
 @jax.jit

@@ -1,0 +1,99 @@
+"""The kernel's two border forms (``strips``, ``pads``) give the same updates.
+
+The solver's own tests (answer = exact, several ranks = one rank) run the default form
+of this backend; these compare the two forms directly, with a random halo, so that the
+other one is checked too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpda_dist import kernel
+from mpda_dist.halo import message_layout
+
+
+def _block(ny: int, nx: int, seed: int = 0):
+    """A random diagonally dominant operator, random messages and a random halo."""
+    rng = np.random.default_rng(seed)
+    w = -rng.uniform(0.0, 1.0, (12, ny, nx))
+    diag = 12.0 + rng.uniform(0.0, 5.0, (ny, nx))
+    op = kernel.Operator(
+        jnp.asarray(diag), jnp.asarray(w), jnp.asarray(rng.standard_normal((ny, nx)))
+    )
+    # cavity precisions α > 0 for slots 0-11, any cavity potential β for 12-23
+    halo = jnp.asarray(
+        np.concatenate(
+            [
+                rng.uniform(5.0, 9.0, p.size) if p.array < 12 else rng.standard_normal(p.size)
+                for g in message_layout(ny, nx).incoming
+                for p in g
+            ]
+        )
+    )
+    msgs = [jnp.asarray(0.05 * rng.standard_normal((12, ny, nx))) for _ in range(3)]
+    return op, halo, msgs
+
+
+def _close(x, y, rtol=1e-12):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.shape == y.shape
+    scale = max(np.abs(y).max(), 1e-300)
+    assert np.abs(x - y).max() <= rtol * scale, np.abs(x - y).max() / scale
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (13, 18)])
+def test_border_forms_agree(shape):
+    p = kernel.Params(10.0, 0.6)
+    with jax.enable_x64(True):
+        op, halo, (a, b, bp) = _block(*shape)
+        runs = {}
+        for form in kernel.FORMS:
+            copies = [jnp.array(x) for x in (a, b, bp)]
+            coupled = kernel.iterate(*copies, op, halo, p, n=5, momentum=0.3, form=form)
+            prec = kernel.iterate_a(jnp.array(a), b, op, halo, p, n=4, form=form)
+            g = kernel.gains(jnp.abs(a) + 1.0, op, halo, p)
+            frozen = kernel.iterate_b(
+                a, jnp.array(b), jnp.array(bp), g, op, halo, p, n=6, momentum=0.4, form=form
+            )
+            runs[form] = (coupled, prec, frozen)
+    for got, want in zip(runs["strips"], runs["pads"], strict=True):
+        for x, y in zip(got, want, strict=True):
+            _close(x, y)
+
+
+def test_halo_reaches_the_border_only():
+    """One update with another halo β changes the two border rows and columns only."""
+    ny, nx = 9, 11
+    p = kernel.Params(10.0, 0.6)
+    with jax.enable_x64(True):
+        op, halo, (a, b, bp) = _block(ny, nx)
+        pieces = [q for g in message_layout(ny, nx).incoming for q in g]
+        bump = np.concatenate([np.full(q.size, float(q.array >= 12)) for q in pieces])
+        g = kernel.gains(jnp.abs(a) + 1.0, op, halo, p)
+        out = {}
+        for form in kernel.FORMS:
+            for name, h in (("same", halo), ("bumped", halo + jnp.asarray(bump))):
+                r = kernel.iterate_b(
+                    a, jnp.array(b), jnp.array(bp), g, op, h, p, n=1, delta=False, form=form
+                )
+                out[form, name] = np.asarray(r[1])
+    for form in kernel.FORMS:
+        diff = np.abs(out[form, "bumped"] - out[form, "same"]).max(axis=0)
+        assert np.all(diff[2:-2, 2:-2] == 0), form
+        frame = diff.copy()
+        frame[2:-2, 2:-2] = 1.0
+        assert np.all(frame > 0), form
+
+
+def test_border_form_from_the_environment(monkeypatch):
+    monkeypatch.setenv(kernel.FORM_ENV, "pads")
+    assert kernel.default_form() == "pads"
+    monkeypatch.setenv(kernel.FORM_ENV, "fast")
+    with pytest.raises(ValueError, match="MPDA_KERNEL_FORM='fast'.*strips, pads"):
+        kernel.default_form()
+    monkeypatch.delenv(kernel.FORM_ENV)
+    assert kernel.default_form() == ("strips" if jax.default_backend() == "cpu" else "pads")
