@@ -8,13 +8,16 @@
 #   exact   (background, host CPU) exact sparse solves for the 1024² problems, if scipy
 #   solve   time to solution 1024² at 1 %, 5 %, 10 % observations (first + warm run),
 #           RMSE vs truth and vs exact
+#   strips  1024² at 10 % with MPDA_KERNEL_FORM=strips (first + warm run): the border
+#           form that is 1.6-2.5x faster per iteration on a CPU; the GPU default is pads
+#           (the kernel stage times both forms per iteration)
 #   cached  1024² at 10 % again in a fresh process: "first" now finds the kernels in
 #           JAX's persistent compilation cache (runtime.configure_jax_env), as a rerun does
 #   big     4096² at 5 % (compile warm-up, then the warm run)
 #   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists
 #   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
 #   report  all tables again
-# GPU_BENCH_STAGES (default all: "kernel solve cached big mpi fit") picks stages.
+# GPU_BENCH_STAGES (default all: "kernel solve strips cached big mpi fit") picks stages.
 # Results: $OUT/gpu_results.csv (+ .json metadata, + gpu_log.txt) when OUT is set,
 # else ./gpu_results.csv.
 #
@@ -50,7 +53,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve cached big mpi fit} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve strips cached big mpi fit} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -124,14 +127,16 @@ else
 fi
 
 if [ -n "$QUICK" ]; then
-    L_K=120 L_S=120 L_C=60 L_B=90 L_M=90 L_F=60
+    L_K=120 L_S=120 L_T=90 L_C=60 L_B=90 L_M=90 L_F=60
 else
-    L_K=80 L_S=110 L_C=40 L_B=150 L_M=150 L_F=90
+    L_K=120 L_S=110 L_T=70 L_C=40 L_B=150 L_M=150 L_F=90
 fi
 
 stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV"
 stage solve $L_S "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
     --exact-dir "$EXACT_DIR" --exact-wait 40
+stage strips $L_T env MPDA_KERNEL_FORM=strips "$PY" benchmarks/gpu_bench.py solve $QUICK \
+    --csv "$CSV" --fractions 0.1 --label " strips" --exact-wait 0
 stage cached $L_C "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
     --fractions 0.1 --label " disk cache" --exact-wait 0
 stage big $L_B "$PY" benchmarks/gpu_bench.py big $QUICK --csv "$CSV"
