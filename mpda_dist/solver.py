@@ -306,16 +306,20 @@ def _freeze(
     jit: _Compiled,
     already: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, int]:
-    """Iterate ``a`` alone (synchronous exchange) until no rank's ``a`` changes by more
-    than 16 ulp relative, then the constant gains for :func:`kernel.iterate_b`.  Returns
-    ``a``, the halo, the gains (None: not converged in FREEZE_CAP iterations, keep the
-    coupled update) and the a-only iterations.  ``already``: ``a`` is frozen (resumed)."""
-    tol = 16 * float(jnp.finfo(a.dtype).eps)
+    """Iterate ``a`` alone (synchronous exchange every ``n`` iterations) until no rank's
+    ``a`` changes by more than 16 ulp relative per iteration, on average over a call of
+    ``n``; then the constant gains for :func:`kernel.iterate_b`.  While ``a`` contracts,
+    the changes fall from one iteration to the next, so the average bounds the last
+    one.  Returns ``a``, the halo, the gains (None: not converged in FREEZE_CAP
+    iterations, keep the coupled update) and the a-only iterations.  ``already``:
+    ``a`` is frozen (resumed)."""
+    n = 10
+    tol = n * 16 * float(jnp.finfo(a.dtype).eps)
     its = 0
     while not already:
-        step = jit(kernel.iterate_a, ("a", 10), a, b, op, halo, p, n=10)
+        step = jit(kernel.iterate_a, ("a", n), a, b, op, halo, p, n=n)
         a, out, change = step(a, b, op, halo, p)
-        its += 10
+        its += n
         if decomp.has_neighbours:
             halo = jnp.asarray(mex.exchange(np.asarray(out)))
         if allreduce_max(decomp.comm, float(change)) <= tol:
