@@ -1,4 +1,7 @@
-"""Per-iteration time and achieved memory bandwidth of ``kernel.iterate`` on one block.
+"""Per-iteration time and achieved memory bandwidth of ``kernel.iterate`` (coupled) and
+``kernel.iterate_b`` (frozen precisions) on one block, for each border form
+(``--forms``; ``mpda_dist.kernel.FORMS``), as the solver calls them with the residual
+rule (``delta=False``).
 
 One block on a 1 × 1 process grid: the halo is the constant domain-edge payload from
 ``message_layout(by, bx).fill_segment`` (what the solver uses when a block has no
@@ -12,12 +15,14 @@ Bytes per iteration (DESIGN §2): per node, 24 message values read (a, b: 12 slo
     bytes/iter = N_nodes × (24 + 24 + 12 + 2) × itemsize = 62 · itemsize · N_nodes
                = 248 B/node in float32.
 
-That is the minimum traffic of one fused sweep; anything the compiled kernel moves on
+The frozen update reads and writes ``b``, reads the gains and ``rhs``: 37 values per
+node.  That is the minimum traffic of one fused sweep; anything the compiled kernel moves on
 top (intermediates, halo concatenation) lowers the achieved GB/s.  The host memory
 bandwidth is measured with a numpy triad (a = b + s·c, see ``_common.stream_triad``)
 and a jitted triad on the JAX device; the ratio column is kernel B/s ÷ measured B/s.
 
     python benchmarks/kernel.py --sizes 256 512 --iters 20 --repeats 3 --csv out/kernel.csv
+    python benchmarks/kernel.py --sizes 256 512 1024 --forms strips pads --csv out/forms.csv
 """
 
 from __future__ import annotations
