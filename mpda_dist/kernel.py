@@ -308,17 +308,26 @@ def iterate(
         return a2, b2, A2, B2, (b if momentum else bp)
 
     start = (a, b, _node_sum(op.diag, a, p.c), _node_sum(op.rhs, b, p.c), b_prev)
-    (a, b, _, _, b_prev), prev = _loop(step, start, n, delta)
+    (a, b, _, _, b_prev), prev = _loop(step, start, n, delta, border.form == "pads")
     change = jnp.zeros(2, a.dtype)
     if delta:
         change = jnp.stack([_abs_change(a, prev[0]), _abs_change(b, prev[1])])
     return a, b, b_prev, pack_cavities(a, b, op, p, message_layout(by, bx)), change
 
 
-def _loop(step, state: tuple, n: int, delta: bool) -> tuple[tuple, tuple | None]:
+def _loop(
+    step, state: tuple, n: int, delta: bool, unroll_one: bool = False
+) -> tuple[tuple, tuple | None]:
     """``n ≥ 1`` applications of ``step`` to ``state`` in one ``fori_loop``; with
-    ``delta`` also the state before the last one (for the δ rule's change)."""
+    ``delta`` also the state before the last one (for the δ rule's change).
+
+    ``unroll_one``: a single application runs without a loop, so the node sums it
+    computes for a next step are dead code.  That pays for the ``pads`` form (one
+    iteration per call: 2.8 instead of 3.6 ms at 256² on a CPU) but not for ``strips``,
+    whose entry sums XLA then fuses into every slot (2.9 instead of 1.7 ms)."""
     if not delta:
+        if n == 1 and unroll_one:
+            return step(*state), None
         return lax.fori_loop(0, n, lambda _, s: step(*s), state), None
     prev = lax.fori_loop(0, n - 1, lambda _, s: step(*s), state)
     return step(*prev), prev
@@ -427,7 +436,8 @@ def iterate_b(
         b2 = border.add(_slot_terms(new), edges)
         return b2, _node_sum(op.rhs, b2, p.c), (b if momentum else bp)
 
-    (b, _, b_prev), prev = _loop(step, (b, _node_sum(op.rhs, b, p.c), b_prev), n, delta)
+    start = (b, _node_sum(op.rhs, b, p.c), b_prev)
+    (b, _, b_prev), prev = _loop(step, start, n, delta, border.form == "pads")
     change = jnp.zeros(2, b.dtype)
     if delta:
         change = jnp.stack([jnp.zeros((), b.dtype), _abs_change(b, prev[0])])
