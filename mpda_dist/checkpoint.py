@@ -71,6 +71,10 @@ class State:
     coarse: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=list)
     levels: int = 0
     frozen: bool = False  # a is at its fixed point (the level iterates b alone)
+    # The level's Anderson history (anderson.py): whole-interior stacks of the last
+    # check means and scaled residuals, and how many entries are valid (0: none).
+    history: tuple[np.ndarray, np.ndarray] | None = None
+    history_count: int = 0
 
 
 def write(path: str, state: State, config_text: str) -> None:
@@ -88,6 +92,9 @@ def write(path: str, state: State, config_text: str) -> None:
             f["b_prev"] = state.b_prev
         f.attrs["levels"] = state.levels
         f.attrs["frozen"] = int(state.frozen)
+        if state.history is not None:
+            f["history/means"], f["history/scaled"] = state.history
+            f.attrs["history_count"] = state.history_count
         for k, (ca, cb, cp) in enumerate(state.coarse):
             g = f.create_group(f"coarse/{k}")
             g["a"], g["b"] = ca, cb
@@ -117,6 +124,10 @@ def read(path: str) -> State:
                 ],
                 levels=int(f.attrs.get("levels", 0)),
                 frozen=bool(f.attrs.get("frozen", 0)),
+                history=(
+                    (f["history/means"][...], f["history/scaled"][...]) if "history" in f else None
+                ),
+                history_count=int(f.attrs.get("history_count", 0)),
             )
     except (OSError, KeyError, ValueError) as exc:
         if isinstance(exc, io.InputError):

@@ -208,6 +208,8 @@ class SolverConfig(Section):
     stopping: Literal["residual", "delta"] = "residual"
     tol: float | None = opt(None, gt=0.0)
     check_every: int = opt(20, ge=1)
+    # Anderson mixing of the last `anderson` + 1 check means (mpda_dist/anderson.py).
+    anderson: int = opt(2, ge=0)
     max_iterations: int = opt(10000, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
     # Iterate the precision messages a alone to their fixed point (16 ulp), then the b

@@ -249,6 +249,7 @@ def settings_from(cfg: Any) -> Any:
         heartbeat_seconds=cfg.logging.heartbeat_seconds or math.inf,
         cycle=s.multigrid.cycle,
         smoothing=s.multigrid.smoothing,
+        anderson=s.anderson,
     )
 
 

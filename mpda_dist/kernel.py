@@ -516,8 +516,9 @@ def residual(x: Array, frame_flat: Array, op: Operator) -> Array:
 
 
 @jax.jit
-def residual_sq(mu: Array, frame_flat: Array, op: Operator) -> Array:
-    """Local ``[Σ (D⁻¹(h − Qμ))², non-finite flag]`` on the block, ``D = diag(Q)``.
+def scaled_residual(mu: Array, frame_flat: Array, op: Operator) -> tuple[Array, Array]:
+    """``s = D⁻¹(h − Qμ)`` on the block, ``D = diag(Q)``, and the local
+    ``[Σ s², non-finite flag]``.
 
     The Jacobi scaling keeps the test meaningful when ``σ_y ≪ σ``: unscaled, the
     observed nodes' ``1/σ_y²`` dominates both norms and the relative residual falls
@@ -525,4 +526,10 @@ def residual_sq(mu: Array, frame_flat: Array, op: Operator) -> Array:
     """
     r = (op.rhs - apply_operator(mu, frame_flat, op)) / op.diag
     bad = jnp.logical_not(jnp.all(jnp.isfinite(mu)))
-    return jnp.stack([jnp.sum(r * r), bad.astype(r.dtype)])
+    return r, jnp.stack([jnp.sum(r * r), bad.astype(r.dtype)])
+
+
+@jax.jit
+def residual_sq(mu: Array, frame_flat: Array, op: Operator) -> Array:
+    """Local ``[Σ (D⁻¹(h − Qμ))², non-finite flag]`` (see :func:`scaled_residual`)."""
+    return scaled_residual(mu, frame_flat, op)[1]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpda_dist import kernel
+from mpda_dist import anderson, kernel
 from mpda_dist.decomposition import Decomposition, check_grid
 from mpda_dist.exchange import HaloExchange, allreduce_max, allreduce_sum
 from mpda_dist.halo import field_layout, message_layout
@@ -54,6 +54,7 @@ class Settings:
     freeze_precisions: bool = True  # iterate a alone to its fixed point, then b alone
     cycle: str = "fas"  # "fas": coarse-grid corrections at every check; "nested": starts only
     smoothing: int = 20  # iterations per visit of a coarser level in a correction
+    anderson: int = 2  # check means mixed per extrapolation (anderson.py; 0: off)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class LevelResult:
     correction_seconds: float = 0.0  # in this level's corrections (part of solve_seconds)
     precision_iterations: int = 0  # a-only iterations before a was frozen (not in iterations)
     unfrozen_at: int = 0  # iteration where a stalled residual made a move again (0: never)
+    extrapolations: int = 0  # checks whose mean moved to the Anderson mix (anderson.py)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -137,7 +139,7 @@ def solve_level(
     """Iterate one level to its stopping rule; updates ``res`` in place.
 
     ``start`` (a :class:`checkpoint.State`) continues a level from a checkpoint;
-    ``saver(it, a, b, b_prev, best, delta0)`` is called on every rank when the
+    ``saver(it, a, b, b_prev, best, delta0, frozen, history)`` is called on every rank when the
     global reduction says a checkpoint is due (``requests``: this rank's triggers).
     ``correct(mean, residual)`` (multigrid, :mod:`mpda_dist.cycle`) returns a field to
     add to the mean at every check that does not stop: the ``b`` messages shift by it.
@@ -185,6 +187,9 @@ def solve_level(
         )
     it, best, delta0 = 0, math.inf, None
     dmin, stall, since_best = math.inf, 0, 0
+    acc = anderson.Extrapolation(s.anderson, (by, bx), npdt) if s.anderson else None
+    if acc is not None and start is not None and start.history is not None:
+        acc.restore(*start.history, start.history_count)
     if start is not None:
         it, best, delta0 = start.iteration, start.best, start.delta0
     last_beat = time.perf_counter()
@@ -213,10 +218,14 @@ def solve_level(
         mean = jit(kernel.marginal_mean, "mean", a, b, op, p)
         mu, frame_out = mean(a, b, op, p)
         frame = jnp.asarray(fex.exchange(np.asarray(frame_out))) if neighbours else frame_edge
-        rsq = jit(kernel.residual_sq, "rsq", mu, frame, op)
         flags = requests.flags(decomp.rank == 0) if requests is not None else (0.0, 0.0)
+        if acc is None:
+            sums = np.asarray(jit(kernel.residual_sq, "rsq", mu, frame, op)(mu, frame, op))
+        else:
+            sums = acc.check(mu, frame, op)
+        # [Σ s², bad, δ_a, δ_b, checkpoint, stop, the extrapolation's sums…]
         local = np.concatenate(
-            [np.asarray(rsq(mu, frame, op), np.float64), np.asarray(d, np.float64), flags]
+            [sums[:2], np.asarray(d, np.float64), flags, np.asarray(sums[2:], np.float64)]
         )
         if not neighbours:
             res.compute_seconds += time.perf_counter() - t0
@@ -240,6 +249,8 @@ def solve_level(
             # residual on a floor; the coupled update moves a again.
             g = None
             res.unfrozen_at = it
+            if acc is not None:
+                acc.reset()  # the iteration map changed
             if decomp.rank == 0:
                 log.info("  residual stalled at %.3e: iterating a and b together again", rel)
         if s.stopping == "residual":
@@ -260,25 +271,37 @@ def solve_level(
         if it >= s.max_iterations:
             res.status = CAPPED
             break
+        # Move the mean: to the Anderson mix of the check means, then by the coarse-grid
+        # correction from there.  The b messages shift as if every sender's cavity mean
+        # had moved by it.
+        tc = time.perf_counter()
+        move, x, r = None, mu, None
+        gamma = acc.coefficients(tot[6:]) if acc is not None else None
+        if gamma is not None:
+            x, r, move = acc.mix(gamma, op.diag)
+            res.extrapolations += 1
         if correct is not None:
-            tc = time.perf_counter()
             mex.drain()
-            e = correct(mu, kernel.residual(mu, frame, op))
+            e = correct(x, kernel.residual(mu, frame, op) if r is None else r)
+            move = e if move is None else move + e
+        if move is not None:
+            mex.drain()
             ef = (
-                jnp.asarray(fex.exchange(np.asarray(kernel.pack_frame(e))))
+                jnp.asarray(fex.exchange(np.asarray(kernel.pack_frame(move))))
                 if neighbours
                 else frame_edge
             )
-            db = kernel.messages_from_mean(e, ef, op, s.c)
+            db = kernel.messages_from_mean(move, ef, op, s.c)
             b = b + db
             if s.momentum:
                 bp = bp + db
             if neighbours:
                 halo = jnp.asarray(mex.exchange(np.asarray(init(a, b, op, p))))
+        if correct is not None:
             res.corrections += 1
             res.correction_seconds += time.perf_counter() - tc
         if tot[4] > 0 and saver is not None:
-            saver(it, a, b, bp if s.momentum else None, best, delta0, g is not None)
+            saver(it, a, b, bp if s.momentum else None, best, delta0, g is not None, acc)
             if requests is not None:
                 requests.last = time.monotonic()
         if tot[5] > 0:
@@ -429,7 +452,7 @@ def solve(
         saver = None
         if checkpoint_path is not None:
 
-            def saver(it, a, b, bp, best, delta0, frozen, i=i):
+            def saver(it, a, b, bp, best, delta0, frozen, acc, i=i):
                 _save(
                     hier,
                     checkpoint_path,
@@ -443,6 +466,7 @@ def solve(
                     best,
                     delta0,
                     frozen,
+                    acc,
                 )
 
         a, b, bp, g = solve_level(
@@ -502,7 +526,7 @@ def _log_level(rank: int, i: int, nlev: int, hier: Any, res: LevelResult) -> Non
     )
 
 
-def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0, frozen) -> None:
+def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0, frozen, acc) -> None:
     """Gather this level's messages and every coarser MP level's warm state; rank 0
     writes the checkpoint."""
     from mpda_dist import checkpoint
@@ -510,6 +534,9 @@ def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0, froze
     d = hier.decomps[i]
     ga, gb = d.gather(np.asarray(a)), d.gather(np.asarray(b))
     gp = d.gather(np.asarray(bp)) if bp is not None else None
+    hist = None
+    if acc is not None and acc.count:
+        hist = (d.gather(np.asarray(acc.means)), d.gather(np.asarray(acc.scaled)))
     coarse = []
     for c in range(1, i):
         sm, dc = hier.smoothers[c], hier.decomps[c]
@@ -518,8 +545,9 @@ def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0, froze
     if d.rank == 0:
         done = [r.summary() for r in results]
         state = checkpoint.State(
-            i, it, ga, gb, gp, best, delta0, done, coarse, len(hier.levels), frozen
-        )
+            i, it, ga, gb, gp, best, delta0, done, coarse, len(hier.levels), frozen,
+            hist, acc.count if hist is not None else 0,
+        )  # fmt: skip
         checkpoint.write(path, state, config_text)
         log.info("checkpoint: level %d, iteration %d -> %s", i + 1, it, path)
 
@@ -532,8 +560,11 @@ def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:
     comm = hier.decomps[i].comm
     root = comm.Get_rank() == 0
 
+    def part_lead(c: int, arr: Any, lead: int) -> Any:
+        return hier.decomps[c].scatter(arr if root else None, (lead,), dtype)
+
     def part(c: int, arr: Any) -> Any:
-        return hier.decomps[c].scatter(arr if root else None, (12,), dtype)
+        return part_lead(c, arr, 12)
 
     has_bp = comm.bcast(root and resume.b_prev is not None, root=0)
     frozen = comm.bcast(root and resume.frozen, root=0)
@@ -547,9 +578,16 @@ def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:
     a0 = part(i, resume.a if root else None)
     b0 = part(i, resume.b if root else None)
     bp = part(i, resume.b_prev if root else None) if has_bp else None
-    meta = (resume.iteration, resume.best, resume.delta0) if root else None
-    it0, best0, d0 = comm.bcast(meta, root=0)
-    return checkpoint.State(i, it0, a0, b0, bp, best0, d0, frozen=frozen)
+    meta = (resume.iteration, resume.best, resume.delta0, resume.history_count) if root else None
+    it0, best0, d0, hcount = comm.bcast(meta, root=0)
+    hist = None
+    if hcount:
+        depth = comm.bcast(len(resume.history[0]) if root else None, root=0)
+        m, s = resume.history if root else (None, None)
+        hist = (part_lead(i, m, depth), part_lead(i, s, depth))
+    return checkpoint.State(
+        i, it0, a0, b0, bp, best0, d0, frozen=frozen, history=hist, history_count=hcount
+    )
 
 
 def _tuples(d: dict) -> dict:

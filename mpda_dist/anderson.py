@@ -1,0 +1,117 @@
+"""Anderson-type extrapolation of the means at a level's convergence checks.
+
+Between two checks a level runs ``check_every`` message-passing iterations and (with
+multigrid) one coarse-grid correction; the residual then falls by a roughly constant
+factor per check (about 0.5 at 256² with 10 % observations).  The residuals
+``s_j = D⁻¹(h − Q μ_j)`` are affine in the means, so the affine combination of the
+last ``depth + 1`` check means with the smallest residual,
+
+    μ̃ = μ₀ − Σᵢ γᵢ (μ₀ − μᵢ),   γ = argmin ‖s₀ − Σᵢ γᵢ (s₀ − sᵢ)‖,
+
+is known exactly from sums the check computes anyway (a ``depth × depth`` Gram matrix
+and ``depth`` products, carried in the check's one global reduction: no extra
+synchronisation).  The level then moves its mean to ``μ̃`` the way a coarse-grid
+correction moves it (its ``b`` messages shift, :func:`kernel.messages_from_mean`), and
+the correction starts from ``μ̃`` and its residual.  This is Anderson mixing of type II
+(DIIS) on the means; the fixed point, and so the answer, is unchanged.  With depth 2 it
+saves 25–35 % of the finest level's iterations (benchmarks/RESULTS.md §12).
+
+The history lives on the device as two ``(depth + 1, by, bx)`` stacks (one program per
+block shape, whatever the number of valid entries).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpda_dist import kernel
+
+Array = jax.Array
+MAX_COEFFICIENT = 5.0  # |γᵢ| above this: the history is nearly degenerate, start it afresh
+
+
+@jax.jit
+def _check(
+    means: Array, scaled: Array, mu: Array, frame: Array, op: kernel.Operator
+) -> tuple[Array, Array, Array]:
+    """Push ``μ`` and its scaled residual; local ``[Σ s₀², bad, FᵀF (row-major), Fᵀs₀]``
+    with ``Fᵢ = s₀ − sᵢ``."""
+    s0, sums = kernel.scaled_residual(mu, frame, op)
+    means = jnp.concatenate([mu[None], means[:-1]])
+    scaled = jnp.concatenate([s0[None], scaled[:-1]])
+    f = s0 - scaled[1:]
+    ftf = jnp.einsum("iyx,jyx->ij", f, f)
+    fts = jnp.einsum("iyx,yx->i", f, s0)
+    return means, scaled, jnp.concatenate([sums, ftf.ravel(), fts])
+
+
+@jax.jit
+def _mix(means: Array, scaled: Array, gamma: Array, diag: Array) -> tuple[Array, Array, Array]:
+    """The mixed mean, its (unscaled) residual ``h − Q μ̃`` and the move ``μ̃ − μ₀``."""
+    g = gamma.astype(means.dtype)
+    move = jnp.tensordot(g, means[1:] - means[0], 1)
+    s = scaled[0] - jnp.tensordot(g, scaled[0] - scaled[1:], 1)
+    return means[0] + move, s * diag, move
+
+
+class Extrapolation:
+    """The check history of one level on this rank (every rank keeps its own block)."""
+
+    def __init__(self, depth: int, shape: tuple[int, int], dtype: Any) -> None:
+        self.depth = depth
+        self.means = jnp.zeros((depth + 1, *shape), dtype)
+        self.scaled = jnp.zeros((depth + 1, *shape), dtype)
+        self.count = 0  # valid history entries, the newest included
+        self.applied = 0  # extrapolations made
+
+    @property
+    def extra(self) -> int:
+        """Values this level adds to the check's reduction."""
+        return self.depth * self.depth + self.depth
+
+    def restore(self, means: Any, scaled: Any, count: int) -> None:
+        """Continue a checkpointed history (ignored when its depth differs)."""
+        if means.shape != self.means.shape:
+            return
+        self.means = jnp.asarray(means, self.means.dtype)
+        self.scaled = jnp.asarray(scaled, self.scaled.dtype)
+        self.count = count
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def check(self, mu: Array, frame: Array, op: kernel.Operator) -> np.ndarray:
+        """Record this check's mean; local sums ``[Σ s₀², bad, extra…]`` (float64)."""
+        self.means, self.scaled, sums = _check(self.means, self.scaled, mu, frame, op)
+        self.count = min(self.count + 1, self.depth + 1)
+        return np.asarray(sums, np.float64)
+
+    def coefficients(self, extra: np.ndarray) -> np.ndarray | None:
+        """``γ`` from the globally summed ``extra`` sums of :meth:`check`; None when
+        there is no history yet or the system is degenerate (then the history
+        restarts)."""
+        m = self.count - 1
+        if m < 1:
+            return None
+        d = self.depth
+        ftf = np.asarray(extra[: d * d]).reshape(d, d)[:m, :m]
+        fts = np.asarray(extra[d * d : d * d + d])[:m]
+        if not (np.all(np.isfinite(ftf)) and np.all(np.isfinite(fts))):
+            self.reset()
+            return None
+        gamma = np.linalg.lstsq(ftf, fts, rcond=1e-6)[0]
+        if not np.all(np.isfinite(gamma)) or np.max(np.abs(gamma)) > MAX_COEFFICIENT:
+            self.count = 1  # keep the newest entry only
+            return None
+        full = np.zeros(d)
+        full[:m] = gamma
+        return full
+
+    def mix(self, gamma: np.ndarray, diag: Array) -> tuple[Array, Array, Array]:
+        """``(μ̃, h − Q μ̃, μ̃ − μ₀)`` for the coefficients of :meth:`coefficients`."""
+        self.applied += 1
+        return _mix(self.means, self.scaled, jnp.asarray(gamma, self.means.dtype), diag)
