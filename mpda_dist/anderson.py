@@ -22,6 +22,7 @@ block shape, whatever the number of valid entries).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -66,16 +67,17 @@ class Extrapolation:
         self.means = jnp.zeros((depth + 1, *shape), dtype)
         self.scaled = jnp.zeros((depth + 1, *shape), dtype)
         self.count = 0  # valid history entries, the newest included
-        self.applied = 0  # extrapolations made
+        self.last = math.inf  # the residual at the previous check
 
     @property
     def extra(self) -> int:
         """Values this level adds to the check's reduction."""
         return self.depth * self.depth + self.depth
 
-    def restore(self, means: Any, scaled: Any, count: int) -> None:
+    def restore(self, means: Any, scaled: Any, count: int, last: float) -> None:
         """Continue a checkpointed history (ignored when its depth differs)."""
-        if means.shape != self.means.shape:
+        self.last = last
+        if means is None or means.shape != self.means.shape:
             return
         self.means = jnp.asarray(means, self.means.dtype)
         self.scaled = jnp.asarray(scaled, self.scaled.dtype)
@@ -90,10 +92,17 @@ class Extrapolation:
         self.count = min(self.count + 1, self.depth + 1)
         return np.asarray(sums, np.float64)
 
-    def coefficients(self, extra: np.ndarray) -> np.ndarray | None:
+    def coefficients(self, extra: np.ndarray, residual: float) -> np.ndarray | None:
         """``γ`` from the globally summed ``extra`` sums of :meth:`check`; None when
-        there is no history yet or the system is degenerate (then the history
-        restarts)."""
+        there is no history yet, when the ``residual`` (the stopping rule's) did not
+        fall since the last check or the system is degenerate: then the history
+        restarts from this check.  The check-to-check map is not a function of the mean alone (the
+        messages carry more), so a mix can overshoot; near a rounding floor the
+        residual would then grow by a constant factor per check.  The restart stops
+        that."""
+        if not residual < self.last:
+            self.count = min(self.count, 1)
+        self.last = residual
         m = self.count - 1
         if m < 1:
             return None
@@ -113,5 +122,4 @@ class Extrapolation:
 
     def mix(self, gamma: np.ndarray, diag: Array) -> tuple[Array, Array, Array]:
         """``(μ̃, h − Q μ̃, μ̃ − μ₀)`` for the coefficients of :meth:`coefficients`."""
-        self.applied += 1
         return _mix(self.means, self.scaled, jnp.asarray(gamma, self.means.dtype), diag)

@@ -75,6 +75,7 @@ class State:
     # check means and scaled residuals, and how many entries are valid (0: none).
     history: tuple[np.ndarray, np.ndarray] | None = None
     history_count: int = 0
+    history_last: float = math.inf  # the residual at the last check (restarts the history)
 
 
 def write(path: str, state: State, config_text: str) -> None:
@@ -92,6 +93,7 @@ def write(path: str, state: State, config_text: str) -> None:
             f["b_prev"] = state.b_prev
         f.attrs["levels"] = state.levels
         f.attrs["frozen"] = int(state.frozen)
+        f.attrs["history_last"] = state.history_last
         if state.history is not None:
             f["history/means"], f["history/scaled"] = state.history
             f.attrs["history_count"] = state.history_count
@@ -128,6 +130,7 @@ def read(path: str) -> State:
                     (f["history/means"][...], f["history/scaled"][...]) if "history" in f else None
                 ),
                 history_count=int(f.attrs.get("history_count", 0)),
+                history_last=float(f.attrs.get("history_last", math.inf)),
             )
     except (OSError, KeyError, ValueError) as exc:
         if isinstance(exc, io.InputError):

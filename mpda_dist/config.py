@@ -207,7 +207,7 @@ class SolverConfig(Section):
     momentum: float = opt(0.5, ge=0.0, lt=1.0)
     stopping: Literal["residual", "delta"] = "residual"
     tol: float | None = opt(None, gt=0.0)
-    check_every: int = opt(20, ge=1)
+    check_every: int = opt(10, ge=1)
     # Anderson mixing of the last `anderson` + 1 check means (mpda_dist/anderson.py).
     anderson: int = opt(2, ge=0)
     max_iterations: int = opt(10000, ge=1)

@@ -43,7 +43,7 @@ class Settings:
     momentum: float = 0.0
     stopping: str = "residual"
     tol: float = 1e-5
-    check_every: int = 20
+    check_every: int = 10
     max_iterations: int = 10000
     dtype: str = "float32"
     mode: str = "async"
@@ -188,8 +188,8 @@ def solve_level(
     it, best, delta0 = 0, math.inf, None
     dmin, stall, since_best = math.inf, 0, 0
     acc = anderson.Extrapolation(s.anderson, (by, bx), npdt) if s.anderson else None
-    if acc is not None and start is not None and start.history is not None:
-        acc.restore(*start.history, start.history_count)
+    if acc is not None and start is not None:
+        acc.restore(*(start.history or (None, None)), start.history_count, start.history_last)
     if start is not None:
         it, best, delta0 = start.iteration, start.best, start.delta0
     last_beat = time.perf_counter()
@@ -276,7 +276,7 @@ def solve_level(
         # had moved by it.
         tc = time.perf_counter()
         move, x, r = None, mu, None
-        gamma = acc.coefficients(tot[6:]) if acc is not None else None
+        gamma = acc.coefficients(tot[6:], rel) if acc is not None else None
         if gamma is not None:
             x, r, move = acc.mix(gamma, op.diag)
             res.extrapolations += 1
@@ -546,7 +546,7 @@ def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0, froze
         done = [r.summary() for r in results]
         state = checkpoint.State(
             i, it, ga, gb, gp, best, delta0, done, coarse, len(hier.levels), frozen,
-            hist, acc.count if hist is not None else 0,
+            hist, acc.count if hist is not None else 0, acc.last if acc is not None else math.inf,
         )  # fmt: skip
         checkpoint.write(path, state, config_text)
         log.info("checkpoint: level %d, iteration %d -> %s", i + 1, it, path)
@@ -578,16 +578,25 @@ def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:
     a0 = part(i, resume.a if root else None)
     b0 = part(i, resume.b if root else None)
     bp = part(i, resume.b_prev if root else None) if has_bp else None
-    meta = (resume.iteration, resume.best, resume.delta0, resume.history_count) if root else None
-    it0, best0, d0, hcount = comm.bcast(meta, root=0)
+    meta = None
+    if root:
+        meta = (
+            resume.iteration,
+            resume.best,
+            resume.delta0,
+            resume.history_count,
+            resume.history_last,
+        )
+    it0, best0, d0, hcount, hlast = comm.bcast(meta, root=0)
     hist = None
     if hcount:
         depth = comm.bcast(len(resume.history[0]) if root else None, root=0)
         m, s = resume.history if root else (None, None)
         hist = (part_lead(i, m, depth), part_lead(i, s, depth))
     return checkpoint.State(
-        i, it0, a0, b0, bp, best0, d0, frozen=frozen, history=hist, history_count=hcount
-    )
+        i, it0, a0, b0, bp, best0, d0, frozen=frozen, history=hist, history_count=hcount,
+        history_last=hlast,
+    )  # fmt: skip
 
 
 def _tuples(d: dict) -> dict:

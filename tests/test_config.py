@@ -49,7 +49,7 @@ def test_dataclass_defaults() -> None:
         "residual",
         "float32",
     )
-    assert (s.tol, s.check_every, s.max_iterations) == (None, 20, 10000)
+    assert (s.tol, s.check_every, s.max_iterations) == (None, 10, 10000)
     assert (s.multigrid.min_size, s.multigrid.enabled) == (32, True)
     assert (s.exchange.mode, s.exchange.every, s.exchange.max_staleness) == ("async", 1, 1)
     assert cfg.decomposition == DecompositionConfig("auto")
