@@ -9,7 +9,7 @@ and truth (seed ``0 … truths−1``): the bundled demo problem (Matérn prior �
 * ``amg_cg``      CG + smoothed-aggregation AMG V-cycle (pyamg), float64, rank 0;
 * ``cg``          Jacobi-preconditioned CG, distributed (mpda_dist.krylov);
 * ``3dvar``       3D-Var by L-BFGS (memory 10, Jacobi-scaled), distributed;
-* ``mp_delta``    MP with the paper's δ rule (every 50 iterations, δ ≤ 1e-4 δ₀);
+* ``mp_delta``    MP with the paper's δ rule (δ ≤ 1e-4 δ₀, every ``check_every`` iterations);
 * ``mp_residual`` MP with the residual rule;
 
 all at ``--dtype`` (float32) except where noted, every iterative method stopping on the
