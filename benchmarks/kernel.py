@@ -6,8 +6,10 @@ rule (``delta=False``).
 One block on a 1 × 1 process grid: the halo is the constant domain-edge payload from
 ``message_layout(by, bx).fill_segment`` (what the solver uses when a block has no
 neighbour).  The operator is the real posterior stencil (Matérn prior, 5 % point
-observations) of a grid whose interior is the block.  Momentum is off (``momentum=0``,
-a zero-size ``b_prev`` as the solver passes).
+observations) of a grid whose interior is the block.  ``--momentum`` (default 0: a
+zero-size ``b_prev``, as the solver passes without momentum; the solver's default is
+0.5) adds the heavy-ball term and a full-size ``b_prev``, read once per iteration: 12
+more values per node in the floor.
 
 Bytes per iteration (DESIGN §2): per node, 24 message values read (a, b: 12 slots each),
 24 written, 12 weights and 2 scalars (diag, rhs) read:
@@ -83,11 +85,13 @@ def bench_size(
     quiet: float = 0.0,
     frozen: bool = False,
     form: str = "strips",
+    momentum: float = 0.0,
 ) -> dict:
     """Per-iteration time of the coupled update (``kernel.iterate``) or, with
     ``frozen``, of the b-only update (``kernel.iterate_b``, gains from 60 coupled
     iterations' ``a``), on an ``n × n`` block."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from mpda_dist import kernel
@@ -103,7 +107,9 @@ def bench_size(
         a, b, bp, _, _ = kernel.iterate(a, b, bp, op, halo, p, n=60, momentum=0.0)
         fn, args = kernel.update_call(a, b, bp, kernel.gains(a, op, halo, p), op, halo, p)
     # delta=False: the program the solver runs with the residual rule (the default)
-    compile_s, step = C.compile_timed(fn, *args, n=iters, momentum=0.0, delta=False, form=form)
+    if momentum:
+        args = (*args[:2], jnp.array(args[1]), *args[3:])
+    compile_s, step = C.compile_timed(fn, *args, n=iters, momentum=momentum, delta=False, form=form)
     # one untimed call: first-touch page faults and thread-pool start-up
     a, b, bp, out, d = C.block(step(*args))
     rest = args[3:]
@@ -118,11 +124,13 @@ def bench_size(
         raise RuntimeError(f"{n}²: the iteration produced non-finite values")
     s = C.summary(per_iter)
     itemsize = np.dtype(dtype).itemsize
-    nbytes = (VALUES_FROZEN if frozen else VALUES_PER_NODE) * itemsize * n * n
+    values = (VALUES_FROZEN if frozen else VALUES_PER_NODE) + (12 if momentum else 0)
+    nbytes = values * itemsize * n * n
     return {
         "size": f"{n}x{n}",
         "kernel": "frozen a (iterate_b)" if frozen else "coupled (iterate)",
         "form": form,
+        "momentum": momentum,
         "nodes": n * n,
         "dtype": dtype,
         "iters_per_call": iters,
@@ -157,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=5, help="timed calls per size (median; default 5)"
     )
     ap.add_argument("--c", type=float, default=10.0)
+    ap.add_argument(
+        "--momentum", type=float, default=0.0, help="heavy-ball term (0: off; the solver's 0.5)"
+    )
     ap.add_argument("--damping", type=float, default=0.6)
     ap.add_argument(
         "--triad-mib",
@@ -211,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.wait_quiet,
                 frozen,
                 form,
+                args.momentum,
             )
             r["ratio_vs_numpy_triad"] = r["achieved_gbs"] / bw["triad_gbs"]
             r["time_over_floor"] = 1.0 / r["ratio_vs_numpy_triad"]

@@ -108,3 +108,27 @@ def test_border_form_from_the_environment(monkeypatch):
         kernel.default_form()
     monkeypatch.delenv(kernel.FORM_ENV)
     assert kernel.default_form() == ("strips" if jax.default_backend() == "cpu" else "pads")
+
+
+@pytest.mark.parametrize("n", [4, 5])
+@pytest.mark.parametrize("delta", [False, True])
+def test_frozen_loop_in_pairs_equals_single_steps(n, delta):
+    """With momentum the frozen loop runs two updates per body (odd ``n``: one more
+    after it); the result equals ``n`` calls of one update each."""
+    p = kernel.Params(10.0, 0.6)
+    with jax.enable_x64(True):
+        op, halo, (a, b, bp) = _block(7, 9, seed=5)
+        g = kernel.gains(jnp.abs(a) + 1.0, op, halo, p)
+        whole = kernel.iterate_b(
+            a, jnp.array(b), jnp.array(bp), g, op, halo, p, n=n, momentum=0.5, delta=delta
+        )
+        b1, bp1 = jnp.array(b), jnp.array(bp)
+        for _ in range(n):
+            last = jnp.array(b1)  # b and b_prev are donated
+            _, b1, bp1, _, _ = kernel.iterate_b(
+                a, b1, bp1, g, op, halo, p, n=1, momentum=0.5, delta=False
+            )
+        _close(whole[1], b1)
+        _close(whole[2], bp1)
+        if delta:  # the change of the last update
+            _close(whole[4][1], jnp.sum(jnp.abs(b1 - last)))
