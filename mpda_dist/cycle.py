@@ -39,6 +39,7 @@ from mpda_dist.exchange import HaloExchange
 from mpda_dist.halo import field_layout, message_layout
 from mpda_dist.multigrid import AxisMap, Level, axis_map, coarse_cuts, sphere_odd_cells
 from mpda_dist.observations import NodeObservations
+from mpda_dist.programs import Programs
 from mpda_dist.stencil import build
 
 Array = jax.Array
@@ -189,7 +190,8 @@ class Smoother:
     bp: Array | None = None
     g: Array | None = None  # gains of the frozen a (kernel.gains), or None: coupled update
     iterations: int = 0  # run inside corrections
-    compiled: dict = field(default_factory=dict)
+    programs: Programs = field(default_factory=Programs)  # shared with the level's solve
+    chunk: int = 0  # iterations per call without neighbours (the level solve's; 0: all)
 
     def __post_init__(self) -> None:
         self.mex = HaloExchange(
@@ -206,12 +208,13 @@ class Smoother:
     def smooth(self, n: int, op: kernel.Operator) -> None:
         """``n`` iterations on ``op`` (synchronous exchange every iteration)."""
         halo = self.cavities(op)
-        chunk = 1 if self.decomp.has_neighbours else n
+        chunk = 1 if self.decomp.has_neighbours else (self.chunk or n)
         done = 0
         while done < n:
             k = min(chunk, n - done)
             fn, args = kernel.update_call(self.a, self.b, self.bp, self.g, op, halo, self.params)
-            self.a, self.b, self.bp, out, _ = fn(*args, n=k, momentum=self.momentum, delta=False)
+            step = self.programs(fn, *args, n=k, momentum=self.momentum, delta=False)
+            self.a, self.b, self.bp, out, _ = step(*args)
             done += k
             if self.decomp.has_neighbours and done < n:
                 halo = jnp.asarray(self.mex.exchange(np.asarray(out)))
@@ -300,8 +303,9 @@ class Hierarchy:
                     self.levels[0].ny,
                 )
             self.coarse = ExactCoarse(self.decomps[0], self.ops[0], self.levels[0].periodic_x)
+        self.programs = Programs()  # every level's, and its visits in corrections
         self.smoothers = [
-            Smoother(d, op, params, momentum, self.dtype, 3000 + 100 * i)
+            Smoother(d, op, params, momentum, self.dtype, 3000 + 100 * i, programs=self.programs)
             for i, (d, op) in enumerate(zip(self.decomps, self.ops, strict=True))
         ]
 

@@ -40,6 +40,7 @@ from mpda_dist import kernel
 from mpda_dist.decomposition import Decomposition, auto_grid, check_grid
 from mpda_dist.exchange import HaloExchange, allreduce_sum
 from mpda_dist.halo import field_layout
+from mpda_dist.programs import Programs
 from mpda_dist.solver import CAPPED, CONVERGED, DIVERGED, LevelResult
 
 log = logging.getLogger("mpda_dist")
@@ -66,22 +67,6 @@ class KrylovSettings:
     heartbeat_seconds: float = 10.0
 
 
-class _Compiled:
-    """Ahead-of-time compiled functions, so compile time is measured apart from solving."""
-
-    def __init__(self) -> None:
-        self.cache: dict[Any, Any] = {}
-        self.seconds = 0.0
-
-    def __call__(self, fn: Any, *args: Any) -> Any:
-        key = (fn, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
-        if key not in self.cache:
-            t0 = time.perf_counter()
-            self.cache[key] = fn.lower(*args).compile()
-            self.seconds += time.perf_counter() - t0
-        return self.cache[key]
-
-
 class _Block:
     """This rank's share of the work: halo rounds and global sums, counted and timed."""
 
@@ -92,7 +77,7 @@ class _Block:
         self.neighbours = decomp.has_neighbours
         self.fex = HaloExchange(decomp, field_layout(by, bx), np.dtype(dtype), tag=400)
         self.edge = jnp.asarray(self.fex.edge)
-        self.jit = _Compiled()
+        self.jit = Programs()
         self.reductions = 0
         self.exchanges = 0
         self.reduce_seconds = 0.0

@@ -24,6 +24,7 @@ from mpda_dist.exchange import HaloExchange, allreduce_max, allreduce_sum
 from mpda_dist.halo import field_layout, message_layout
 from mpda_dist.multigrid import Level
 from mpda_dist.observations import NodeObservations
+from mpda_dist.programs import Programs
 
 log = logging.getLogger("mpda_dist")
 
@@ -108,22 +109,6 @@ class SolveResult:
         return self.levels[-1].status
 
 
-class _Compiled:
-    """Ahead-of-time compiled kernels, so compile time is measured apart from solving."""
-
-    def __init__(self) -> None:
-        self.cache: dict[Any, Any] = {}
-        self.seconds = 0.0
-
-    def __call__(self, fn: Any, key: Any, *args: Any, **static: Any) -> Any:
-        k = (fn, key, tuple(sorted(static.items())))
-        if k not in self.cache:
-            t0 = time.perf_counter()
-            self.cache[k] = fn.lower(*args, **static).compile()
-            self.seconds += time.perf_counter() - t0
-        return self.cache[k]
-
-
 def solve_level(
     decomp: Decomposition,
     op: kernel.Operator,
@@ -135,6 +120,7 @@ def solve_level(
     saver: Callable[..., None] | None = None,
     requests: Any = None,
     correct: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    programs: Programs | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Iterate one level to its stopping rule; updates ``res`` in place.
 
@@ -143,6 +129,8 @@ def solve_level(
     global reduction says a checkpoint is due (``requests``: this rank's triggers).
     ``correct(mean, residual)`` (multigrid, :mod:`mpda_dist.cycle`) returns a field to
     add to the mean at every check that does not stop: the ``b`` messages shift by it.
+    ``programs``: the compiled programs shared with the other levels (None: this
+    level's own).
     Returns ``a, b`` and ``b_prev``.
     """
     comm = decomp.comm
@@ -170,14 +158,15 @@ def solve_level(
     pending = 0 if s.mode == "sync" else s.max_staleness
     halo = jnp.asarray(mex.edge)
     frame_edge = jnp.asarray(fex.edge)
-    jit = _Compiled()
+    jit = programs if programs is not None else Programs()
+    compiled_before = jit.seconds
     bp = b.copy() if s.momentum else jnp.zeros((0,), b.dtype)
     if start is not None and start.b_prev is not None and s.momentum:
         bp = jnp.asarray(start.b_prev)
 
     t_start = time.perf_counter()
     if neighbours:
-        init = jit(kernel.initial_cavities, "init", a, b, op, p)
+        init = jit(kernel.initial_cavities, a, b, op, p)
         halo = jnp.asarray(mex.exchange(np.asarray(init(a, b, op, p))))
     g = None
     if s.freeze_precisions:
@@ -200,7 +189,7 @@ def solve_level(
             res.status = CAPPED
             break
         fn, args = kernel.update_call(a, b, bp, g, op, halo, p)
-        step = jit(fn, n, *args, n=n, momentum=s.momentum, delta=s.stopping == "delta")
+        step = jit(fn, *args, n=n, momentum=s.momentum, delta=s.stopping == "delta")
         t0 = time.perf_counter()
         a, b, bp, out, d = step(*args)
         it += n
@@ -215,12 +204,12 @@ def solve_level(
         if it % check and it < s.max_iterations:
             continue
         t0 = time.perf_counter()
-        mean = jit(kernel.marginal_mean, "mean", a, b, op, p)
+        mean = jit(kernel.marginal_mean, a, b, op, p)
         mu, frame_out = mean(a, b, op, p)
         frame = jnp.asarray(fex.exchange(np.asarray(frame_out))) if neighbours else frame_edge
         flags = requests.flags(decomp.rank == 0) if requests is not None else (0.0, 0.0)
         if acc is None:
-            sums = np.asarray(jit(kernel.residual_sq, "rsq", mu, frame, op)(mu, frame, op))
+            sums = np.asarray(jit(kernel.residual_sq, mu, frame, op)(mu, frame, op))
         else:
             sums = acc.check(mu, frame, op)
         # [Σ s², bad, δ_a, δ_b, checkpoint, stop, the extrapolation's sums…]
@@ -313,8 +302,8 @@ def solve_level(
     mex.drain()
     res.exchange_seconds = mex.wait_seconds + fex.wait_seconds
     res.bytes_sent = mex.bytes_sent
-    res.compile_seconds = jit.seconds
-    res.solve_seconds = time.perf_counter() - t_start - jit.seconds
+    res.compile_seconds = jit.seconds - compiled_before
+    res.solve_seconds = time.perf_counter() - t_start - res.compile_seconds
     return a, b, bp, g
 
 
@@ -326,7 +315,7 @@ def _freeze(
     b: jax.Array,
     halo: jax.Array,
     p: kernel.Params,
-    jit: _Compiled,
+    jit: Programs,
     already: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, int]:
     """Iterate ``a`` alone (synchronous exchange every ``n`` iterations) until no rank's
@@ -340,7 +329,7 @@ def _freeze(
     tol = n * 16 * float(jnp.finfo(a.dtype).eps)
     its = 0
     while not already:
-        step = jit(kernel.iterate_a, ("a", n), a, b, op, halo, p, n=n)
+        step = jit(kernel.iterate_a, a, b, op, halo, p, n=n)
         a, out, change = step(a, b, op, halo, p)
         its += n
         if decomp.has_neighbours:
@@ -349,7 +338,7 @@ def _freeze(
             break
         if its >= FREEZE_CAP:
             return a, halo, None, its
-    g = jit(kernel.gains, "gains", a, op, halo, p)(a, op, halo, p)
+    g = jit(kernel.gains, a, op, halo, p)(a, op, halo, p)
     return a, halo, g, its
 
 
@@ -391,6 +380,8 @@ def solve(
     p = kernel.Params(s.c, s.damping)
     t0 = time.perf_counter()
     hier = Hierarchy(comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype)
+    for sm in hier.smoothers:  # coarse visits run the level solves' compiled calls
+        sm.chunk = s.check_every
     setup = time.perf_counter() - t0
     nlev = len(hier.levels)
     resume_level = comm.bcast(resume.level if resume is not None else 0, root=0)
@@ -480,6 +471,7 @@ def solve(
             saver=saver,
             requests=requests,
             correct=correct,
+            programs=hier.programs,
         )
         sm.a, sm.b, sm.bp, sm.g = a, b, (bp if s.momentum else jnp.zeros((0,), dtype)), g
         mean = sm.mean(op)
