@@ -10,7 +10,9 @@
 Stages:
   kernel  per-iteration time of ``kernel.iterate`` and ``iterate_b`` (one block, constant
           edge halo, momentum off, float32), each border form (``strips``, ``pads``), at
-          1024², 2048², 4096²; bytes/iter = 62·4·N, frozen 37·4·N (DESIGN §2)
+          1024², 2048², 4096²; bytes/iter = 62·4·N, frozen 37·4·N (DESIGN §2); and the
+          frozen update with the solver's momentum 0.5 in the device's default form
+          (49·4·N: ``b_prev`` is read too)
           → achieved GB/s, ratio to the 3.0 TB/s floor (DESIGN §2) and to a jitted
           device triad measured here.
   exact   the exact sparse solve (scipy, float64) of a 1024² problem on the host CPU;
@@ -218,6 +220,7 @@ def stage_kernel(args) -> None:
     import kernel as kb  # benchmarks/kernel.py
 
     from mpda_dist.kernel import FORMS
+    from mpda_dist.kernel import default_form as kernel_default_form
 
     warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
     try:
@@ -239,11 +242,16 @@ def stage_kernel(args) -> None:
     # Both border forms (mpda_dist.kernel.FORMS): the solver's default on a GPU is
     # "pads"; "strips" is ~2x faster on a CPU and not yet measured on a GPU.
     sizes = pick("kernel", args.quick)
-    for n, frozen, form in [(n, f, m) for n in sizes for f in (False, True) for m in FORMS]:
-        r = kb.bench_size(n, "float32", iters, reps, 10.0, 0.6, frozen=frozen, form=form)
+    cases = [(n, f, m, 0.0) for n in sizes for f in (False, True) for m in FORMS]
+    cases += [(n, True, kernel_default_form(), 0.5) for n in sizes]
+    for n, frozen, form, mom in cases:
+        r = kb.bench_size(
+            n, "float32", iters, reps, 10.0, 0.6, frozen=frozen, form=form, momentum=mom
+        )
         t = r["t_iter_median_ms"] / 1e3
         floor_t = r["mb_per_iter"] * 1e6 / FLOOR_BPS
         case = f"{n}x{n}" + (" frozen-a" if frozen else "") + f" {form}"
+        case += f" m{mom}" if mom else ""
         sink.add(
             [
                 ("kernel", case, "compile", r["compile_s"], "s"),
