@@ -226,10 +226,9 @@ class Smoother:
     def shift(self, e: Array, op: kernel.Operator) -> None:
         """Move every sender's cavity mean by ``e`` (also in ``b_prev``, so the momentum
         term does not see the jump)."""
-        db = kernel.messages_from_mean(e, self.frames.of(e), op, self.params.c)
-        self.b = self.b + db
-        if self.momentum:
-            self.bp = self.bp + db
+        self.b, self.bp = kernel.shift_messages(
+            self.b, self.bp, e, self.frames.of(e), op, self.params.c
+        )
 
 
 class Hierarchy:

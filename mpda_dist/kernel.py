@@ -522,6 +522,18 @@ def messages_from_mean(m: Array, frame_flat: Array, op: Operator, c: float) -> A
     )
 
 
+@partial(jax.jit, donate_argnums=(0, 1))
+def shift_messages(
+    b: Array, b_prev: Array, m: Array, frame_flat: Array, op: Operator, c: float
+) -> tuple[Array, Array]:
+    """``b`` and ``b_prev`` moved as if every sender's cavity mean moved by the field
+    ``m`` (a coarse-grid correction, an extrapolation): both shift by
+    :func:`messages_from_mean` of ``m``, so the momentum term does not see the jump.
+    A zero-size ``b_prev`` (no momentum) stays as it is.  One pass, in place."""
+    db = messages_from_mean(m, frame_flat, op, c)
+    return b + db, (b_prev + db if b_prev.size else b_prev)
+
+
 @jax.jit
 def residual(x: Array, frame_flat: Array, op: Operator) -> Array:
     """``h − Q x`` on the block."""

@@ -280,10 +280,7 @@ def solve_level(
                 if neighbours
                 else frame_edge
             )
-            db = kernel.messages_from_mean(move, ef, op, s.c)
-            b = b + db
-            if s.momentum:
-                bp = bp + db
+            b, bp = kernel.shift_messages(b, bp, move, ef, op, s.c)
             if neighbours:
                 halo = jnp.asarray(mex.exchange(np.asarray(init(a, b, op, p))))
         if correct is not None:
