@@ -79,8 +79,8 @@ class Extrapolation:
         self.last = last
         if means is None or means.shape != self.means.shape:
             return
-        self.means = jnp.asarray(means, self.means.dtype)
-        self.scaled = jnp.asarray(scaled, self.scaled.dtype)
+        self.means = jax.device_put(np.asarray(means, self.means.dtype))
+        self.scaled = jax.device_put(np.asarray(scaled, self.scaled.dtype))
         self.count = count
 
     def reset(self) -> None:
@@ -122,4 +122,6 @@ class Extrapolation:
 
     def mix(self, gamma: np.ndarray, diag: Array) -> tuple[Array, Array, Array]:
         """``(μ̃, h − Q μ̃, μ̃ − μ₀)`` for the coefficients of :meth:`coefficients`."""
-        return _mix(self.means, self.scaled, jnp.asarray(gamma, self.means.dtype), diag)
+        return _mix(
+            self.means, self.scaled, jax.device_put(np.asarray(gamma, self.means.dtype)), diag
+        )

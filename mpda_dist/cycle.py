@@ -109,7 +109,7 @@ _copy_up_jit = jax.jit(lambda c, iy, ix, w: c[..., iy, :][..., ix] * (w != 0))
 
 def _device(v: Any, dtype: Any) -> Array:
     """``v`` on the device as ``dtype``, converted on the host (no device program)."""
-    return jnp.asarray(np.asarray(v, dtype))
+    return jax.device_put(np.asarray(v, dtype))
 
 
 _restrict_jit = jax.jit(lambda v, frame, ry, rx: _restrict(kernel.framed(v, frame, 2), ry, rx))
@@ -135,12 +135,13 @@ class Frames:
 
     def __post_init__(self) -> None:
         self.ex = HaloExchange(self.decomp, field_layout(*self.decomp.shape), self.dtype, self.tag)
+        self.edge = jax.device_put(self.ex.edge)
 
     def of(self, x: Array) -> Array:
         """The frame of ``x`` (flat, as :func:`kernel.framed` takes it)."""
         if not self.decomp.has_neighbours:
-            return jnp.asarray(self.ex.edge)
-        return jnp.asarray(self.ex.exchange(np.asarray(kernel.pack_frame(x))))
+            return self.edge
+        return jax.device_put(self.ex.exchange(np.asarray(kernel.pack_frame(x))))
 
     def framed(self, x: Array) -> Array:
         return _framed(x, self.of(x))
@@ -172,7 +173,7 @@ class ExactCoarse:
             x = self.lu.solve(whole.ravel()).reshape(whole.shape)
         out = self.decomp.scatter(x, (), rhs.dtype)
         self.seconds += time.perf_counter() - t0
-        return jnp.asarray(out)
+        return jax.device_put(out)
 
 
 @dataclass
@@ -198,12 +199,13 @@ class Smoother:
             self.decomp, message_layout(*self.decomp.shape), self.dtype, self.tag
         )
         self.frames = Frames(self.decomp, self.dtype, self.tag + 20)
+        self.edge = jax.device_put(self.mex.edge)
 
     def cavities(self, op: kernel.Operator) -> Array:
         if not self.decomp.has_neighbours:
-            return jnp.asarray(self.mex.edge)
+            return self.edge
         out = kernel.initial_cavities(self.a, self.b, op, self.params)
-        return jnp.asarray(self.mex.exchange(np.asarray(out)))
+        return jax.device_put(self.mex.exchange(np.asarray(out)))
 
     def smooth(self, n: int, op: kernel.Operator) -> None:
         """``n`` iterations on ``op`` (synchronous exchange every iteration)."""
@@ -217,7 +219,7 @@ class Smoother:
             self.a, self.b, self.bp, out, _ = step(*args)
             done += k
             if self.decomp.has_neighbours and done < n:
-                halo = jnp.asarray(self.mex.exchange(np.asarray(out)))
+                halo = jax.device_put(self.mex.exchange(np.asarray(out)))
         self.iterations += n
 
     def mean(self, op: kernel.Operator) -> Array:

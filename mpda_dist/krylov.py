@@ -76,7 +76,7 @@ class _Block:
         self.rank = decomp.rank
         self.neighbours = decomp.has_neighbours
         self.fex = HaloExchange(decomp, field_layout(by, bx), np.dtype(dtype), tag=400)
-        self.edge = jnp.asarray(self.fex.edge)
+        self.edge = jax.device_put(self.fex.edge)
         self.jit = Programs()
         self.reductions = 0
         self.exchanges = 0
@@ -88,7 +88,7 @@ class _Block:
         self.exchanges += 1
         if not self.neighbours:
             return self.edge
-        return jnp.asarray(self.fex.exchange(np.asarray(packed)))
+        return jax.device_put(self.fex.exchange(np.asarray(packed)))
 
     def allreduce(self, local: jax.Array) -> np.ndarray:
         """Global float64 sums of a small vector of local partial sums."""
@@ -550,7 +550,9 @@ def solve(
     st = build(level, lengthscale, amplitude, lobs, *decomp.extent)
     dtype = jnp.dtype(s.dtype)
     op = jax.block_until_ready(
-        kernel.Operator(*(jnp.asarray(v, dtype) for v in (st.diag, st.weights, st.rhs)))
+        kernel.Operator(
+            *(jax.device_put(np.asarray(v, dtype)) for v in (st.diag, st.weights, st.rhs))
+        )
     )
     res = LevelResult((level.ny, level.nx), size, (grid[1], grid[0]), observations=len(lobs.iy))
     res.setup_seconds = float(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))

@@ -156,18 +156,18 @@ def solve_level(
     chunk = s.every if neighbours else s.check_every
     check = max(1, math.ceil(s.check_every / chunk)) * chunk
     pending = 0 if s.mode == "sync" else s.max_staleness
-    halo = jnp.asarray(mex.edge)
-    frame_edge = jnp.asarray(fex.edge)
+    halo = jax.device_put(mex.edge)
+    frame_edge = jax.device_put(fex.edge)
     jit = programs if programs is not None else Programs()
     compiled_before = jit.seconds
     bp = b.copy() if s.momentum else jnp.zeros((0,), b.dtype)
     if start is not None and start.b_prev is not None and s.momentum:
-        bp = jnp.asarray(start.b_prev)
+        bp = jax.device_put(start.b_prev)
 
     t_start = time.perf_counter()
     if neighbours:
         init = jit(kernel.initial_cavities, a, b, op, p)
-        halo = jnp.asarray(mex.exchange(np.asarray(init(a, b, op, p))))
+        halo = jax.device_put(mex.exchange(np.asarray(init(a, b, op, p))))
     g = None
     if s.freeze_precisions:
         done_before = start is not None and start.frozen
@@ -200,13 +200,13 @@ def solve_level(
             mex.post(out_host)
             new = mex.poll(pending)
             if new is not None:
-                halo = jnp.asarray(new)
+                halo = jax.device_put(new)
         if it % check and it < s.max_iterations:
             continue
         t0 = time.perf_counter()
         mean = jit(kernel.marginal_mean, a, b, op, p)
         mu, frame_out = mean(a, b, op, p)
-        frame = jnp.asarray(fex.exchange(np.asarray(frame_out))) if neighbours else frame_edge
+        frame = jax.device_put(fex.exchange(np.asarray(frame_out))) if neighbours else frame_edge
         flags = requests.flags(decomp.rank == 0) if requests is not None else (0.0, 0.0)
         if acc is None:
             sums = np.asarray(jit(kernel.residual_sq, mu, frame, op)(mu, frame, op))
@@ -276,13 +276,13 @@ def solve_level(
         if move is not None:
             mex.drain()
             ef = (
-                jnp.asarray(fex.exchange(np.asarray(kernel.pack_frame(move))))
+                jax.device_put(fex.exchange(np.asarray(kernel.pack_frame(move))))
                 if neighbours
                 else frame_edge
             )
             b, bp = kernel.shift_messages(b, bp, move, ef, op, s.c)
             if neighbours:
-                halo = jnp.asarray(mex.exchange(np.asarray(init(a, b, op, p))))
+                halo = jax.device_put(mex.exchange(np.asarray(init(a, b, op, p))))
         if correct is not None:
             res.corrections += 1
             res.correction_seconds += time.perf_counter() - tc
@@ -330,7 +330,7 @@ def _freeze(
         a, out, change = step(a, b, op, halo, p)
         its += n
         if decomp.has_neighbours:
-            halo = jnp.asarray(mex.exchange(np.asarray(out)))
+            halo = jax.device_put(mex.exchange(np.asarray(out)))
         if allreduce_max(decomp.comm, float(change)) <= tol:
             break
         if its >= FREEZE_CAP:
@@ -425,7 +425,7 @@ def solve(
         has_resume = comm.bcast(resume is not None, root=0) if i == resume_level else False
         if has_resume:
             start = _scatter_resume(hier, resume, i, dtype)
-            a0, b0 = jnp.asarray(start.a), jnp.asarray(start.b)
+            a0, b0 = jax.device_put(start.a), jax.device_put(start.b)
         elif i == 0:
             a0 = jnp.zeros((12,) + decomp.shape, dtype)
             b0 = jnp.full((12,) + decomp.shape, 1e-8, dtype)
@@ -560,8 +560,8 @@ def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:
     for c in range(1, i):
         sm = hier.smoothers[c]
         ca, cb, cp = resume.coarse[c - 1] if root else (None, None, None)
-        sm.a, sm.b = jnp.asarray(part(c, ca)), jnp.asarray(part(c, cb))
-        sm.bp = jnp.asarray(part(c, cp)) if has_bp else jnp.zeros((0,), dtype)
+        sm.a, sm.b = jax.device_put(part(c, ca)), jax.device_put(part(c, cb))
+        sm.bp = jax.device_put(part(c, cp)) if has_bp else jnp.zeros((0,), dtype)
         if frozen:  # the coarse levels froze a too (their own solves ran before this one)
             sm.g = kernel.gains(sm.a, sm.op, sm.cavities(sm.op), sm.params)
     a0 = part(i, resume.a if root else None)
