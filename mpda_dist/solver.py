@@ -501,13 +501,14 @@ def _log_level(rank: int, i: int, nlev: int, hier: Any, res: LevelResult) -> Non
         )
         return
     log.info(
-        "level %d/%d: %s after %d iterations, %d coarse corrections, residual %.3e "
-        "(solve %.2f s of which corrections %.2f s, compile %.2f s)",
+        "level %d/%d: %s after %d iterations, %d coarse corrections, %d Anderson mixes, "
+        "residual %.3e (solve %.2f s of which corrections %.2f s, compile %.2f s)",
         i + 1,
         nlev,
         res.status,
         res.iterations,
         res.corrections,
+        res.extrapolations,
         res.residual,
         res.solve_seconds,
         res.correction_seconds,
