@@ -30,12 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpda_dist import kernel
+from mpda_dist.programs import jit, zeros
 
 Array = jax.Array
 MAX_COEFFICIENT = 5.0  # |γᵢ| above this: the history is nearly degenerate, start it afresh
 
 
-@jax.jit
+@jit
 def _check(
     means: Array, scaled: Array, mu: Array, frame: Array, op: kernel.Operator
 ) -> tuple[Array, Array, Array]:
@@ -50,7 +51,7 @@ def _check(
     return means, scaled, jnp.concatenate([sums, ftf.ravel(), fts])
 
 
-@jax.jit
+@jit
 def _mix(means: Array, scaled: Array, gamma: Array, diag: Array) -> tuple[Array, Array, Array]:
     """The mixed mean, its (unscaled) residual ``h − Q μ̃`` and the move ``μ̃ − μ₀``."""
     g = gamma.astype(means.dtype)
@@ -64,8 +65,8 @@ class Extrapolation:
 
     def __init__(self, depth: int, shape: tuple[int, int], dtype: Any) -> None:
         self.depth = depth
-        self.means = jnp.zeros((depth + 1, *shape), dtype)
-        self.scaled = jnp.zeros((depth + 1, *shape), dtype)
+        self.means = zeros((depth + 1, *shape), dtype)
+        self.scaled = zeros((depth + 1, *shape), dtype)
         self.count = 0  # valid history entries, the newest included
         self.last = math.inf  # the residual at the previous check
 

@@ -39,7 +39,7 @@ from mpda_dist.exchange import HaloExchange
 from mpda_dist.halo import field_layout, message_layout
 from mpda_dist.multigrid import AxisMap, Level, axis_map, coarse_cuts, sphere_odd_cells
 from mpda_dist.observations import NodeObservations
-from mpda_dist.programs import Programs
+from mpda_dist.programs import Programs, jit, on_device, subtract, zeros
 from mpda_dist.stencil import build
 
 Array = jax.Array
@@ -103,19 +103,22 @@ def _prolong(f: Array, py: Any, wy: Any, px: Any, wx: Any) -> Array:
     return t[:, px[:, 0]] * wx[:, 0] + t[:, px[:, 1]] * wx[:, 1]
 
 
-_inject_jit = jax.jit(_inject)
-_copy_up_jit = jax.jit(lambda c, iy, ix, w: c[..., iy, :][..., ix] * (w != 0))
+_inject_jit = jit(_inject)
 
 
-def _device(v: Any, dtype: Any) -> Array:
-    """``v`` on the device as ``dtype``, converted on the host (no device program)."""
-    return jax.device_put(np.asarray(v, dtype))
+@jit
+def _copy_up_jit(c: Array, iy: Any, ix: Any, w: Array) -> Array:
+    return c[..., iy, :][..., ix] * (w != 0)
 
 
-_restrict_jit = jax.jit(lambda v, frame, ry, rx: _restrict(kernel.framed(v, frame, 2), ry, rx))
-_prolong_jit = jax.jit(
-    lambda v, frame, py, wy, px, wx: _prolong(kernel.framed(v, frame, 2), py, wy, px, wx)
-)
+@jit
+def _restrict_jit(v: Array, frame: Array, ry: Any, rx: Any) -> Array:
+    return _restrict(kernel.framed(v, frame, 2), ry, rx)
+
+
+@jit
+def _prolong_jit(v: Array, frame: Array, py: Any, wy: Any, px: Any, wx: Any) -> Array:
+    return _prolong(kernel.framed(v, frame, 2), py, wy, px, wx)
 
 
 def transfer(fine: Decomposition, coarse: Decomposition, level: Level) -> Transfer:
@@ -320,15 +323,15 @@ class Hierarchy:
         dt = self.dtype
         # dtype conversions and sums on the host: each device-side one is a separate
         # program to compile per level (~0.1 s each on a GPU).
-        ops = [kernel.Operator(*(_device(v, dt) for v in (full.diag, full.weights, full.rhs)))]
-        m, h = _device(mass, dt), ops[0].rhs
+        ops = [kernel.Operator(*(on_device(v, dt) for v in (full.diag, full.weights, full.rhs)))]
+        m, h = on_device(mass, dt), ops[0].rhs
         for i in range(len(self.levels) - 2, -1, -1):
             t, fr = self.transfers[i + 1], self.frames[i + 1]
             m, h = t.restrict_framed(m, fr.of(m)), t.restrict_framed(h, fr.of(h))
             lv, dc = self.levels[i], self.decomps[i]
             pr = build(lv, ell, amp, _no_obs(nodes), *dc.extent)
-            diag = _device(np.asarray(pr.diag, dt) + np.asarray(m), dt)
-            ops.append(kernel.Operator(diag, _device(pr.weights, dt), h))
+            diag = on_device(np.asarray(pr.diag, dt) + np.asarray(m), dt)
+            ops.append(kernel.Operator(diag, on_device(pr.weights, dt), h))
         return ops[::-1]
 
     def free(self) -> None:
@@ -352,7 +355,7 @@ class Hierarchy:
             sm.smooth(nu, op)
             u = sm.mean(op)
             sm.shift(self.correction(c, u, kernel.residual(u, self.frames[c].of(u), op), nu), op)
-            ec = sm.mean(op) - xc
+            ec = subtract(sm.mean(op), xc)
         return t.prolong_framed(ec, self.frames[i - 1].of(ec))
 
     def start(self, i: int, below: Array) -> tuple[Array, Array]:
@@ -363,16 +366,18 @@ class Hierarchy:
         m = t.prolong_framed(below, self.frames[i - 1].of(below))
         b = kernel.messages_from_mean(m, self.frames[i].of(m), op, self.smoothers[i].params.c)
         if i - 1 == 0:
-            a = jnp.zeros_like(b)
+            a = zeros(b.shape, b.dtype)
         else:
             a = t.copy_up_masked(self.smoothers[i - 1].a, op.weights)
         return a, b
 
 
-_framed = jax.jit(lambda x, frame: kernel.framed(x, frame, 2))
+@jit
+def _framed(x: Array, frame: Array) -> Array:
+    return kernel.framed(x, frame, 2)
 
 
-@jax.jit
+@jit
 def _fas_rhs(xc: Array, frame: Array, op: kernel.Operator, rc: Array) -> Array:
     """``Q_c x̂ + Pᵀ r``: the coarse right-hand side of the full-approximation scheme."""
     return kernel.apply_operator(xc, frame, op) + rc

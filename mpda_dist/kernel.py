@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -23,6 +22,7 @@ from jax import lax
 
 from mpda_dist._offsets import NSLOTS, OFFSETS, OPPOSITE
 from mpda_dist.halo import DIRECTIONS, Layout, Piece, field_layout, message_layout
+from mpda_dist.programs import jit
 
 Array = jax.Array
 
@@ -256,7 +256,7 @@ def _precision_term(op: Operator, p: Params):
     return term
 
 
-@partial(jax.jit, static_argnames=("n", "momentum", "delta", "form"), donate_argnums=(0, 1, 2))
+@jit(static_argnames=("n", "momentum", "delta", "form"), donate_argnums=(0, 1, 2))
 def iterate(
     a: Array,
     b: Array,
@@ -368,7 +368,7 @@ def update_call(
 # ``g = η (Γ/c) / α``: no division, no ``a`` traffic, and the same fixed point.
 
 
-@partial(jax.jit, static_argnames=("n", "form"), donate_argnums=(0,))
+@jit(static_argnames=("n", "form"), donate_argnums=(0,))
 def iterate_a(
     a: Array, b: Array, op: Operator, halo_flat: Array, p: Params, n: int, form: str | None = None
 ) -> tuple[Array, Array, Array]:
@@ -399,7 +399,7 @@ def iterate_a(
     return new, pack_cavities(new, b, op, p, message_layout(by, bx)), change
 
 
-@jax.jit
+@jit
 def gains(a: Array, op: Operator, halo_flat: Array, p: Params) -> Array:
     """``g[k] = η (Γ_k/c) / α_k`` for frozen ``a`` (its cavities across the border come
     from ``halo_flat``, which must hold the frozen ``a``'s cavities)."""
@@ -414,7 +414,7 @@ def gains(a: Array, op: Operator, halo_flat: Array, p: Params) -> Array:
     )
 
 
-@partial(jax.jit, static_argnames=("n", "momentum", "delta", "form"), donate_argnums=(1, 2))
+@jit(static_argnames=("n", "momentum", "delta", "form"), donate_argnums=(1, 2))
 def iterate_b(
     a: Array,
     b: Array,
@@ -457,13 +457,13 @@ def iterate_b(
     return a, b, b_prev, pack_cavities(a, b, op, p, message_layout(by, bx)), change
 
 
-@jax.jit
+@jit
 def initial_cavities(a: Array, b: Array, op: Operator, p: Params) -> Array:
     by, bx = a.shape[1:]
     return pack_cavities(a, b, op, p, message_layout(by, bx))
 
 
-@jax.jit
+@jit
 def marginal_mean(a: Array, b: Array, op: Operator, p: Params) -> tuple[Array, Array]:
     """Posterior mean ``μ = B/A`` and the flat frame of ``μ`` for the neighbours."""
     A, B = _beliefs(a, b, op, p.c)
@@ -504,7 +504,7 @@ def apply_operator(x: Array, frame_flat: Array, op: Operator) -> Array:
     return out
 
 
-@jax.jit
+@jit
 def messages_from_mean(m: Array, frame_flat: Array, op: Operator, c: float) -> Array:
     """``b`` messages ``(12, by, bx)`` whose cavity means all equal the field ``m``.
 
@@ -522,7 +522,7 @@ def messages_from_mean(m: Array, frame_flat: Array, op: Operator, c: float) -> A
     )
 
 
-@partial(jax.jit, donate_argnums=(0, 1))
+@jit(donate_argnums=(0, 1))
 def shift_messages(
     b: Array, b_prev: Array, m: Array, frame_flat: Array, op: Operator, c: float
 ) -> tuple[Array, Array]:
@@ -534,13 +534,13 @@ def shift_messages(
     return b + db, (b_prev + db if b_prev.size else b_prev)
 
 
-@jax.jit
+@jit
 def residual(x: Array, frame_flat: Array, op: Operator) -> Array:
     """``h − Q x`` on the block."""
     return op.rhs - apply_operator(x, frame_flat, op)
 
 
-@jax.jit
+@jit
 def scaled_residual(mu: Array, frame_flat: Array, op: Operator) -> tuple[Array, Array]:
     """``s = D⁻¹(h − Qμ)`` on the block, ``D = diag(Q)``, and the local
     ``[Σ s², non-finite flag]``.
@@ -554,7 +554,7 @@ def scaled_residual(mu: Array, frame_flat: Array, op: Operator) -> tuple[Array, 
     return r, jnp.stack([jnp.sum(r * r), bad.astype(r.dtype)])
 
 
-@jax.jit
+@jit
 def residual_sq(mu: Array, frame_flat: Array, op: Operator) -> Array:
     """Local ``[Σ (D⁻¹(h − Qμ))², non-finite flag]`` (see :func:`scaled_residual`)."""
     return scaled_residual(mu, frame_flat, op)[1]

@@ -28,7 +28,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import jax
@@ -40,7 +39,7 @@ from mpda_dist import kernel
 from mpda_dist.decomposition import Decomposition, auto_grid, check_grid
 from mpda_dist.exchange import HaloExchange, allreduce_sum
 from mpda_dist.halo import field_layout
-from mpda_dist.programs import Programs
+from mpda_dist.programs import Programs, jit
 from mpda_dist.solver import CAPPED, CONVERGED, DIVERGED, LevelResult
 
 log = logging.getLogger("mpda_dist")
@@ -115,12 +114,12 @@ class _Block:
 # ---------------------------------------------------------------- jitted pieces (pure)
 
 
-@jax.jit
+@jit
 def _pack(x: jax.Array) -> jax.Array:
     return kernel.pack_frame(x)
 
 
-@jax.jit
+@jit
 def _true_residual(
     x: jax.Array, frame: jax.Array, op: kernel.Operator, pm: jax.Array, dinv: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -130,13 +129,13 @@ def _true_residual(
     return r, z, jnp.stack([jnp.sum(r * z), jnp.sum(jnp.square(r * dinv))])
 
 
-@jax.jit
+@jit
 def _cg_matvec(p: jax.Array, frame: jax.Array, op: kernel.Operator) -> tuple[jax.Array, jax.Array]:
     q = kernel.apply_operator(p, frame, op)
     return q, jnp.sum(p * q)[None]
 
 
-@jax.jit
+@jit
 def _cg_step(
     x: jax.Array,
     r: jax.Array,
@@ -152,13 +151,13 @@ def _cg_step(
     return x, r, z, jnp.stack([jnp.sum(r * z), jnp.sum(jnp.square(r * dinv))])
 
 
-@jax.jit
+@jit
 def _cg_direction(z: jax.Array, p: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array]:
     p = z + beta * p
     return p, kernel.pack_frame(p)
 
 
-@jax.jit
+@jit
 def _lbfgs_direction(
     M: jax.Array, g: jax.Array, coef: jax.Array, sc: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -179,7 +178,7 @@ def _memory_dots(M: jax.Array, *vectors: jax.Array) -> jax.Array:
 _SCALARS = ("gq", "qq", "dq", "gd", "dd", "gg", "gwq", "qwq", "gwg")
 
 
-@jax.jit
+@jit
 def _lbfgs_matvec(
     d: jax.Array,
     frame: jax.Array,
@@ -212,7 +211,7 @@ def _lbfgs_matvec(
     return q, jnp.concatenate([_memory_dots(M, q, d, g).ravel(), scalars.astype(q.dtype)])
 
 
-@partial(jax.jit, donate_argnums=(0, 1, 2))
+@jit(donate_argnums=(0, 1, 2))
 def _lbfgs_update(
     xv: jax.Array,
     g: jax.Array,
@@ -228,7 +227,7 @@ def _lbfgs_update(
     return xv + s, g + y, M.at[k].set(s).at[m + k].set(y)
 
 
-@jax.jit
+@jit
 def _lbfgs_gradient(
     xv: jax.Array,
     frame: jax.Array,
@@ -243,7 +242,7 @@ def _lbfgs_gradient(
     return g, jnp.concatenate([_memory_dots(M, g)[0], scalars])
 
 
-@jax.jit
+@jit
 def _pack_scaled(xv: jax.Array, sc: jax.Array) -> jax.Array:
     return kernel.pack_frame(sc * xv)
 

@@ -1,40 +1,310 @@
-"""Ahead-of-time compiled programs, shared by every caller that runs the same one.
+"""Compiled programs: in memory, on disk, and shared by every caller that runs the same one.
 
-The solver times compilation apart from solving (``LevelResult.compile_seconds``), so
-it compiles with ``fn.lower(*args).compile()`` instead of calling ``jax.jit`` functions
-directly.  One :class:`Programs` per hierarchy (or baseline solve) serves every level
-and the coarse-grid visits alike: a program is keyed by the function, the shapes and
-dtypes of its arguments and its static arguments, so a coarse level's own solve and its
-visits inside the corrections of finer levels run the same compiled program.
+:func:`jit` is ``jax.jit`` for the package's device functions with one more cache in
+front of XLA's.  JAX's persistent compilation cache spares a fresh process the XLA
+compilation, but not the tracing, lowering and hashing of every program: for the ~50
+programs of a 3-level solve that was 2.6 s of a 3.2 s first solve on a CPU with the
+cache filled (benchmarks/RESULTS.md §13), and 5 s on an H100 (§8).  So a compiled
+program is also kept as a serialized executable under ``$MPDA_PROGRAM_CACHE_DIR`` (set
+by :func:`mpda_dist.runtime.configure_jax_env`; unset or empty: memory only), keyed by
+the function, its arguments' shapes, dtypes and static values, the package's source,
+the JAX version, the device (on a CPU, its instruction set) and the XLA flags.  A later
+process loads it without tracing.
+
+Only programs that XLA compiled in this process are stored: an executable that JAX's
+cache loaded does not serialize whole (on a CPU its copy fails when run).  Files are
+written whole (rename into place), so ranks that compile the same program at once never
+read half of one; a file that does not load is removed and the program compiled again.
+The files are pickles: the directory must be as private as the user's own cache.  Each
+version of the package adds its own files; delete the directory to reclaim the space.
+
+The solver times compilation apart from solving (``LevelResult.compile_seconds``): one
+:class:`Programs` per hierarchy (or baseline solve) gets the compiled program for its
+callers and counts the seconds spent compiling or loading it; a coarse level's own
+solve and its visits inside the corrections of finer levels run the same program.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
+import logging
+import os
+import pickle
+import platform
+import tempfile
 import time
+import zlib
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+log = logging.getLogger("mpda_dist")
+CACHE_ENV = "MPDA_PROGRAM_CACHE_DIR"
+# Environment that changes what a traced function computes or how XLA compiles it.
+_KEY_ENV = ("XLA_FLAGS", "MPDA_KERNEL_FORM")
+
+
+def _signature(args: Any) -> tuple:
+    return tuple(
+        (np.shape(x), str(x.dtype), bool(getattr(x, "weak_type", False)))
+        if hasattr(x, "dtype")
+        else ((), type(x).__name__, True)
+        for x in jax.tree.leaves(args)
+    )
+
+
+@functools.cache
+def _source_digest() -> str:
+    """The package's source: any edit makes every stored program stale."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@functools.cache
+def _host_features() -> str:
+    """The CPU's instruction-set flags: a CPU executable compiled on one node may not
+    run on another (a cache directory in a home shared by a cluster)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha256((platform.machine() + flags).encode()).hexdigest()[:16]
+
+
+def _device_of(args: Any) -> Any:
+    for x in jax.tree.leaves(args):
+        devices = getattr(x, "devices", None)
+        if callable(devices):
+            return min(devices(), key=lambda d: d.id)
+    return jax.devices()[0]
+
+
+_HITS = [0]
+_LISTENING = [False]
+
+
+def _jax_cache_hits() -> int:
+    """Executables loaded from JAX's persistent cache so far in this process."""
+    if not _LISTENING[0]:
+
+        def count(event: str, **_: Any) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                _HITS[0] += 1
+
+        jax.monitoring.register_event_listener(count)
+        _LISTENING[0] = True
+    return _HITS[0]
+
+
+class Store:
+    """Serialized executables in one directory (None: nothing stored)."""
+
+    def __init__(self, root: str | os.PathLike | None) -> None:
+        self.root = Path(root) if root else None
+        self.loaded = 0
+        self.saved = 0
+
+    @classmethod
+    def from_env(cls) -> Store:
+        return cls(os.environ.get(CACHE_ENV) or None)
+
+    def path(self, name: str, sig: tuple, static: tuple, device: Any) -> Path | None:
+        if self.root is None or "<" in name:  # lambdas and locals have no stable name
+            return None
+        import jaxlib
+
+        key = repr(
+            (
+                name,
+                sig,
+                static,
+                _source_digest(),
+                jax.__version__,
+                jaxlib.__version__,
+                device.platform,
+                device.client.platform_version,
+                device.device_kind,
+                device.id,
+                _host_features() if device.platform == "cpu" else "",
+                bool(jax.config.jax_enable_x64),
+                tuple(os.environ.get(v, "") for v in _KEY_ENV),
+            )
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:40]
+        return self.root / f"{name.rsplit('.', 1)[-1]}-{digest}.pkl"
+
+    def load(self, path: Path | None) -> Any:
+        if path is None or not path.is_file():
+            return None
+        from jax.experimental import serialize_executable
+
+        try:
+            payload, in_tree, out_tree = pickle.loads(zlib.decompress(path.read_bytes()))
+            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+        except Exception as exc:  # damaged or stale: compile again
+            log.debug("program cache: %s does not load (%s); compiling", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+        self.loaded += 1
+        return compiled
+
+    def save(self, path: Path | None, compiled: Any) -> None:
+        if path is None:
+            return
+        from jax.experimental import serialize_executable
+
+        try:
+            blob = zlib.compress(pickle.dumps(serialize_executable.serialize(compiled)), 1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pkl")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+            self.saved += 1
+        except Exception as exc:  # not serializable here, or a read-only directory
+            log.debug("program cache: %s not written (%s)", path, exc)
+
+
+_STORE: Store | None = None
+
+
+def store() -> Store:
+    """The process's store, from ``$MPDA_PROGRAM_CACHE_DIR`` at its first use."""
+    global _STORE
+    if _STORE is None:
+        _STORE = Store.from_env()
+    return _STORE
+
+
+def set_store(s: Store | None) -> None:
+    """Use ``s`` from now on (None: read the environment again at the next use)."""
+    global _STORE
+    _STORE = s
+
+
+class Jit:
+    """A ``jax.jit`` function whose compiled programs are looked up in memory, then in
+    the :func:`store`, before they are traced and compiled.  Called with tracers (from
+    inside another jitted function) it is the plain jitted function."""
+
+    def __init__(self, fun: Any, static_argnames: tuple[str, ...], donate_argnums: tuple) -> None:
+        self.jitted = jax.jit(fun, static_argnames=static_argnames, donate_argnums=donate_argnums)
+        self.name = f"{fun.__module__}.{fun.__qualname__}"
+        self.static = frozenset(static_argnames)
+        names = list(inspect.signature(fun).parameters)
+        self.static_at = {i: n for i, n in enumerate(names) if n in self.static}
+        self.programs: dict[Any, Any] = {}
+        functools.update_wrapper(self, fun)
+
+    def lower(self, *args: Any, **static: Any) -> Any:
+        return self.jitted.lower(*args, **static)
+
+    def compiled(self, *args: Any, **static: Any) -> tuple[Any, float]:
+        """The compiled program for arguments like these, and the seconds it took to
+        compile or load it now (0 when it was in memory).  Static arguments may come
+        by position too; the program takes the others, by position."""
+        if self.static_at and len(args) > min(self.static_at):
+            args, static = self._split(args, static)
+        unknown = set(static) - self.static
+        if unknown:
+            raise TypeError(f"{self.name}: keyword arguments {sorted(unknown)} are not static")
+        statics = tuple(sorted(static.items()))
+        key = (_signature(args), statics)
+        hit = self.programs.get(key)
+        if hit is not None:
+            return hit, 0.0
+        t0 = time.perf_counter()
+        st = store()
+        path = st.path(self.name, *key, _device_of(args))
+        compiled = st.load(path)
+        if compiled is None:
+            hits = _jax_cache_hits()
+            compiled = self.jitted.lower(*args, **static).compile()
+            # An executable that JAX's own cache loaded does not serialize whole (on a
+            # CPU its fused functions are missing when the copy runs): store only what
+            # XLA compiled here.
+            if _jax_cache_hits() == hits:
+                st.save(path, compiled)
+        self.programs[key] = compiled
+        return compiled, time.perf_counter() - t0
+
+    def _split(self, args: tuple, static: dict) -> tuple[tuple, dict]:
+        static = dict(static)
+        for i, name in self.static_at.items():
+            if i < len(args):
+                static[name] = args[i]
+        return tuple(x for i, x in enumerate(args) if i not in self.static_at), static
+
+    def __call__(self, *args: Any, **static: Any) -> Any:
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+            return self.jitted(*args, **static)
+        if self.static_at and len(args) > min(self.static_at):
+            args, static = self._split(args, static)
+        return self.compiled(*args, **static)[0](*args)
+
+
+def jit(
+    fun: Any = None, *, static_argnames: tuple[str, ...] = (), donate_argnums: tuple = ()
+) -> Any:
+    """``jax.jit`` with the program caches above; a decorator, bare or with arguments."""
+    if fun is None:
+        return functools.partial(
+            jit, static_argnames=static_argnames, donate_argnums=donate_argnums
+        )
+    return Jit(fun, tuple(static_argnames), tuple(donate_argnums))
+
+
+def on_device(v: Any, dtype: Any = None) -> jax.Array:
+    """``v`` on the default device (as ``dtype``), made on the host: ``jnp.zeros``,
+    ``astype`` or ``copy`` on device arrays would each be one more program to trace and
+    compile per shape.  A device array is copied (``b_prev = b`` must not alias)."""
+    if isinstance(v, jax.Array) and (dtype is None or v.dtype == dtype):
+        return jax.device_put(v, may_alias=False)
+    return jax.device_put(np.asarray(v, dtype))
+
+
+def zeros(shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    return on_device(np.zeros(shape, dtype))
+
+
+@jit
+def add(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``x + y`` as a stored program (an eager ``+`` is traced in every process)."""
+    return x + y
+
+
+@jit
+def subtract(x: jax.Array, y: jax.Array) -> jax.Array:
+    return x - y
+
 
 class Programs:
-    """A cache of compiled programs and the seconds spent compiling them."""
+    """The compiled programs of one solve and the seconds spent compiling them."""
 
     def __init__(self) -> None:
         self.cache: dict[Any, Any] = {}
         self.seconds = 0.0
 
     def __call__(self, fn: Any, *args: Any, **static: Any) -> Any:
-        """The compiled ``fn`` for arguments like ``args`` and these static ones."""
-        sig = tuple(
-            (np.shape(x), str(x.dtype) if hasattr(x, "dtype") else type(x).__name__)
-            for x in jax.tree.leaves(args)
-        )
-        key = (fn, sig, tuple(sorted(static.items())))
+        """The compiled ``fn`` (a :class:`Jit`, or any ``jax.jit`` function) for
+        arguments like ``args`` and these static ones."""
+        key = (fn, _signature(args), tuple(sorted(static.items())))
         if key not in self.cache:
-            t0 = time.perf_counter()
-            self.cache[key] = fn.lower(*args, **static).compile()
-            self.seconds += time.perf_counter() - t0
+            if isinstance(fn, Jit):
+                self.cache[key], seconds = fn.compiled(*args, **static)
+            else:
+                t0 = time.perf_counter()
+                self.cache[key] = fn.lower(*args, **static).compile()
+                seconds = time.perf_counter() - t0
+            self.seconds += seconds
         return self.cache[key]
 
     def __len__(self) -> int:

@@ -48,13 +48,15 @@ def configure_jax_env(local_size: int, cores: int | None = None) -> None:
     # later run with the same shapes start at once.  Every program is cached, the small
     # ones too: a solve compiles ~50 of them, and on a GPU even a one-op program costs
     # ~0.1 s (a first run on an H100 compiled for 37 s; benchmarks/RESULTS.md §8).
+    # mpda_dist's own cache of compiled programs (mpda_dist/programs.py) spares a later
+    # run the tracing and lowering that JAX's cache still needs (2 of 3 s on a CPU).
     cache = os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "mpda_dist",
-        "jax",
     )
-    _setdefault_env("JAX_COMPILATION_CACHE_DIR", cache)
+    _setdefault_env("JAX_COMPILATION_CACHE_DIR", os.path.join(cache, "jax"))
     _setdefault_env("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    _setdefault_env("MPDA_PROGRAM_CACHE_DIR", os.path.join(cache, "programs"))
 
 
 # MPI_Abort makes hydra's mpiexec kill every process at once, possibly before its proxy

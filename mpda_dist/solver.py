@@ -24,7 +24,7 @@ from mpda_dist.exchange import HaloExchange, allreduce_max, allreduce_sum
 from mpda_dist.halo import field_layout, message_layout
 from mpda_dist.multigrid import Level
 from mpda_dist.observations import NodeObservations
-from mpda_dist.programs import Programs
+from mpda_dist.programs import Programs, add, on_device, zeros
 
 log = logging.getLogger("mpda_dist")
 
@@ -160,7 +160,7 @@ def solve_level(
     frame_edge = jax.device_put(fex.edge)
     jit = programs if programs is not None else Programs()
     compiled_before = jit.seconds
-    bp = b.copy() if s.momentum else jnp.zeros((0,), b.dtype)
+    bp = on_device(b) if s.momentum else zeros((0,), b.dtype)
     if start is not None and start.b_prev is not None and s.momentum:
         bp = jax.device_put(start.b_prev)
 
@@ -272,7 +272,7 @@ def solve_level(
         if correct is not None:
             mex.drain()
             e = correct(x, kernel.residual(mu, frame, op) if r is None else r)
-            move = e if move is None else move + e
+            move = e if move is None else add(move, e)
         if move is not None:
             mex.drain()
             ef = (
@@ -427,8 +427,8 @@ def solve(
             start = _scatter_resume(hier, resume, i, dtype)
             a0, b0 = jax.device_put(start.a), jax.device_put(start.b)
         elif i == 0:
-            a0 = jnp.zeros((12,) + decomp.shape, dtype)
-            b0 = jnp.full((12,) + decomp.shape, 1e-8, dtype)
+            a0 = zeros((12,) + decomp.shape, dtype)
+            b0 = on_device(np.full((12,) + decomp.shape, 1e-8, dtype))
         else:
             a0, b0 = hier.start(i, mean)
         correct = None
@@ -470,7 +470,7 @@ def solve(
             correct=correct,
             programs=hier.programs,
         )
-        sm.a, sm.b, sm.bp, sm.g = a, b, (bp if s.momentum else jnp.zeros((0,), dtype)), g
+        sm.a, sm.b, sm.bp, sm.g = a, b, (bp if s.momentum else zeros((0,), dtype)), g
         mean = sm.mean(op)
         results.append(res)
         _log_level(rank, i, nlev, hier, res)
@@ -562,7 +562,7 @@ def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:
         sm = hier.smoothers[c]
         ca, cb, cp = resume.coarse[c - 1] if root else (None, None, None)
         sm.a, sm.b = jax.device_put(part(c, ca)), jax.device_put(part(c, cb))
-        sm.bp = jax.device_put(part(c, cp)) if has_bp else jnp.zeros((0,), dtype)
+        sm.bp = jax.device_put(part(c, cp)) if has_bp else zeros((0,), dtype)
         if frozen:  # the coarse levels froze a too (their own solves ran before this one)
             sm.g = kernel.gains(sm.a, sm.op, sm.cavities(sm.op), sm.params)
     a0 = part(i, resume.a if root else None)

@@ -12,3 +12,7 @@ os.environ.setdefault(
     os.path.join(tempfile.gettempdir(), f"mpda-tests-jax-{os.getuid()}"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault(
+    "MPDA_PROGRAM_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"mpda-tests-programs-{os.getuid()}"),
+)

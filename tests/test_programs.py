@@ -4,11 +4,17 @@ programs."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from _problems import problem
 from mpi4py import MPI
 
@@ -56,3 +62,118 @@ def test_coarse_visits_run_the_level_solves_programs(monkeypatch):
     assert sum(r.cycle_iterations for r in mp) > 0  # coarse visits ran
     assert all(n == 10 for _, n in compiled), compiled
     assert len(compiled) == len({shape for shape, _ in compiled}) == len(mp), compiled
+
+
+# -- the on-disk store --------------------------------------------------------------
+TRACES: list[int] = []
+
+
+def _traced_scale(x, k: int = 1):
+    TRACES.append(k)  # runs only while tracing
+    return x * k
+
+
+def _unique_k() -> int:
+    """A static value that no earlier run compiled: JAX's own persistent cache must
+    miss, or the program is not stored (see programs.Jit.compiled)."""
+    return int(np.random.default_rng().integers(10**5, 10**6))
+
+
+def test_a_stored_program_is_loaded_without_tracing(tmp_path):
+    programs.set_store(programs.Store(tmp_path))
+    try:
+        k, x = _unique_k(), jnp.arange(5.0)
+        first = programs.jit(_traced_scale, static_argnames=("k",))
+        np.testing.assert_array_equal(first(x, k=k), k * np.arange(5.0))
+        assert TRACES.count(k) == 1 and programs.store().saved == 1
+        (path,) = tmp_path.iterdir()
+        assert path.name.startswith("_traced_scale-")
+        # A new wrapper of the same function has an empty memory, like a new process.
+        again = programs.jit(_traced_scale, static_argnames=("k",))
+        np.testing.assert_array_equal(again(x + 1, k), k * (np.arange(5.0) + 1))  # by position
+        assert TRACES.count(k) == 1 and programs.store().loaded == 1
+        # Another shape is another program.
+        again(jnp.arange(3.0), k=k)
+        assert TRACES.count(k) == 2 and len(list(tmp_path.iterdir())) == 2
+    finally:
+        programs.set_store(None)
+
+
+def test_a_damaged_program_file_is_compiled_again_and_removed(tmp_path):
+    programs.set_store(programs.Store(tmp_path))
+    try:
+        k, x = _unique_k(), jnp.ones(4)
+        programs.jit(_traced_scale, static_argnames=("k",))(x, k=k)
+        (path,) = tmp_path.iterdir()
+        path.write_bytes(b"not a program")
+        out = programs.jit(_traced_scale, static_argnames=("k",))(x, k=k)
+        np.testing.assert_array_equal(out, k * np.ones(4))
+        assert programs.store().loaded == 0
+        # Removed (JAX's own cache had the program: not stored again) or replaced.
+        assert not path.exists() or path.read_bytes() != b"not a program"
+    finally:
+        programs.set_store(None)
+
+
+def test_without_a_directory_nothing_is_stored(tmp_path, monkeypatch):
+    monkeypatch.setenv(programs.CACHE_ENV, "")
+    programs.set_store(None)
+    try:
+        k = _unique_k()
+        assert programs.jit(_traced_scale, static_argnames=("k",))(jnp.ones(2), k=k)[0] == k
+        assert programs.store().root is None and programs.store().saved == 0
+    finally:
+        programs.set_store(None)
+
+
+def test_inside_another_jit_it_is_traced_as_usual():
+    f = programs.jit(_traced_scale, static_argnames=("k",))
+    out = jax.jit(lambda x: f(x, k=3) + 1)(jnp.ones(2))
+    np.testing.assert_array_equal(out, [4.0, 4.0])
+    with pytest.raises(TypeError, match="not static"):
+        f.compiled(jnp.ones(2), j=1)
+
+
+SOLVE_TWICE = """
+import json, sys
+import numpy as np
+from jax import monitoring
+from mpi4py import MPI
+sys.path.insert(0, {tests!r})
+from _problems import problem
+from mpda_dist import programs
+from mpda_dist.solver import Settings, solve
+traced = []
+monitoring.register_event_duration_secs_listener(
+    lambda name, d, **kw: traced.append(kw.get("fun_name")) if "jaxpr_trace" in name else None)
+_, nodes, levels, _ = problem(34, 34, 0.1, seed=3)
+res = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, Settings(dtype="float32", tol=1e-4))
+st = programs.store()
+print(json.dumps(dict(status=res.status, mean=np.asarray(res.anomaly).tolist(), traced=traced,
+                      loaded=st.loaded, saved=st.saved)))
+"""
+
+
+def test_a_second_process_loads_every_program_of_a_solve(tmp_path):
+    """End to end, as a rerun of `mpda run` does: the second process traces none of the
+    solver's programs and gets the same answer."""
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"),  # empty: XLA compiles everything
+        MPDA_PROGRAM_CACHE_DIR=str(tmp_path / "programs"),
+    )
+    code = SOLVE_TWICE.format(tests=str(Path(__file__).parent))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["status"] == second["status"] == CONVERGED
+    assert first["saved"] > 10 and first["loaded"] == 0
+    assert second["loaded"] == first["saved"] and second["saved"] == 0
+    kernels = {"iterate", "iterate_a", "iterate_b", "gains", "_check", "shift_messages"}
+    assert kernels & set(first["traced"]) and not kernels & set(second["traced"]), second
+    np.testing.assert_array_equal(first["mean"], second["mean"])
