@@ -11,13 +11,20 @@
 #   strips  1024² at 10 % with MPDA_KERNEL_FORM=strips (first + warm run): the border
 #           form that is 1.6-2.5x faster per iteration on a CPU; the GPU default is pads
 #           (the kernel stage times both forms per iteration)
-#   cached  1024² at 10 % again in a fresh process: "first" now finds the kernels in
-#           JAX's persistent compilation cache (runtime.configure_jax_env), as a rerun does
+#   serial  1024² at 5 %, first run only, in a fresh process with empty caches and
+#           MPDA_COMPILE_THREADS=1: the cold start without compiling in background
+#           threads (the solve stage's first 5 % run compiles with one per core)
+#   cached  1024² at 10 % again in a fresh process: "first" now loads every program from
+#           mpda_dist's program cache (programs.py) and JAX's persistent cache, as a
+#           rerun does
+#   jaxcache  the same with MPDA_PROGRAM_CACHE_DIR empty: JAX's cache only (tracing and
+#           lowering are paid again, as before the program cache)
 #   big     4096² at 5 % (compile warm-up, then the warm run)
 #   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists
 #   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
 #   report  all tables again
-# GPU_BENCH_STAGES (default all: "kernel solve strips cached big mpi fit") picks stages.
+# GPU_BENCH_STAGES (default all: "kernel solve serial strips cached jaxcache big mpi fit")
+# picks stages.
 # Results: $OUT/gpu_results.csv (+ .json metadata, + gpu_log.txt) when OUT is set,
 # else ./gpu_results.csv.
 #
@@ -53,7 +60,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve strips cached big mpi fit} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve serial strips cached jaxcache big mpi fit} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -127,9 +134,9 @@ else
 fi
 
 if [ -n "$QUICK" ]; then
-    L_K=120 L_S=120 L_T=90 L_C=60 L_B=90 L_M=90 L_F=60
+    L_K=120 L_S=120 L_R=90 L_T=90 L_C=60 L_B=90 L_M=90 L_F=60
 else
-    L_K=120 L_S=110 L_T=70 L_C=40 L_B=150 L_M=150 L_F=90
+    L_K=120 L_S=110 L_R=80 L_T=70 L_C=40 L_B=150 L_M=150 L_F=90
 fi
 
 stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV"
@@ -137,8 +144,15 @@ stage solve $L_S "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
     --exact-dir "$EXACT_DIR" --exact-wait 40
 stage strips $L_T env MPDA_KERNEL_FORM=strips "$PY" benchmarks/gpu_bench.py solve $QUICK \
     --csv "$CSV" --fractions 0.1 --label " strips" --exact-wait 0
+COLD_CACHE=$(mktemp -d /tmp/mpda_cold.XXXXXX)
+stage serial $L_R env XDG_CACHE_HOME="$COLD_CACHE" MPDA_COMPILE_THREADS=1 \
+    "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 1 \
+    --label " 1 compile thread" --exact-wait 0
+rm -rf "$COLD_CACHE"
 stage cached $L_C "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
-    --fractions 0.1 --label " disk cache" --exact-wait 0
+    --fractions 0.1 --label " disk caches" --exact-wait 0
+stage jaxcache $L_C env MPDA_PROGRAM_CACHE_DIR= "$PY" benchmarks/gpu_bench.py solve $QUICK \
+    --csv "$CSV" --fractions 0.1 --label " JAX cache only" --exact-wait 0
 stage big $L_B "$PY" benchmarks/gpu_bench.py big $QUICK --csv "$CSV"
 
 MPIEXEC=$(command -v mpiexec || true)

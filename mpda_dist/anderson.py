@@ -37,7 +37,7 @@ MAX_COEFFICIENT = 5.0  # |γᵢ| above this: the history is nearly degenerate, s
 
 
 @jit
-def _check(
+def record(
     means: Array, scaled: Array, mu: Array, frame: Array, op: kernel.Operator
 ) -> tuple[Array, Array, Array]:
     """Push ``μ`` and its scaled residual; local ``[Σ s₀², bad, FᵀF (row-major), Fᵀs₀]``
@@ -89,7 +89,7 @@ class Extrapolation:
 
     def check(self, mu: Array, frame: Array, op: kernel.Operator) -> np.ndarray:
         """Record this check's mean; local sums ``[Σ s₀², bad, extra…]`` (float64)."""
-        self.means, self.scaled, sums = _check(self.means, self.scaled, mu, frame, op)
+        self.means, self.scaled, sums = record(self.means, self.scaled, mu, frame, op)
         self.count = min(self.count + 1, self.depth + 1)
         return np.asarray(sums, np.float64)
 

@@ -364,7 +364,17 @@ class Hierarchy:
         t = self.transfers[i]
         op = self.ops[i]
         m = t.prolong_framed(below, self.frames[i - 1].of(below))
-        b = kernel.messages_from_mean(m, self.frames[i].of(m), op, self.smoothers[i].params.c)
+        # The messages of the mean m: zero messages shifted by it, in the program that
+        # the checks run (the b_prev of the level's shape only keeps it the same one).
+        sm = self.smoothers[i]
+        b, _ = kernel.shift_messages(
+            zeros((12, *m.shape), m.dtype),
+            zeros((12, *m.shape) if sm.momentum else (0,), m.dtype),
+            m,
+            self.frames[i].of(m),
+            op,
+            sm.params.c,
+        )
         if i - 1 == 0:
             a = zeros(b.shape, b.dtype)
         else:

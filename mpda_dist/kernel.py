@@ -504,7 +504,6 @@ def apply_operator(x: Array, frame_flat: Array, op: Operator) -> Array:
     return out
 
 
-@jit
 def messages_from_mean(m: Array, frame_flat: Array, op: Operator, c: float) -> Array:
     """``b`` messages ``(12, by, bx)`` whose cavity means all equal the field ``m``.
 

@@ -36,6 +36,7 @@ import platform
 import tempfile
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,14 @@ def _host_features() -> str:
 
 
 def _device_of(args: Any) -> Any:
+    """The device a program for ``args`` runs on: their own, or the default one (for
+    ``jax.ShapeDtypeStruct`` and host values)."""
     for x in jax.tree.leaves(args):
         devices = getattr(x, "devices", None)
         if callable(devices):
             return min(devices(), key=lambda d: d.id)
-    return jax.devices()[0]
+    default = jax.config.jax_default_device
+    return default if isinstance(default, jax.Device) else jax.devices()[0]
 
 
 _HITS = [0]
@@ -202,39 +206,66 @@ class Jit:
         names = list(inspect.signature(fun).parameters)
         self.static_at = {i: n for i, n in enumerate(names) if n in self.static}
         self.programs: dict[Any, Any] = {}
+        self.pending: dict[Any, Future] = {}
         functools.update_wrapper(self, fun)
 
     def lower(self, *args: Any, **static: Any) -> Any:
         return self.jitted.lower(*args, **static)
 
-    def compiled(self, *args: Any, **static: Any) -> tuple[Any, float]:
-        """The compiled program for arguments like these, and the seconds it took to
-        compile or load it now (0 when it was in memory).  Static arguments may come
-        by position too; the program takes the others, by position."""
+    def _key(self, args: tuple, static: dict) -> tuple[tuple, dict, tuple]:
         if self.static_at and len(args) > min(self.static_at):
             args, static = self._split(args, static)
         unknown = set(static) - self.static
         if unknown:
             raise TypeError(f"{self.name}: keyword arguments {sorted(unknown)} are not static")
-        statics = tuple(sorted(static.items()))
-        key = (_signature(args), statics)
+        x64 = bool(jax.config.jax_enable_x64)
+        return args, static, (_signature(args), tuple(sorted(static.items())), x64)
+
+    def compiled(self, *args: Any, **static: Any) -> tuple[Any, float]:
+        """The compiled program for arguments like these (arrays, or
+        ``jax.ShapeDtypeStruct``), and the seconds it took to compile, load or wait for
+        it now (0 when it was in memory).  Static arguments may come by position too;
+        the program takes the others, by position."""
+        args, static, key = self._key(args, static)
         hit = self.programs.get(key)
         if hit is not None:
             return hit, 0.0
         t0 = time.perf_counter()
-        st = store()
-        path = st.path(self.name, *key, _device_of(args))
-        compiled = st.load(path)
-        if compiled is None:
-            hits = _jax_cache_hits()
-            compiled = self.jitted.lower(*args, **static).compile()
-            # An executable that JAX's own cache loaded does not serialize whole (on a
-            # CPU its fused functions are missing when the copy runs): store only what
-            # XLA compiled here.
-            if _jax_cache_hits() == hits:
-                st.save(path, compiled)
-        self.programs[key] = compiled
-        return compiled, time.perf_counter() - t0
+        job = self.pending.get(key)
+        if job is not None:  # compiling in the background (prefetch): wait for it
+            return job.result(), time.perf_counter() - t0
+        return self._compile(key, args, static), time.perf_counter() - t0
+
+    def prefetch(self, pool: ThreadPoolExecutor, *args: Any, **static: Any) -> None:
+        """Start compiling (or loading) the program for these arguments in ``pool``."""
+        args, static, key = self._key(args, static)
+        if key in self.programs or key in self.pending:
+            return
+        x64 = key[-1]
+
+        def work() -> Any:
+            with jax.enable_x64(x64):  # the caller's setting, which is per thread
+                return self._compile(key, args, static)
+
+        self.pending[key] = pool.submit(work)
+
+    def _compile(self, key: tuple, args: tuple, static: dict) -> Any:
+        try:
+            st = store()
+            path = st.path(self.name, *key[:2], _device_of(args))
+            compiled = st.load(path)
+            if compiled is None:
+                hits = _jax_cache_hits()
+                compiled = self.jitted.lower(*args, **static).compile()
+                # An executable that JAX's own cache loaded does not serialize whole (on
+                # a CPU its fused functions are missing when the copy runs): store only
+                # what XLA compiled here.  (Another thread's hit skips a save: harmless.)
+                if _jax_cache_hits() == hits:
+                    st.save(path, compiled)
+            self.programs[key] = compiled
+            return compiled
+        finally:
+            self.pending.pop(key, None)
 
     def _split(self, args: tuple, static: dict) -> tuple[tuple, dict]:
         static = dict(static)
@@ -286,17 +317,37 @@ def subtract(x: jax.Array, y: jax.Array) -> jax.Array:
     return x - y
 
 
-class Programs:
-    """The compiled programs of one solve and the seconds spent compiling them."""
+THREADS_ENV = "MPDA_COMPILE_THREADS"
 
-    def __init__(self) -> None:
+
+def compile_threads() -> int:
+    """Threads that compile programs ahead of use: ``$MPDA_COMPILE_THREADS``, else the
+    rank's share of the cores (``OMP_NUM_THREADS``, set by
+    :func:`mpda_dist.runtime.configure_jax_env`), else every core."""
+    for var in (THREADS_ENV, "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                raise ValueError(f"{var}={value!r}: expected a whole number of threads") from None
+    return os.cpu_count() or 1
+
+
+class Programs:
+    """The compiled programs of one solve and the seconds spent compiling them (or
+    waiting for them)."""
+
+    def __init__(self, threads: int | None = None) -> None:
         self.cache: dict[Any, Any] = {}
         self.seconds = 0.0
+        self.threads = compile_threads() if threads is None else threads
+        self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, fn: Any, *args: Any, **static: Any) -> Any:
         """The compiled ``fn`` (a :class:`Jit`, or any ``jax.jit`` function) for
         arguments like ``args`` and these static ones."""
-        key = (fn, _signature(args), tuple(sorted(static.items())))
+        key = (fn, _signature(args), tuple(sorted(static.items())), bool(jax.config.jax_enable_x64))
         if key not in self.cache:
             if isinstance(fn, Jit):
                 self.cache[key], seconds = fn.compiled(*args, **static)
@@ -306,6 +357,18 @@ class Programs:
                 seconds = time.perf_counter() - t0
             self.seconds += seconds
         return self.cache[key]
+
+    def prefetch(self, fn: Jit, *args: Any, **static: Any) -> None:
+        """Compile ``fn`` for these arguments (``jax.ShapeDtypeStruct`` will do) in a
+        background thread, when there are at least 2 (:func:`compile_threads`): XLA
+        releases the interpreter while it compiles, so the programs of several levels
+        compile at once, and while the coarse levels solve.  A later call waits for
+        it."""
+        if self.threads < 2:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mpda-compile")
+        fn.prefetch(self._pool, *args, **static)
 
     def __len__(self) -> int:
         return len(self.cache)

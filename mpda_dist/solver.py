@@ -32,6 +32,7 @@ CONVERGED, CAPPED, DIVERGED = "converged", "max_iterations", "diverged"
 STALL = 5  # δ rule: checks without a 10 % fall of δ that count as converged
 FREEZE_CAP = 2000  # most a-only iterations before falling back to the coupled update
 UNFREEZE_AFTER = 10  # checks without a 10 % fall of the residual before a moves again
+FREEZE_CHUNK = 10  # a-only iterations per call while the precisions converge
 INTERRUPTED = "interrupted"  # a signal asked for a checkpoint and a stop
 
 
@@ -322,7 +323,7 @@ def _freeze(
     one.  Returns ``a``, the halo, the gains (None: not converged in FREEZE_CAP
     iterations, keep the coupled update) and the a-only iterations.  ``already``:
     ``a`` is frozen (resumed)."""
-    n = 10
+    n = FREEZE_CHUNK
     tol = n * 16 * float(jnp.finfo(a.dtype).eps)
     its = 0
     while not already:
@@ -337,6 +338,42 @@ def _freeze(
             return a, halo, None, its
     g = jit(kernel.gains, a, op, halo, p)(a, op, halo, p)
     return a, halo, g, its
+
+
+def _prefetch(hier: Any, s: Settings, levels: range) -> None:
+    """Start compiling the message-passing programs of ``levels`` (coarse first) in the
+    background (:meth:`Programs.prefetch`): the calls that :func:`solve_level`,
+    :func:`_freeze` and the coarse visits (:meth:`cycle.Smoother.smooth`) make, from
+    the shapes alone.  What is not prefetched compiles at its first call as before."""
+    p = kernel.Params(s.c, s.damping)
+    for i in levels:
+        sm, op = hier.smoothers[i], hier.ops[i]
+        msg = jax.ShapeDtypeStruct((12, *hier.decomps[i].shape), hier.dtype)
+        bp = msg if s.momentum else jax.ShapeDtypeStruct((0,), hier.dtype)
+        halo = jax.ShapeDtypeStruct(sm.edge.shape, hier.dtype)
+        neighbours = hier.decomps[i].has_neighbours
+        # (iterations per call, δ rule): the level's loop, then the coarse visits
+        calls = {(s.every if neighbours else s.check_every, s.stopping == "delta")}
+        calls.add((1 if neighbours else s.check_every, False))
+        if s.freeze_precisions:
+            hier.programs.prefetch(kernel.iterate_a, msg, msg, op, halo, p, n=FREEZE_CHUNK)
+            hier.programs.prefetch(kernel.gains, msg, op, halo, p)
+        field = jax.ShapeDtypeStruct(hier.decomps[i].shape, hier.dtype)
+        frame = jax.ShapeDtypeStruct(hier.frames[i].edge.shape, hier.dtype)
+        hier.programs.prefetch(kernel.marginal_mean, msg, msg, op, p)
+        hier.programs.prefetch(kernel.shift_messages, msg, bp, field, frame, op, s.c)
+        if s.anderson:
+            hist = jax.ShapeDtypeStruct((s.anderson + 1, *field.shape), hier.dtype)
+            hier.programs.prefetch(anderson.record, hist, hist, field, frame, op)
+        for n, delta in sorted(calls):
+            if s.freeze_precisions:
+                args = (msg, msg, bp, msg, op, halo, p)
+                hier.programs.prefetch(
+                    kernel.iterate_b, *args, n=n, momentum=s.momentum, delta=delta
+                )
+            else:
+                args = (msg, msg, bp, op, halo, p)
+                hier.programs.prefetch(kernel.iterate, *args, n=n, momentum=s.momentum, delta=delta)
 
 
 def solve(
@@ -379,6 +416,7 @@ def solve(
     hier = Hierarchy(comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype)
     for sm in hier.smoothers:  # coarse visits run the level solves' compiled calls
         sm.chunk = s.check_every
+    _prefetch(hier, s, range(1 if len(hier.levels) > 1 else 0, len(hier.levels)))
     setup = time.perf_counter() - t0
     nlev = len(hier.levels)
     resume_level = comm.bcast(resume.level if resume is not None else 0, root=0)

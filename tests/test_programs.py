@@ -174,6 +174,46 @@ def test_a_second_process_loads_every_program_of_a_solve(tmp_path):
     assert first["status"] == second["status"] == CONVERGED
     assert first["saved"] > 10 and first["loaded"] == 0
     assert second["loaded"] == first["saved"] and second["saved"] == 0
-    kernels = {"iterate", "iterate_a", "iterate_b", "gains", "_check", "shift_messages"}
+    kernels = {"iterate", "iterate_a", "iterate_b", "gains", "record", "shift_messages"}
     assert kernels & set(first["traced"]) and not kernels & set(second["traced"]), second
     np.testing.assert_array_equal(first["mean"], second["mean"])
+
+
+def test_the_level_programs_compile_in_background_threads(monkeypatch):
+    """With 2 compile threads every MP level's update programs are compiled (or loaded)
+    ahead of use, off the main thread, and the answer is the same as without."""
+    import threading
+
+    where = []
+    compile_ = programs.Jit._compile
+
+    def recording(self, key, args, static):
+        if self in (kernel.iterate_a, kernel.iterate_b, kernel.gains):
+            where.append((self.name, args[0].shape, threading.current_thread().name))
+        return compile_(self, key, args, static)
+
+    monkeypatch.setattr(programs.Jit, "_compile", recording)
+    _, nodes, levels, _ = problem(42, 38, 0.1, seed=4)  # shapes no other test uses
+    s = Settings(dtype="float32", tol=1e-5, momentum=0.5)
+    monkeypatch.setenv(programs.THREADS_ENV, "2")
+    res = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s)
+    assert res.status == CONVERGED
+    mp = [r for r in res.levels if r.solver == "mp"]
+    assert len(where) >= 3 * len(mp), where
+    assert all(t.startswith("mpda-compile") for *_, t in where), where
+    monkeypatch.setenv(programs.THREADS_ENV, "1")
+    again = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s)
+    np.testing.assert_array_equal(again.anomaly, res.anomaly)
+
+
+def test_compile_threads_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv(programs.THREADS_ENV, "3")
+    assert programs.compile_threads() == 3 and programs.Programs().threads == 3
+    monkeypatch.setenv(programs.THREADS_ENV, "0")
+    assert programs.compile_threads() == 1
+    monkeypatch.setenv(programs.THREADS_ENV, "many")
+    with pytest.raises(ValueError, match="MPDA_COMPILE_THREADS='many'"):
+        programs.compile_threads()
+    monkeypatch.delenv(programs.THREADS_ENV)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert programs.compile_threads() == 2
