@@ -200,8 +200,16 @@ class Jit:
     inside another jitted function) it is the plain jitted function."""
 
     def __init__(self, fun: Any, static_argnames: tuple[str, ...], donate_argnums: tuple) -> None:
-        self.jitted = jax.jit(fun, static_argnames=static_argnames, donate_argnums=donate_argnums)
         self.name = f"{fun.__module__}.{fun.__qualname__}"
+        # The program's name carries the source digest, so JAX's own cache keys differ
+        # with every version of the package, as the store's do: a program that the
+        # store lacks is compiled here, not loaded from JAX's cache (which could not be
+        # stored, see _compile).
+        versioned = functools.wraps(fun)(lambda *a, **k: fun(*a, **k))
+        versioned.__name__ = f"{fun.__name__}_{_source_digest()[:10]}"
+        self.jitted = jax.jit(
+            versioned, static_argnames=static_argnames, donate_argnums=donate_argnums
+        )
         self.static = frozenset(static_argnames)
         names = list(inspect.signature(fun).parameters)
         self.static_at = {i: n for i, n in enumerate(names) if n in self.static}
