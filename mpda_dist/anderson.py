@@ -52,7 +52,7 @@ def record(
 
 
 @jit
-def _mix(means: Array, scaled: Array, gamma: Array, diag: Array) -> tuple[Array, Array, Array]:
+def mixed(means: Array, scaled: Array, gamma: Array, diag: Array) -> tuple[Array, Array, Array]:
     """The mixed mean, its (unscaled) residual ``h − Q μ̃`` and the move ``μ̃ − μ₀``."""
     g = gamma.astype(means.dtype)
     move = jnp.tensordot(g, means[1:] - means[0], 1)
@@ -123,6 +123,6 @@ class Extrapolation:
 
     def mix(self, gamma: np.ndarray, diag: Array) -> tuple[Array, Array, Array]:
         """``(μ̃, h − Q μ̃, μ̃ − μ₀)`` for the coefficients of :meth:`coefficients`."""
-        return _mix(
+        return mixed(
             self.means, self.scaled, jax.device_put(np.asarray(gamma, self.means.dtype)), diag
         )

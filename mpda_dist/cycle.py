@@ -83,9 +83,26 @@ class Transfer:
         """Each fine node takes the (leading-axes) values of its first coarse parent,
         clamped to the coarse block, where ``weights`` is non-zero (else 0): a starting
         point for the ``a`` messages."""
-        iy = np.clip(self.y.prolong[:, 0] - 2, 0, coarse.shape[-2] - 1)
-        ix = np.clip(self.x.prolong[:, 0] - 2, 0, coarse.shape[-1] - 1)
-        return _copy_up_jit(coarse, iy, ix, weights)
+        return _copy_up_jit(coarse, *self._parents(coarse.shape), weights)
+
+    def _parents(self, coarse_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        iy = np.clip(self.y.prolong[:, 0] - 2, 0, coarse_shape[-2] - 1)
+        ix = np.clip(self.x.prolong[:, 0] - 2, 0, coarse_shape[-1] - 1)
+        return iy, ix
+
+    def prefetch(
+        self, programs: Programs, fine: Any, coarse: Any, coarse_frame: Any, msg: Any, w: Any
+    ) -> None:
+        """Start compiling this transfer's programs (:meth:`Programs.prefetch`) for
+        the fine and coarse field specs, the coarse frame, the coarse messages' spec
+        (None: the coarse level is solved exactly and has no messages) and the fine
+        weights ``w``."""
+        y, x = self.y, self.x
+        prolong = (y.prolong, y.weight, x.prolong, x.weight)
+        programs.prefetch(_prolong_jit, coarse, coarse_frame, *prolong)
+        programs.prefetch(_inject_jit, fine, y.inject, x.inject)
+        if msg is not None:
+            programs.prefetch(_copy_up_jit, msg, *self._parents(msg.shape), w)
 
 
 def _inject(x: Array, iy: Any, ix: Any) -> Array:
@@ -333,6 +350,26 @@ class Hierarchy:
             diag = on_device(np.asarray(pr.diag, dt) + np.asarray(m), dt)
             ops.append(kernel.Operator(diag, on_device(pr.weights, dt), h))
         return ops[::-1]
+
+    def prefetch(self, levels: range) -> None:
+        """Start compiling the programs that the coarse-grid corrections and the level
+        starts of ``levels`` run (the transfers, the FAS right-hand side, the coarse
+        residual): with :func:`solver._prefetch`, a solve on one rank compiles nothing
+        on first use."""
+        specs = [jax.ShapeDtypeStruct(d.shape, self.dtype) for d in self.decomps]
+        frames = [jax.ShapeDtypeStruct(f.edge.shape, self.dtype) for f in self.frames]
+        for i in levels:
+            if i == 0:
+                continue
+            c = i - 1
+            msg = jax.ShapeDtypeStruct((12, *specs[c].shape), self.dtype) if c > 0 else None
+            self.transfers[i].prefetch(
+                self.programs, specs[i], specs[c], frames[c], msg, self.ops[i].weights
+            )
+            if c > 0:  # a coarse level visited by this level's corrections
+                self.programs.prefetch(_fas_rhs, specs[c], frames[c], self.ops[c], specs[c])
+                self.programs.prefetch(kernel.residual, specs[c], frames[c], self.ops[c])
+                self.programs.prefetch(subtract, specs[c], specs[c])
 
     def free(self) -> None:
         for d in self.decomps:

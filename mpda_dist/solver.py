@@ -364,7 +364,11 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
         hier.programs.prefetch(kernel.shift_messages, msg, bp, field, frame, op, s.c)
         if s.anderson:
             hist = jax.ShapeDtypeStruct((s.anderson + 1, *field.shape), hier.dtype)
+            gamma = jax.ShapeDtypeStruct((s.anderson,), hier.dtype)
             hier.programs.prefetch(anderson.record, hist, hist, field, frame, op)
+            hier.programs.prefetch(anderson.mixed, hist, hist, gamma, op.diag)
+            hier.programs.prefetch(add, field, field)
+        hier.programs.prefetch(kernel.residual, field, frame, op)
         for n, delta in sorted(calls):
             if s.freeze_precisions:
                 args = (msg, msg, bp, msg, op, halo, p)
@@ -416,7 +420,10 @@ def solve(
     hier = Hierarchy(comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype)
     for sm in hier.smoothers:  # coarse visits run the level solves' compiled calls
         sm.chunk = s.check_every
-    _prefetch(hier, s, range(1 if len(hier.levels) > 1 else 0, len(hier.levels)))
+    mp_levels = range(1 if len(hier.levels) > 1 else 0, len(hier.levels))
+    _prefetch(hier, s, mp_levels)
+    if s.cycle == "fas":
+        hier.prefetch(mp_levels)
     setup = time.perf_counter() - t0
     nlev = len(hier.levels)
     resume_level = comm.bcast(resume.level if resume is not None else 0, root=0)
