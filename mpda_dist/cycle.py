@@ -273,8 +273,11 @@ class Hierarchy:
         params: kernel.Params,
         momentum: float,
         dtype: Any,
+        programs: Programs | None = None,
     ) -> None:
         self.dtype = np.dtype(dtype)
+        # every level's programs, and its visits' in the corrections
+        self.programs = programs if programs is not None else Programs()
         top = levels[-1]
         decomps = [Decomposition(comm, top.interior, grid, periodic)]
         kept = [top]
@@ -324,7 +327,6 @@ class Hierarchy:
                     self.levels[0].ny,
                 )
             self.coarse = ExactCoarse(self.decomps[0], self.ops[0], self.levels[0].periodic_x)
-        self.programs = Programs()  # every level's, and its visits in corrections
         self.smoothers = [
             Smoother(d, op, params, momentum, self.dtype, 3000 + 100 * i, programs=self.programs)
             for i, (d, op) in enumerate(zip(self.decomps, self.ops, strict=True))

@@ -12,10 +12,12 @@ the JAX version, the device (on a CPU, its instruction set) and the XLA flags.  
 process loads it without tracing.
 
 Only programs that XLA compiled in this process are stored: an executable that JAX's
-cache loaded does not serialize whole (on a CPU its copy fails when run).  Files are
-written whole (rename into place), so ranks that compile the same program at once never
-read half of one; a file that does not load is removed and the program compiled again.
-The files are pickles: the directory must be as private as the user's own cache.  Each
+cache loaded does not serialize whole (on a CPU its copy fails when run).  Each jitted
+function is named ``<name>_<source digest>``, so JAX's cache holds a program of this
+version only if the store once did (delete the two caches together).  Files are written
+whole (rename into place), so ranks that compile the same program at once never read
+half of one; a file that does not load is removed and the program compiled again.  The
+files are pickles: the directory is created private and not used unless it is.  Each
 version of the package adds its own files; delete the directory to reclaim the space.
 
 The solver times compilation apart from solving (``LevelResult.compile_seconds``): one
@@ -26,6 +28,7 @@ solve and its visits inside the corrections of finer levels run the same program
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -34,6 +37,7 @@ import os
 import pickle
 import platform
 import tempfile
+import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -91,45 +95,84 @@ def _device_of(args: Any) -> Any:
     return default if isinstance(default, jax.Device) else jax.devices()[0]
 
 
-_HITS = [0]
+_HITS = threading.local()  # JAX cache hits, per thread: the event comes in the compiling one
 _LISTENING = [False]
 
 
 def _jax_cache_hits() -> int:
-    """Executables loaded from JAX's persistent cache so far in this process."""
+    """Executables that JAX's persistent cache loaded in this thread so far."""
     if not _LISTENING[0]:
 
         def count(event: str, **_: Any) -> None:
             if event == "/jax/compilation_cache/cache_hits":
-                _HITS[0] += 1
+                _HITS.n = getattr(_HITS, "n", 0) + 1
 
         jax.monitoring.register_event_listener(count)
         _LISTENING[0] = True
-    return _HITS[0]
+    return getattr(_HITS, "n", 0)
+
+
+def _compile_fresh(lowered: Any) -> tuple[Any, bool]:
+    """``lowered.compile()``, and whether XLA compiled it in this thread (not JAX's
+    cache).  An executable that JAX's cache loaded does not serialize whole: on a CPU
+    its copy fails when run (a fused function is missing), and so does one compiled
+    again in the same process, which XLA's CPU compiler builds from the same parts.
+    Such a program is not stored; the store's versioned names (:class:`Jit`) make this
+    rare."""
+    hits = _jax_cache_hits()
+    compiled = lowered.compile()
+    return compiled, _jax_cache_hits() == hits
 
 
 class Store:
-    """Serialized executables in one directory (None: nothing stored)."""
+    """Serialized executables in one directory (None: nothing stored).
+
+    The directory is created private (0700).  One that another user owns, or that others
+    may write to, is not used (the files are pickles: loading one runs its code)."""
 
     def __init__(self, root: str | os.PathLike | None) -> None:
         self.root = Path(root) if root else None
         self.loaded = 0
         self.saved = 0
+        self._checked = False
 
     @classmethod
     def from_env(cls) -> Store:
         return cls(os.environ.get(CACHE_ENV) or None)
 
-    def path(self, name: str, sig: tuple, static: tuple, device: Any) -> Path | None:
-        if self.root is None or "<" in name:  # lambdas and locals have no stable name
+    def _usable(self) -> bool:
+        if self._checked or self.root is None:
+            return self.root is not None
+        self._checked = True
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = self.root.stat()
+        except OSError as exc:
+            log.warning("program cache %s not usable (%s): programs are not stored", self.root, exc)
+            self.root = None
+            return False
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            log.warning(
+                "program cache %s is not private (owner uid %d, mode %o): not used; "
+                "remove it or point %s at a directory of your own",
+                self.root,
+                st.st_uid,
+                st.st_mode & 0o777,
+                CACHE_ENV,
+            )
+            self.root = None
+            return False
+        return True
+
+    def path(self, name: str, key: tuple, device: Any) -> Path | None:
+        if "<" in name or not self._usable():  # lambdas and locals have no stable name
             return None
         import jaxlib
 
-        key = repr(
+        text = repr(
             (
                 name,
-                sig,
-                static,
+                key,
                 _source_digest(),
                 jax.__version__,
                 jaxlib.__version__,
@@ -138,11 +181,10 @@ class Store:
                 device.device_kind,
                 device.id,
                 _host_features() if device.platform == "cpu" else "",
-                bool(jax.config.jax_enable_x64),
                 tuple(os.environ.get(v, "") for v in _KEY_ENV),
             )
         )
-        digest = hashlib.sha256(key.encode()).hexdigest()[:40]
+        digest = hashlib.sha256(text.encode()).hexdigest()[:40]
         return self.root / f"{name.rsplit('.', 1)[-1]}-{digest}.pkl"
 
     def load(self, path: Path | None) -> Any:
@@ -155,7 +197,8 @@ class Store:
             compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
         except Exception as exc:  # damaged or stale: compile again
             log.debug("program cache: %s does not load (%s); compiling", path, exc)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             return None
         self.loaded += 1
         return compiled
@@ -165,16 +208,21 @@ class Store:
             return
         from jax.experimental import serialize_executable
 
+        tmp = None
         try:
             blob = zlib.compress(pickle.dumps(serialize_executable.serialize(compiled)), 1)
-            path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pkl")
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
             os.replace(tmp, path)
+            tmp = None
             self.saved += 1
-        except Exception as exc:  # not serializable here, or a read-only directory
+        except Exception as exc:  # not serializable here, a full or read-only disk
             log.debug("program cache: %s not written (%s)", path, exc)
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
 
 _STORE: Store | None = None
@@ -203,14 +251,15 @@ class Jit:
         self.name = f"{fun.__module__}.{fun.__qualname__}"
         # The program's name carries the source digest, so JAX's own cache keys differ
         # with every version of the package, as the store's do: a program that the
-        # store lacks is compiled here, not loaded from JAX's cache (which could not be
-        # stored, see _compile).
+        # store lacks is rarely in JAX's cache (whose copies cannot be stored, see
+        # _compile_fresh).
         versioned = functools.wraps(fun)(lambda *a, **k: fun(*a, **k))
         versioned.__name__ = f"{fun.__name__}_{_source_digest()[:10]}"
         self.jitted = jax.jit(
             versioned, static_argnames=static_argnames, donate_argnums=donate_argnums
         )
         self.static = frozenset(static_argnames)
+        self.options = (tuple(static_argnames), tuple(donate_argnums))
         names = list(inspect.signature(fun).parameters)
         self.static_at = {i: n for i, n in enumerate(names) if n in self.static}
         self.programs: dict[Any, Any] = {}
@@ -227,7 +276,8 @@ class Jit:
         if unknown:
             raise TypeError(f"{self.name}: keyword arguments {sorted(unknown)} are not static")
         x64 = bool(jax.config.jax_enable_x64)
-        return args, static, (_signature(args), tuple(sorted(static.items())), x64)
+        sig = (_signature(args), jax.tree.structure(args))
+        return args, static, (sig, tuple(sorted(static.items())), x64)
 
     def compiled(self, *args: Any, **static: Any) -> tuple[Any, float]:
         """The compiled program for arguments like these (arrays, or
@@ -241,7 +291,10 @@ class Jit:
         t0 = time.perf_counter()
         job = self.pending.get(key)
         if job is not None:  # compiling in the background (prefetch): wait for it
-            return job.result(), time.perf_counter() - t0
+            try:
+                return job.result(), time.perf_counter() - t0
+            except Exception:  # cancelled, or failed there: compile here (and raise)
+                self.pending.pop(key, None)
         return self._compile(key, args, static), time.perf_counter() - t0
 
     def prefetch(self, pool: ThreadPoolExecutor, *args: Any, **static: Any) -> None:
@@ -255,21 +308,26 @@ class Jit:
             with jax.enable_x64(x64):  # the caller's setting, which is per thread
                 return self._compile(key, args, static)
 
-        self.pending[key] = pool.submit(work)
+        try:
+            # If work ends before this assignment, a done future is left here: compiled()
+            # finds the program in memory first, or retries a failed one itself.
+            self.pending[key] = pool.submit(work)
+        except RuntimeError:  # the pool was shut down: compile at first use instead
+            pass
 
     def _compile(self, key: tuple, args: tuple, static: dict) -> Any:
         try:
             st = store()
-            path = st.path(self.name, *key[:2], _device_of(args))
+            path = st.path(self.name, (key, self.options), _device_of(args))
             compiled = st.load(path)
             if compiled is None:
-                hits = _jax_cache_hits()
-                compiled = self.jitted.lower(*args, **static).compile()
-                # An executable that JAX's own cache loaded does not serialize whole (on
-                # a CPU its fused functions are missing when the copy runs): store only
-                # what XLA compiled here.  (Another thread's hit skips a save: harmless.)
-                if _jax_cache_hits() == hits:
-                    st.save(path, compiled)
+                lowered = self.jitted.lower(*args, **static)
+                if path is None:
+                    compiled = lowered.compile()
+                else:
+                    compiled, fresh = _compile_fresh(lowered)
+                    if fresh:
+                        st.save(path, compiled)
             self.programs[key] = compiled
             return compiled
         finally:
@@ -355,7 +413,8 @@ class Programs:
     def __call__(self, fn: Any, *args: Any, **static: Any) -> Any:
         """The compiled ``fn`` (a :class:`Jit`, or any ``jax.jit`` function) for
         arguments like ``args`` and these static ones."""
-        key = (fn, _signature(args), tuple(sorted(static.items())), bool(jax.config.jax_enable_x64))
+        sig = (_signature(args), jax.tree.structure(args))
+        key = (fn, sig, tuple(sorted(static.items())), bool(jax.config.jax_enable_x64))
         if key not in self.cache:
             if isinstance(fn, Jit):
                 self.cache[key], seconds = fn.compiled(*args, **static)
@@ -377,6 +436,13 @@ class Programs:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mpda-compile")
         fn.prefetch(self._pool, *args, **static)
+
+    def close(self) -> None:
+        """Drop the background compiles that have not started (a running one ends on
+        its own; the process does not wait for the rest at exit)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def __len__(self) -> int:
         return len(self.cache)

@@ -352,9 +352,14 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
         bp = msg if s.momentum else jax.ShapeDtypeStruct((0,), hier.dtype)
         halo = jax.ShapeDtypeStruct(sm.edge.shape, hier.dtype)
         neighbours = hier.decomps[i].has_neighbours
-        # (iterations per call, δ rule): the level's loop, then the coarse visits
+        # (iterations per call, δ rule): the level's loop; below the finest level also
+        # the coarse visits of the finer levels' corrections (Smoother.smooth)
         calls = {(s.every if neighbours else s.check_every, s.stopping == "delta")}
-        calls.add((1 if neighbours else s.check_every, False))
+        if s.cycle == "fas" and i < len(hier.levels) - 1:
+            chunk = 1 if neighbours else s.check_every
+            calls.add((chunk, False))
+            if s.smoothing % chunk:
+                calls.add((s.smoothing % chunk, False))
         if s.freeze_precisions:
             hier.programs.prefetch(kernel.iterate_a, msg, msg, op, halo, p, n=FREEZE_CHUNK)
             hier.programs.prefetch(kernel.gains, msg, op, halo, p)
@@ -405,6 +410,42 @@ def solve(
     ``resume`` (a :class:`checkpoint.State`, on rank 0; None elsewhere) continues a
     checkpointed run; ``checkpoint_path`` and ``requests`` enable writing them.
     """
+    programs = Programs()
+    try:
+        return _solve(
+            comm,
+            levels,
+            nodes,
+            lengthscale,
+            amplitude,
+            s,
+            process_grid,
+            resume,
+            checkpoint_path,
+            requests,
+            config_text,
+            periodic,
+            programs,
+        )
+    finally:
+        programs.close()  # an error or interrupt does not wait for queued compiles
+
+
+def _solve(
+    comm: Any,
+    levels: list[Level],
+    nodes: NodeObservations,
+    lengthscale: float,
+    amplitude: float,
+    s: Settings,
+    process_grid: tuple[int, int] | None,
+    resume: Any,
+    checkpoint_path: str | None,
+    requests: Any,
+    config_text: str,
+    periodic: tuple[bool, bool] | None,
+    programs: Programs,
+) -> SolveResult:
     from mpda_dist import io
     from mpda_dist.cycle import Hierarchy
 
@@ -417,7 +458,9 @@ def solve(
     per = levels[-1].periodic if periodic is None else periodic
     p = kernel.Params(s.c, s.damping)
     t0 = time.perf_counter()
-    hier = Hierarchy(comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype)
+    hier = Hierarchy(
+        comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype, programs
+    )
     for sm in hier.smoothers:  # coarse visits run the level solves' compiled calls
         sm.chunk = s.check_every
     mp_levels = range(1 if len(hier.levels) > 1 else 0, len(hier.levels))

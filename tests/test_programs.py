@@ -223,3 +223,70 @@ def test_compile_threads_come_from_the_environment(monkeypatch):
     monkeypatch.delenv(programs.THREADS_ENV)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert programs.compile_threads() == 2
+
+
+def test_a_program_that_jax_cache_loaded_is_not_stored(tmp_path):
+    """JAX's cache copy of an executable does not serialize whole (on a CPU the stored
+    copy fails when run): such a program runs, and the store stays without it."""
+    k = _unique_k()
+    programs.set_store(programs.Store(None))
+    try:
+        programs.jit(_traced_scale, static_argnames=("k",))(jnp.ones(3), k=k)  # JAX's cache
+        hits = programs._jax_cache_hits()
+        programs.set_store(programs.Store(tmp_path))
+        out = programs.jit(_traced_scale, static_argnames=("k",))(jnp.arange(3.0), k=k)
+        np.testing.assert_array_equal(out, k * np.arange(3.0))
+        if programs._jax_cache_hits() == hits:
+            pytest.skip("JAX's persistent cache is off in this environment")
+        assert programs.store().saved == 0 and list(tmp_path.iterdir()) == []
+    finally:
+        programs.set_store(None)
+
+
+def test_store_failures_never_fail_the_call(tmp_path, monkeypatch):
+    """A full disk leaves no temporary file; a damaged file that cannot be removed is
+    compiled again; a directory that others may write to is not used."""
+    programs.set_store(programs.Store(tmp_path))
+    try:
+        k = _unique_k()
+
+        def full(*_):
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as m:
+            m.setattr(programs.os, "replace", full)
+            out = programs.jit(_traced_scale, static_argnames=("k",))(jnp.ones(2), k=k)
+        assert out[0] == k and list(tmp_path.iterdir()) == [] and programs.store().saved == 0
+
+        programs.jit(_traced_scale, static_argnames=("k",))(jnp.ones(5), k=k)
+        (path,) = tmp_path.iterdir()
+        path.write_bytes(b"damaged")
+
+        def refuse(*_, **__):
+            raise PermissionError("read-only")
+
+        with monkeypatch.context() as m:
+            m.setattr(type(path), "unlink", refuse)
+            out = programs.jit(_traced_scale, static_argnames=("k",))(jnp.ones(5), k=k)
+        assert out[0] == k and programs.store().loaded == 0
+
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o777)
+        shared.chmod(0o777)
+        programs.set_store(programs.Store(shared))
+        programs.jit(_traced_scale, static_argnames=("k",))(jnp.ones(7), k=k)
+        assert programs.store().root is None and list(shared.iterdir()) == []
+    finally:
+        programs.set_store(None)
+
+
+def test_closing_drops_queued_compiles_and_later_calls_compile_themselves():
+    p = programs.Programs(threads=2)
+    f = programs.jit(_traced_scale, static_argnames=("k",))
+    ks = [_unique_k() for _ in range(8)]
+    for k in ks:
+        p.prefetch(f, jax.ShapeDtypeStruct((3,), jnp.float32), k=k)
+    p.close()
+    for k in ks:  # whether it ran, was cancelled or never started
+        np.testing.assert_array_equal(f(jnp.ones(3), k=k), k * np.ones(3))
+    assert not f.pending
