@@ -7,6 +7,7 @@ path.  Rank 0 holds the level schedule and the whole-grid messages between level
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -410,168 +411,135 @@ def solve(
     ``resume`` (a :class:`checkpoint.State`, on rank 0; None elsewhere) continues a
     checkpointed run; ``checkpoint_path`` and ``requests`` enable writing them.
     """
-    programs = Programs()
-    try:
-        return _solve(
-            comm,
-            levels,
-            nodes,
-            lengthscale,
-            amplitude,
-            s,
-            process_grid,
-            resume,
-            checkpoint_path,
-            requests,
-            config_text,
-            periodic,
-            programs,
+    # The background compiles end with the solve: an error or an interrupt does not
+    # wait for the queued ones.
+    with contextlib.closing(Programs()) as programs:
+        from mpda_dist import io
+        from mpda_dist.cycle import Hierarchy
+
+        size, rank = comm.Get_size(), comm.Get_rank()
+        dtype = jnp.dtype(s.dtype)
+        grid = None
+        if process_grid is not None:
+            grid = (process_grid[1], process_grid[0])
+            check_grid(grid, size, levels[-1].interior)
+        per = levels[-1].periodic if periodic is None else periodic
+        p = kernel.Params(s.c, s.damping)
+        t0 = time.perf_counter()
+        hier = Hierarchy(
+            comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype, programs
         )
-    finally:
-        programs.close()  # an error or interrupt does not wait for queued compiles
-
-
-def _solve(
-    comm: Any,
-    levels: list[Level],
-    nodes: NodeObservations,
-    lengthscale: float,
-    amplitude: float,
-    s: Settings,
-    process_grid: tuple[int, int] | None,
-    resume: Any,
-    checkpoint_path: str | None,
-    requests: Any,
-    config_text: str,
-    periodic: tuple[bool, bool] | None,
-    programs: Programs,
-) -> SolveResult:
-    from mpda_dist import io
-    from mpda_dist.cycle import Hierarchy
-
-    size, rank = comm.Get_size(), comm.Get_rank()
-    dtype = jnp.dtype(s.dtype)
-    grid = None
-    if process_grid is not None:
-        grid = (process_grid[1], process_grid[0])
-        check_grid(grid, size, levels[-1].interior)
-    per = levels[-1].periodic if periodic is None else periodic
-    p = kernel.Params(s.c, s.damping)
-    t0 = time.perf_counter()
-    hier = Hierarchy(
-        comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype, programs
-    )
-    for sm in hier.smoothers:  # coarse visits run the level solves' compiled calls
-        sm.chunk = s.check_every
-    mp_levels = range(1 if len(hier.levels) > 1 else 0, len(hier.levels))
-    _prefetch(hier, s, mp_levels)
-    if s.cycle == "fas":
-        hier.prefetch(mp_levels)
-    setup = time.perf_counter() - t0
-    nlev = len(hier.levels)
-    resume_level = comm.bcast(resume.level if resume is not None else 0, root=0)
-    if resume is not None and rank == 0 and resume.levels not in (0, nlev):
-        raise io.InputError(
-            f"the checkpoint was written with {resume.levels} multigrid levels but this run "
-            f"has {nlev} (blocks of a coarse level need 4 nodes a side): resume with the "
-            "process grid and solver.multigrid settings that wrote it"
-        )
-    results: list[LevelResult] = []
-    if rank == 0 and resume is not None:
-        results = [LevelResult(**_tuples(d)) for d in resume.finished]
-    results = comm.bcast(results if rank == 0 else None, root=0)
-
-    def level_result(i: int) -> LevelResult:
-        lv, d = hier.levels[i], hier.decomps[i]
-        pg = d.blocks.grid
-        return LevelResult((lv.ny, lv.nx), size, (pg[1], pg[0]))
-
-    mean = None
-    if nlev > 1 and resume_level == 0:
-        res = level_result(0)
-        res.solver, res.status, res.residual = "exact", CONVERGED, 0.0
-        mean = hier.coarse.solve(hier.ops[0].rhs)
-        res.solve_seconds, res.setup_seconds = hier.coarse.seconds, setup
-        results.append(res)
-        _log_level(rank, 0, nlev, hier, res)
-    first = 1 if nlev > 1 else 0
-    for i in range(max(first, resume_level), nlev):
-        sm, op, decomp = hier.smoothers[i], hier.ops[i], hier.decomps[i]
-        res = level_result(i)
-        if rank == 0:
-            lv = hier.levels[i]
-            log.info(
-                "level %d/%d: %d x %d points, %d rank(s) as %d x %d",
-                i + 1,
-                nlev,
-                lv.nx,
-                lv.ny,
-                size,
-                *res.process_grid,
+        for sm in hier.smoothers:  # coarse visits run the level solves' compiled calls
+            sm.chunk = s.check_every
+        mp_levels = range(1 if len(hier.levels) > 1 else 0, len(hier.levels))
+        _prefetch(hier, s, mp_levels)
+        if s.cycle == "fas":
+            hier.prefetch(mp_levels)
+        setup = time.perf_counter() - t0
+        nlev = len(hier.levels)
+        resume_level = comm.bcast(resume.level if resume is not None else 0, root=0)
+        if resume is not None and rank == 0 and resume.levels not in (0, nlev):
+            raise io.InputError(
+                f"the checkpoint was written with {resume.levels} multigrid levels but this run "
+                f"has {nlev} (blocks of a coarse level need 4 nodes a side): resume with the "
+                "process grid and solver.multigrid settings that wrote it"
             )
-        start = None
-        has_resume = comm.bcast(resume is not None, root=0) if i == resume_level else False
-        if has_resume:
-            start = _scatter_resume(hier, resume, i, dtype)
-            a0, b0 = jax.device_put(start.a), jax.device_put(start.b)
-        elif i == 0:
-            a0 = zeros((12,) + decomp.shape, dtype)
-            b0 = on_device(np.full((12,) + decomp.shape, 1e-8, dtype))
-        else:
-            a0, b0 = hier.start(i, mean)
-        correct = None
-        if i > 0 and s.cycle == "fas":
+        results: list[LevelResult] = []
+        if rank == 0 and resume is not None:
+            results = [LevelResult(**_tuples(d)) for d in resume.finished]
+        results = comm.bcast(results if rank == 0 else None, root=0)
 
-            def correct(x, r, i=i):
-                return hier.correction(i, x, r, s.smoothing)
+        def level_result(i: int) -> LevelResult:
+            lv, d = hier.levels[i], hier.decomps[i]
+            pg = d.blocks.grid
+            return LevelResult((lv.ny, lv.nx), size, (pg[1], pg[0]))
 
-        saver = None
-        if checkpoint_path is not None:
-
-            def saver(it, a, b, bp, best, delta0, frozen, acc, i=i):
-                _save(
-                    hier,
-                    checkpoint_path,
-                    config_text,
-                    results,
-                    i,
-                    it,
-                    a,
-                    b,
-                    bp,
-                    best,
-                    delta0,
-                    frozen,
-                    acc,
+        mean = None
+        if nlev > 1 and resume_level == 0:
+            res = level_result(0)
+            res.solver, res.status, res.residual = "exact", CONVERGED, 0.0
+            mean = hier.coarse.solve(hier.ops[0].rhs)
+            res.solve_seconds, res.setup_seconds = hier.coarse.seconds, setup
+            results.append(res)
+            _log_level(rank, 0, nlev, hier, res)
+        first = 1 if nlev > 1 else 0
+        for i in range(max(first, resume_level), nlev):
+            sm, op, decomp = hier.smoothers[i], hier.ops[i], hier.decomps[i]
+            res = level_result(i)
+            if rank == 0:
+                lv = hier.levels[i]
+                log.info(
+                    "level %d/%d: %d x %d points, %d rank(s) as %d x %d",
+                    i + 1,
+                    nlev,
+                    lv.nx,
+                    lv.ny,
+                    size,
+                    *res.process_grid,
                 )
+            start = None
+            has_resume = comm.bcast(resume is not None, root=0) if i == resume_level else False
+            if has_resume:
+                start = _scatter_resume(hier, resume, i, dtype)
+                a0, b0 = jax.device_put(start.a), jax.device_put(start.b)
+            elif i == 0:
+                a0 = zeros((12,) + decomp.shape, dtype)
+                b0 = on_device(np.full((12,) + decomp.shape, 1e-8, dtype))
+            else:
+                a0, b0 = hier.start(i, mean)
+            correct = None
+            if i > 0 and s.cycle == "fas":
 
-        a, b, bp, g = solve_level(
-            decomp,
-            op,
-            a0,
-            b0,
-            s,
-            res,
-            start=start,
-            saver=saver,
-            requests=requests,
-            correct=correct,
-            programs=hier.programs,
-        )
-        sm.a, sm.b, sm.bp, sm.g = a, b, (bp if s.momentum else zeros((0,), dtype)), g
-        mean = sm.mean(op)
-        results.append(res)
-        _log_level(rank, i, nlev, hier, res)
-        if res.status in (DIVERGED, INTERRUPTED):
-            break
-    for i, sm in enumerate(hier.smoothers):
-        if i < len(results):
-            results[i].cycle_iterations = sm.iterations
-    anomaly = None
-    if results[-1].status not in (DIVERGED, INTERRUPTED) and len(results) == nlev:
-        anomaly = hier.decomps[-1].gather(np.asarray(mean, np.float64))
-    hier.free()
-    return SolveResult(results, anomaly if rank == 0 else None)
+                def correct(x, r, i=i):
+                    return hier.correction(i, x, r, s.smoothing)
+
+            saver = None
+            if checkpoint_path is not None:
+
+                def saver(it, a, b, bp, best, delta0, frozen, acc, i=i):
+                    _save(
+                        hier,
+                        checkpoint_path,
+                        config_text,
+                        results,
+                        i,
+                        it,
+                        a,
+                        b,
+                        bp,
+                        best,
+                        delta0,
+                        frozen,
+                        acc,
+                    )
+
+            a, b, bp, g = solve_level(
+                decomp,
+                op,
+                a0,
+                b0,
+                s,
+                res,
+                start=start,
+                saver=saver,
+                requests=requests,
+                correct=correct,
+                programs=hier.programs,
+            )
+            sm.a, sm.b, sm.bp, sm.g = a, b, (bp if s.momentum else zeros((0,), dtype)), g
+            mean = sm.mean(op)
+            results.append(res)
+            _log_level(rank, i, nlev, hier, res)
+            if res.status in (DIVERGED, INTERRUPTED):
+                break
+        for i, sm in enumerate(hier.smoothers):
+            if i < len(results):
+                results[i].cycle_iterations = sm.iterations
+        anomaly = None
+        if results[-1].status not in (DIVERGED, INTERRUPTED) and len(results) == nlev:
+            anomaly = hier.decomps[-1].gather(np.asarray(mean, np.float64))
+        hier.free()
+        return SolveResult(results, anomaly if rank == 0 else None)
 
 
 def _log_level(rank: int, i: int, nlev: int, hier: Any, res: LevelResult) -> None:
