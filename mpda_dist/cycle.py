@@ -100,8 +100,8 @@ class Transfer:
         y, x = self.y, self.x
         prolong = (y.prolong, y.weight, x.prolong, x.weight)
         programs.prefetch(_prolong_jit, coarse, coarse_frame, *prolong)
-        programs.prefetch(_inject_jit, fine, y.inject, x.inject)
-        if msg is not None:
+        if msg is not None:  # the corrections inject into a message-passing level only
+            programs.prefetch(_inject_jit, fine, y.inject, x.inject)
             programs.prefetch(_copy_up_jit, msg, *self._parents(msg.shape), w)
 
 

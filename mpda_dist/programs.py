@@ -226,6 +226,9 @@ class Store:
 
 
 _STORE: Store | None = None
+# Seconds that callers (not the background threads) spent compiling, loading or
+# waiting for programs: what a level's compile_seconds counts, whichever call it was.
+_CLOCK = [0.0]
 
 
 def store() -> Store:
@@ -289,13 +292,16 @@ class Jit:
         if hit is not None:
             return hit, 0.0
         t0 = time.perf_counter()
-        job = self.pending.get(key)
-        if job is not None:  # compiling in the background (prefetch): wait for it
-            try:
-                return job.result(), time.perf_counter() - t0
-            except Exception:  # cancelled, or failed there: compile here (and raise)
-                self.pending.pop(key, None)
-        return self._compile(key, args, static), time.perf_counter() - t0
+        try:
+            job = self.pending.get(key)
+            if job is not None:  # compiling in the background (prefetch): wait for it
+                try:
+                    return job.result(), time.perf_counter() - t0
+                except Exception:  # cancelled, or failed there: compile here (and raise)
+                    self.pending.pop(key, None)
+            return self._compile(key, args, static), time.perf_counter() - t0
+        finally:
+            _CLOCK[0] += time.perf_counter() - t0
 
     def prefetch(self, pool: ThreadPoolExecutor, *args: Any, **static: Any) -> None:
         """Start compiling (or loading) the program for these arguments in ``pool``."""
@@ -406,7 +412,7 @@ class Programs:
 
     def __init__(self, threads: int | None = None) -> None:
         self.cache: dict[Any, Any] = {}
-        self.seconds = 0.0
+        self._start = _CLOCK[0]
         self.threads = compile_threads() if threads is None else threads
         self._pool: ThreadPoolExecutor | None = None
 
@@ -417,13 +423,18 @@ class Programs:
         key = (fn, sig, tuple(sorted(static.items())), bool(jax.config.jax_enable_x64))
         if key not in self.cache:
             if isinstance(fn, Jit):
-                self.cache[key], seconds = fn.compiled(*args, **static)
+                self.cache[key] = fn.compiled(*args, **static)[0]
             else:
                 t0 = time.perf_counter()
                 self.cache[key] = fn.lower(*args, **static).compile()
-                seconds = time.perf_counter() - t0
-            self.seconds += seconds
+                _CLOCK[0] += time.perf_counter() - t0
         return self.cache[key]
+
+    @property
+    def seconds(self) -> float:
+        """Seconds this thread spent compiling, loading or waiting for programs since
+        this object was made, by any call (direct calls of :func:`jit` functions too)."""
+        return _CLOCK[0] - self._start
 
     def prefetch(self, fn: Jit, *args: Any, **static: Any) -> None:
         """Compile ``fn`` for these arguments (``jax.ShapeDtypeStruct`` will do) in a
