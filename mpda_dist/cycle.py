@@ -83,26 +83,12 @@ class Transfer:
         """Each fine node takes the (leading-axes) values of its first coarse parent,
         clamped to the coarse block, where ``weights`` is non-zero (else 0): a starting
         point for the ``a`` messages."""
-        return _copy_up_jit(coarse, *self._parents(coarse.shape), weights)
+        return _copy_up_jit(coarse, *self.parents(coarse.shape), weights)
 
-    def _parents(self, coarse_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def parents(self, coarse_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         iy = np.clip(self.y.prolong[:, 0] - 2, 0, coarse_shape[-2] - 1)
         ix = np.clip(self.x.prolong[:, 0] - 2, 0, coarse_shape[-1] - 1)
         return iy, ix
-
-    def prefetch(
-        self, programs: Programs, fine: Any, coarse: Any, coarse_frame: Any, msg: Any, w: Any
-    ) -> None:
-        """Start compiling this transfer's programs (:meth:`Programs.prefetch`) for
-        the fine and coarse field specs, the coarse frame, the coarse messages' spec
-        (None: the coarse level is solved exactly and has no messages) and the fine
-        weights ``w``."""
-        y, x = self.y, self.x
-        prolong = (y.prolong, y.weight, x.prolong, x.weight)
-        programs.prefetch(_prolong_jit, coarse, coarse_frame, *prolong)
-        if msg is not None:  # the corrections inject into a message-passing level only
-            programs.prefetch(_inject_jit, fine, y.inject, x.inject)
-            programs.prefetch(_copy_up_jit, msg, *self._parents(msg.shape), w)
 
 
 def _inject(x: Array, iy: Any, ix: Any) -> Array:
@@ -353,25 +339,39 @@ class Hierarchy:
             ops.append(kernel.Operator(diag, on_device(pr.weights, dt), h))
         return ops[::-1]
 
-    def prefetch(self, levels: range) -> None:
-        """Start compiling the programs that the coarse-grid corrections and the level
-        starts of ``levels`` run (the transfers, the FAS right-hand side, the coarse
-        residual): with :func:`solver._prefetch`, a solve on one rank compiles nothing
-        on first use."""
-        specs = [jax.ShapeDtypeStruct(d.shape, self.dtype) for d in self.decomps]
-        frames = [jax.ShapeDtypeStruct(f.edge.shape, self.dtype) for f in self.frames]
-        for i in levels:
-            if i == 0:
-                continue
-            c = i - 1
-            msg = jax.ShapeDtypeStruct((12, *specs[c].shape), self.dtype) if c > 0 else None
-            self.transfers[i].prefetch(
-                self.programs, specs[i], specs[c], frames[c], msg, self.ops[i].weights
-            )
-            if c > 0:  # a coarse level visited by this level's corrections
-                self.programs.prefetch(_fas_rhs, specs[c], frames[c], self.ops[c], specs[c])
-                self.programs.prefetch(kernel.residual, specs[c], frames[c], self.ops[c])
-                self.programs.prefetch(subtract, specs[c], specs[c])
+    def _specs(self, i: int) -> tuple[Any, Any]:
+        """Level ``i``'s field and frame as ``jax.ShapeDtypeStruct``."""
+        return (
+            jax.ShapeDtypeStruct(self.decomps[i].shape, self.dtype),
+            jax.ShapeDtypeStruct(self.frames[i].edge.shape, self.dtype),
+        )
+
+    def prefetch_start(self, i: int) -> None:
+        """Start compiling what :meth:`start` runs for level ``i > 0``
+        (:meth:`Programs.prefetch`); the prolongation serves its corrections too."""
+        t, c = self.transfers[i], i - 1
+        field, frame = self._specs(c)
+        y, x = t.y, t.x
+        self.programs.prefetch(_prolong_jit, field, frame, y.prolong, y.weight, x.prolong, x.weight)
+        if c > 0:
+            msg = jax.ShapeDtypeStruct((12, *field.shape), self.dtype)
+            weights = self.ops[i].weights
+            self.programs.prefetch(_copy_up_jit, msg, *t.parents(msg.shape), weights)
+
+    def prefetch_corrections(self, i: int) -> None:
+        """Start compiling what :meth:`correction` runs for level ``i`` besides the
+        coarse level's own programs (the injection, the FAS right-hand side, the
+        coarse residual)."""
+        c = i - 1
+        if c <= 0:  # the coarsest level is solved exactly
+            return
+        t = self.transfers[i]
+        fine, _ = self._specs(i)
+        field, frame = self._specs(c)
+        self.programs.prefetch(_inject_jit, fine, t.y.inject, t.x.inject)
+        self.programs.prefetch(_fas_rhs, field, frame, self.ops[c], field)
+        self.programs.prefetch(kernel.residual, field, frame, self.ops[c])
+        self.programs.prefetch(subtract, field, field)
 
     def free(self) -> None:
         for d in self.decomps:

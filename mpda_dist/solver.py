@@ -347,35 +347,28 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
     :func:`_freeze` and the coarse visits (:meth:`cycle.Smoother.smooth`) make, from
     the shapes alone.  What is not prefetched compiles at its first call as before."""
     p = kernel.Params(s.c, s.damping)
-    for i in levels:
+    for i in levels:  # in the order of use: the start, the level's loop, its corrections
+        if i > 0:
+            hier.prefetch_start(i)
         sm, op = hier.smoothers[i], hier.ops[i]
         msg = jax.ShapeDtypeStruct((12, *hier.decomps[i].shape), hier.dtype)
         bp = msg if s.momentum else jax.ShapeDtypeStruct((0,), hier.dtype)
         halo = jax.ShapeDtypeStruct(sm.edge.shape, hier.dtype)
         neighbours = hier.decomps[i].has_neighbours
-        # (iterations per call, δ rule): the level's loop; below the finest level also
-        # the coarse visits of the finer levels' corrections (Smoother.smooth)
-        calls = {(s.every if neighbours else s.check_every, s.stopping == "delta")}
+        # (iterations per call, δ rule): the level's loop first; below the finest level
+        # also the coarse visits of the finer levels' corrections (Smoother.smooth)
+        calls = [(s.every if neighbours else s.check_every, s.stopping == "delta")]
         if s.cycle == "fas" and i < len(hier.levels) - 1:
             chunk = 1 if neighbours else s.check_every
-            calls.add((chunk, False))
-            if s.smoothing % chunk:
-                calls.add((s.smoothing % chunk, False))
+            calls += [(chunk, False)] + (
+                [(s.smoothing % chunk, False)] if s.smoothing % chunk else []
+            )
+        field = jax.ShapeDtypeStruct(hier.decomps[i].shape, hier.dtype)
+        frame = jax.ShapeDtypeStruct(hier.frames[i].edge.shape, hier.dtype)
         if s.freeze_precisions:
             hier.programs.prefetch(kernel.iterate_a, msg, msg, op, halo, p, n=FREEZE_CHUNK)
             hier.programs.prefetch(kernel.gains, msg, op, halo, p)
-        field = jax.ShapeDtypeStruct(hier.decomps[i].shape, hier.dtype)
-        frame = jax.ShapeDtypeStruct(hier.frames[i].edge.shape, hier.dtype)
-        hier.programs.prefetch(kernel.marginal_mean, msg, msg, op, p)
-        hier.programs.prefetch(kernel.shift_messages, msg, bp, field, frame, op, s.c)
-        if s.anderson:
-            hist = jax.ShapeDtypeStruct((s.anderson + 1, *field.shape), hier.dtype)
-            gamma = jax.ShapeDtypeStruct((s.anderson,), hier.dtype)
-            hier.programs.prefetch(anderson.record, hist, hist, field, frame, op)
-            hier.programs.prefetch(anderson.mixed, hist, hist, gamma, op.diag)
-            hier.programs.prefetch(add, field, field)
-        hier.programs.prefetch(kernel.residual, field, frame, op)
-        for n, delta in sorted(calls):
+        for n, delta in calls:  # (a repeated one is prefetched once)
             if s.freeze_precisions:
                 args = (msg, msg, bp, msg, op, halo, p)
                 hier.programs.prefetch(
@@ -384,6 +377,18 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
             else:
                 args = (msg, msg, bp, op, halo, p)
                 hier.programs.prefetch(kernel.iterate, *args, n=n, momentum=s.momentum, delta=delta)
+        hier.programs.prefetch(kernel.marginal_mean, msg, msg, op, p)
+        hist = jax.ShapeDtypeStruct((s.anderson + 1, *field.shape), hier.dtype)
+        if s.anderson:
+            hier.programs.prefetch(anderson.record, hist, hist, field, frame, op)
+        hier.programs.prefetch(kernel.residual, field, frame, op)
+        hier.programs.prefetch(kernel.shift_messages, msg, bp, field, frame, op, s.c)
+        if s.anderson:
+            gamma = jax.ShapeDtypeStruct((s.anderson,), hier.dtype)
+            hier.programs.prefetch(anderson.mixed, hist, hist, gamma, op.diag)
+            hier.programs.prefetch(add, field, field)
+        if s.cycle == "fas":
+            hier.prefetch_corrections(i)
 
 
 def solve(
@@ -433,8 +438,6 @@ def solve(
             sm.chunk = s.check_every
         mp_levels = range(1 if len(hier.levels) > 1 else 0, len(hier.levels))
         _prefetch(hier, s, mp_levels)
-        if s.cycle == "fas":
-            hier.prefetch(mp_levels)
         setup = time.perf_counter() - t0
         nlev = len(hier.levels)
         resume_level = comm.bcast(resume.level if resume is not None else 0, root=0)
@@ -478,6 +481,7 @@ def solve(
                     *res.process_grid,
                 )
             start = None
+            waited = programs.seconds  # for the programs of the start, too
             has_resume = comm.bcast(resume is not None, root=0) if i == resume_level else False
             if has_resume:
                 start = _scatter_resume(hier, resume, i, dtype)
@@ -526,6 +530,7 @@ def solve(
                 correct=correct,
                 programs=hier.programs,
             )
+            res.compile_seconds = programs.seconds - waited
             sm.a, sm.b, sm.bp, sm.g = a, b, (bp if s.momentum else zeros((0,), dtype)), g
             mean = sm.mean(op)
             results.append(res)
