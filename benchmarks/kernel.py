@@ -101,23 +101,24 @@ def bench_size(
     C.block((op, a, b, halo))
     setup = time.perf_counter() - t0
     p = kernel.Params(c, damping)
-    args: tuple = (a, b, bp, op, halo, p)
-    fn = kernel.iterate
+    g = None
     if frozen:
         a, b, bp, _, _ = kernel.iterate(a, b, bp, op, halo, p, n=60, momentum=0.0)
-        fn, args = kernel.update_call(a, b, bp, kernel.gains(a, op, halo, p), op, halo, p)
-    # delta=False: the program the solver runs with the residual rule (the default)
+        g = kernel.gains(a, op, halo, p)
     if momentum:
-        args = (*args[:2], jnp.array(args[1]), *args[3:])
+        bp = jnp.array(b)
+    # the program the solver runs (kernel.update_call; with the residual rule, the
+    # default, delta=False)
+    fn, args = kernel.update_call(a, b, bp, g, op, halo, p, iters)
     compile_s, step = C.compile_timed(fn, *args, n=iters, momentum=momentum, delta=False, form=form)
     # one untimed call: first-touch page faults and thread-pool start-up
     a, b, bp, out, d = C.block(step(*args))
-    rest = args[3:]
     busy = C.wait_for_quiet(quiet) if quiet > 0 else C.cpu_busy(0.5)
     per_iter = []
     for _ in range(repeats):
+        _, args = kernel.update_call(a, b, bp, g, op, halo, p, iters)
         t0 = time.perf_counter()
-        a, b, bp, out, d = step(a, b, bp, *rest)
+        a, b, bp, out, d = step(*args)
         jax.block_until_ready((a, b, bp, out, d))
         per_iter.append((time.perf_counter() - t0) / iters)
     if not np.all(np.isfinite(np.asarray(d))):

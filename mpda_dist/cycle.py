@@ -220,7 +220,7 @@ class Smoother:
         done = 0
         while done < n:
             k = min(chunk, n - done)
-            fn, args = kernel.update_call(self.a, self.b, self.bp, self.g, op, halo, self.params)
+            fn, args = kernel.update_call(self.a, self.b, self.bp, self.g, op, halo, self.params, k)
             step = self.programs(fn, *args, n=k, momentum=self.momentum, delta=False)
             self.a, self.b, self.bp, out, _ = step(*args)
             done += k

@@ -12,6 +12,8 @@ from this rank across a periodic seam, or is the constant at a domain edge.
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -22,7 +24,7 @@ from jax import lax
 
 from mpda_dist._offsets import NSLOTS, OFFSETS, OPPOSITE
 from mpda_dist.halo import DIRECTIONS, Layout, Piece, field_layout, message_layout
-from mpda_dist.programs import jit
+from mpda_dist.programs import Jit, jit
 
 Array = jax.Array
 
@@ -256,7 +258,11 @@ def _precision_term(op: Operator, p: Params):
     return term
 
 
-@jit(static_argnames=("n", "momentum", "delta", "form"), donate_argnums=(0, 1, 2))
+# The updates' jit options: ``a``, ``b`` and ``b_prev`` are donated (see update_call).
+_UPDATE = {"static_argnames": ("n", "momentum", "delta", "form"), "donate_argnums": (0, 1, 2)}
+
+
+@jit(**_UPDATE)
 def iterate(
     a: Array,
     b: Array,
@@ -307,8 +313,16 @@ def iterate(
         A2, B2 = _node_sum(op.diag, a2, p.c), _node_sum(op.rhs, b2, p.c)
         return a2, b2, A2, B2, (b if momentum else bp)
 
-    start = (a, b, _node_sum(op.diag, a, p.c), _node_sum(op.rhs, b, p.c), b_prev)
-    (a, b, _, _, b_prev), prev = _loop(step, start, n, delta, border.form == "pads")
+    def sums(a: Array, b: Array) -> tuple[Array, Array]:
+        return _node_sum(op.diag, a, p.c), _node_sum(op.rhs, b, p.c)
+
+    def refresh(s: tuple, i: Array) -> tuple:
+        a, b, A, B, bp = s
+        return a, b, *_fenced(lambda: sums(a, b), (A, B), i), bp
+
+    start = (a, b, *_fenced(lambda: sums(a, b), (op.diag, op.rhs), _zero(p)), b_prev)
+    pairs = refresh if momentum else None
+    (a, b, _, _, b_prev), prev = _loop(step, start, n, delta, border.form == "pads", pairs)
     change = jnp.zeros(2, a.dtype)
     if delta:
         change = jnp.stack([_abs_change(a, prev[0]), _abs_change(b, prev[1])])
@@ -316,7 +330,7 @@ def iterate(
 
 
 def _loop(
-    step, state: tuple, n: int, delta: bool, unroll_one: bool = False, pairs: bool = False
+    step, state: tuple, n: int, delta: bool, unroll_one: bool = False, refresh=None
 ) -> tuple[tuple, tuple | None]:
     """``n ≥ 1`` applications of ``step`` to ``state`` in one ``fori_loop``; with
     ``delta`` also the state before the last one (for the δ rule's change).
@@ -326,15 +340,17 @@ def _loop(
     iteration per call: 2.8 instead of 3.6 ms at 256² on a CPU) but not for ``strips``,
     whose entry sums XLA then fuses into every slot (2.9 instead of 1.7 ms).
 
-    ``pairs``: the loop body is two applications.  With momentum the step hands its
-    input ``b`` on as the next ``b_prev``; in a one-step body XLA then copies ``b`` and
-    ``b_prev`` at every iteration (three full copies of 12 arrays), in a two-step body
-    it writes each new array in place (frozen update at 1024² on a CPU: 29–31 instead
-    of 34–36 ms per iteration, RESULTS §12)."""
+    ``refresh``: the loop body is two applications, with ``refresh(state, i)`` between
+    them.  With momentum the step hands its input ``b`` on as the next ``b_prev``; in a
+    one-step body XLA then copies ``b`` and ``b_prev`` at every iteration (three full
+    copies of 12 arrays), in a two-step body it writes each new array in place (frozen
+    update at 1024² on a CPU: 29–31 instead of 34–36 ms per iteration, RESULTS §12).
+    Inside the body the node sums are no longer a loop boundary, so ``refresh`` must
+    recompute them with :func:`_fenced` (RESULTS §14)."""
 
     def run(k: int, s: tuple) -> tuple:
-        if pairs and k >= 2:
-            s = lax.fori_loop(0, k // 2, lambda _, s: step(*step(*s)), s)
+        if refresh is not None and k >= 2:
+            s = lax.fori_loop(0, k // 2, lambda i, s: step(*refresh(step(*s), i)), s)
             return step(*s) if k % 2 else s
         return lax.fori_loop(0, k, lambda _, s: step(*s), s) if k else s
 
@@ -346,19 +362,88 @@ def _loop(
     return step(*prev), prev
 
 
+def _fenced(f, like, count: Array):
+    """``f()``, computed in a loop of one trip whose count XLA cannot see, so XLA writes
+    the result once.  ``count`` is an integer ≥ 0 known only at run time (a loop
+    counter, or :func:`_zero`); ``like`` holds arrays of the result's shapes and
+    dtypes (the loop's initial value).
+
+    Without it XLA fuses a node sum into each of its consumers: all 12 slots' updates,
+    each of which then reads the 12 message arrays again.  That happens between the
+    two updates of a pair, and at the start of a call of one update, whose loop XLA
+    removes (RESULTS §14).  ``lax.optimization_barrier`` does not keep them apart:
+    XLA's CPU pipeline drops it.
+
+    On a CPU only: on a GPU each loop trip waits for its condition on the host, and
+    XLA's GPU fusion was not measured with or without the fence."""
+    if jax.default_backend() != "cpu":
+        return f()
+    return lax.fori_loop(0, 1 + jnp.minimum(count, 0), lambda _, __: f(), like)
+
+
+def _zero(p: Params) -> Array:
+    """0, computed from a parameter so that XLA cannot know it (see :func:`_fenced`)."""
+    return jnp.isnan(p.c).astype(jnp.int32)
+
+
 def _abs_change(new: Array, old: Array) -> Array:
     return jnp.sum(jnp.abs(new - old))
 
 
 def update_call(
-    a: Array, b: Array, b_prev: Array, g: Array | None, op: Operator, halo: Array, p: Params
+    a: Array,
+    b: Array,
+    b_prev: Array,
+    g: Array | None,
+    op: Operator,
+    halo: Array,
+    p: Params,
+    n: int,
 ) -> tuple:
-    """The jitted update for this state and its positional arguments: :func:`iterate_b`
-    once ``a`` is frozen (``g`` its gains), else :func:`iterate`.  Both take the same
-    static arguments and return ``(a, b, b_prev, cavities, change)``."""
+    """The jitted update for this state and ``n`` iterations, and its positional
+    arguments: :func:`iterate_b` once ``a`` is frozen (``g`` its gains), else
+    :func:`iterate`.  All take the same static arguments (``n`` among them) and return
+    ``(a, b, b_prev, cavities, change)``.
+
+    With momentum and an odd ``n`` it is the variant that takes ``b_prev`` before ``b``
+    (:func:`iterate_odd`, :func:`iterate_b_odd`).  JAX aliases each donated input with
+    the first output of its shape, in order, and the updates leave the new ``b`` in the
+    buffer of the ``b`` before last: after an odd number, the input ``b_prev``'s.  In
+    the plain order XLA copies ``b`` and ``b_prev`` three times per call (one update
+    per call at 1024² on a CPU: 54 instead of 35 ms, RESULTS §14).  The arrays may be
+    ``jax.ShapeDtypeStruct`` (a prefetch)."""
+    odd = n % 2 == 1 and math.prod(b_prev.shape) > 0
     if g is None:
-        return iterate, (a, b, b_prev, op, halo, p)
+        return (
+            (iterate_odd, (a, b_prev, b, op, halo, p))
+            if odd
+            else (iterate, (a, b, b_prev, op, halo, p))
+        )
+    if odd:
+        return iterate_b_odd, (a, b_prev, b, g, op, halo, p)
     return iterate_b, (a, b, b_prev, g, op, halo, p)
+
+
+def _b_prev_first(update: Jit) -> Jit:
+    """``update`` with ``b_prev`` before ``b`` in its arguments (see :func:`update_call`);
+    named ``<update>_odd``."""
+    fun = update.__wrapped__
+
+    def swapped(a, b_prev, b, *rest, **static):
+        return fun(a, b, b_prev, *rest, **static)
+
+    sig = inspect.signature(fun)
+    params = list(sig.parameters.values())
+    params[1], params[2] = params[2], params[1]
+    swapped.__signature__ = sig.replace(parameters=params)
+    swapped.__name__ = swapped.__qualname__ = f"{fun.__name__}_odd"
+    swapped.__doc__ = (
+        f":func:`{fun.__name__}` with ``b_prev`` before ``b`` (see :func:`update_call`)."
+    )
+    return jit(swapped, **_UPDATE)
+
+
+iterate_odd = _b_prev_first(iterate)
 
 
 # -- Frozen precisions ------------------------------------------------------------------
@@ -388,7 +473,8 @@ def iterate_a(
         a2 = border.add(_slot_terms(new), edges)
         return a2, _node_sum(op.diag, a2, p.c)
 
-    (new, _), _ = _loop(step, (a, _node_sum(op.diag, a, p.c)), n, False)
+    start = (a, _fenced(lambda: _node_sum(op.diag, a, p.c), op.diag, _zero(p)))
+    (new, _), _ = _loop(step, start, n, False)
     # Over the whole call, not its last update: that would need the step twice in the
     # program (a second copy to compile, 1.9 -> 1.2 s per block shape on a CPU) or the
     # previous state kept through the loop (a copy per iteration).  Relative to each
@@ -414,7 +500,7 @@ def gains(a: Array, op: Operator, halo_flat: Array, p: Params) -> Array:
     )
 
 
-@jit(static_argnames=("n", "momentum", "delta", "form"), donate_argnums=(1, 2))
+@jit(**_UPDATE)
 def iterate_b(
     a: Array,
     b: Array,
@@ -430,8 +516,10 @@ def iterate_b(
 ) -> tuple[Array, Array, Array, Array]:
     """Like :func:`iterate` with ``a`` frozen at its fixed point and ``g = gains(a)``.
 
-    Returns ``a`` (as given), ``b``, ``b_prev``, the outgoing cavity buffer and
-    ``[0, Σ|Δb|]``."""
+    Returns ``a`` (as given, donated: JAX pairs donated inputs with the first outputs
+    of their shape, so with ``b`` and ``b_prev`` alone donated they would alias the
+    outputs ``a`` and ``b``, and XLA would copy three full arrays per call), ``b``,
+    ``b_prev``, the outgoing cavity buffer and ``[0, Σ|Δb|]``."""
     by, bx = b.shape[1:]
     border = _Border(halo_flat, by, bx, form)
 
@@ -449,12 +537,20 @@ def iterate_b(
         b2 = border.add(_slot_terms(new), edges)
         return b2, _node_sum(op.rhs, b2, p.c), (b if momentum else bp)
 
-    start = (b, _node_sum(op.rhs, b, p.c), b_prev)
-    (b, _, b_prev), prev = _loop(step, start, n, delta, border.form == "pads", bool(momentum))
+    def refresh(s: tuple, i: Array) -> tuple:
+        b, B, bp = s
+        return b, _fenced(lambda: _node_sum(op.rhs, b, p.c), B, i), bp
+
+    start = (b, _fenced(lambda: _node_sum(op.rhs, b, p.c), op.rhs, _zero(p)), b_prev)
+    pairs = refresh if momentum else None
+    (b, _, b_prev), prev = _loop(step, start, n, delta, border.form == "pads", pairs)
     change = jnp.zeros(2, b.dtype)
     if delta:
         change = jnp.stack([jnp.zeros((), b.dtype), _abs_change(b, prev[0])])
     return a, b, b_prev, pack_cavities(a, b, op, p, message_layout(by, bx)), change
+
+
+iterate_b_odd = _b_prev_first(iterate_b)
 
 
 @jit

@@ -190,7 +190,7 @@ def solve_level(
             res.iterations = it
             res.status = CAPPED
             break
-        fn, args = kernel.update_call(a, b, bp, g, op, halo, p)
+        fn, args = kernel.update_call(a, b, bp, g, op, halo, p, n)
         step = jit(fn, *args, n=n, momentum=s.momentum, delta=s.stopping == "delta")
         t0 = time.perf_counter()
         a, b, bp, out, d = step(*args)
@@ -368,15 +368,10 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
         if s.freeze_precisions:
             hier.programs.prefetch(kernel.iterate_a, msg, msg, op, halo, p, n=FREEZE_CHUNK)
             hier.programs.prefetch(kernel.gains, msg, op, halo, p)
+        g = msg if s.freeze_precisions else None
         for n, delta in calls:  # (a repeated one is prefetched once)
-            if s.freeze_precisions:
-                args = (msg, msg, bp, msg, op, halo, p)
-                hier.programs.prefetch(
-                    kernel.iterate_b, *args, n=n, momentum=s.momentum, delta=delta
-                )
-            else:
-                args = (msg, msg, bp, op, halo, p)
-                hier.programs.prefetch(kernel.iterate, *args, n=n, momentum=s.momentum, delta=delta)
+            fn, args = kernel.update_call(msg, msg, bp, g, op, halo, p, n)
+            hier.programs.prefetch(fn, *args, n=n, momentum=s.momentum, delta=delta)
         hier.programs.prefetch(kernel.marginal_mean, msg, msg, op, p)
         hist = jax.ShapeDtypeStruct((s.anderson + 1, *field.shape), hier.dtype)
         if s.anderson:

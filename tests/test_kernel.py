@@ -57,7 +57,7 @@ def test_border_forms_agree(shape):
             prec = kernel.iterate_a(jnp.array(a), b, op, halo, p, n=4, form=form)
             g = kernel.gains(jnp.abs(a) + 1.0, op, halo, p)
             frozen = kernel.iterate_b(
-                a, jnp.array(b), jnp.array(bp), g, op, halo, p, n=6, momentum=0.4, form=form
+                *(jnp.array(x) for x in (a, b, bp)), g, op, halo, p, n=6, momentum=0.4, form=form
             )
             # one iteration per call (several ranks), which the forms compile differently
             one = kernel.iterate(
@@ -89,7 +89,7 @@ def test_halo_reaches_the_border_only():
         for form in kernel.FORMS:
             for name, h in (("same", halo), ("bumped", halo + jnp.asarray(bump))):
                 r = kernel.iterate_b(
-                    a, jnp.array(b), jnp.array(bp), g, op, h, p, n=1, delta=False, form=form
+                    *(jnp.array(x) for x in (a, b, bp)), g, op, h, p, n=1, delta=False, form=form
                 )
                 out[form, name] = np.asarray(r[1])
     for form in kernel.FORMS:
@@ -110,25 +110,49 @@ def test_border_form_from_the_environment(monkeypatch):
     assert kernel.default_form() == ("strips" if jax.default_backend() == "cpu" else "pads")
 
 
+@pytest.mark.parametrize("frozen", [True, False])
 @pytest.mark.parametrize("n", [4, 5])
 @pytest.mark.parametrize("delta", [False, True])
-def test_frozen_loop_in_pairs_equals_single_steps(n, delta):
-    """With momentum the frozen loop runs two updates per body (odd ``n``: one more
-    after it); the result equals ``n`` calls of one update each."""
+def test_loop_in_pairs_equals_single_steps(n, delta, frozen):
+    """With momentum the loops run two updates per body, the node sums recomputed
+    between them (odd ``n``: one more update after the loop); the result equals ``n``
+    calls of one update each."""
     p = kernel.Params(10.0, 0.6)
     with jax.enable_x64(True):
         op, halo, (a, b, bp) = _block(7, 9, seed=5)
-        g = kernel.gains(jnp.abs(a) + 1.0, op, halo, p)
-        whole = kernel.iterate_b(
-            a, jnp.array(b), jnp.array(bp), g, op, halo, p, n=n, momentum=0.5, delta=delta
-        )
-        b1, bp1 = jnp.array(b), jnp.array(bp)
+        g = kernel.gains(jnp.abs(a) + 1.0, op, halo, p) if frozen else None
+
+        def call(a, b, bp, n, delta):
+            fn, args = kernel.update_call(a, b, bp, g, op, halo, p, n)
+            return fn(*args, n=n, momentum=0.5, delta=delta)
+
+        whole = call(*(jnp.array(x) for x in (a, b, bp)), n, delta)
+        a1, b1, bp1 = (jnp.array(x) for x in (a, b, bp))
         for _ in range(n):
-            last = jnp.array(b1)  # b and b_prev are donated
-            _, b1, bp1, _, _ = kernel.iterate_b(
-                a, b1, bp1, g, op, halo, p, n=1, momentum=0.5, delta=False
-            )
-        _close(whole[1], b1)
-        _close(whole[2], bp1)
+            last = (jnp.array(a1), jnp.array(b1))  # a, b and b_prev are donated
+            a1, b1, bp1, _, _ = call(a1, b1, bp1, 1, False)
+        for got, want in zip(whole[:3], (a1, b1, bp1), strict=True):
+            _close(got, want)
+        if frozen:
+            _close(a1, a)
         if delta:  # the change of the last update
-            _close(whole[4][1], jnp.sum(jnp.abs(b1 - last)))
+            want = [jnp.sum(jnp.abs(x - y)) for x, y in zip((a1, b1), last, strict=True)]
+            _close(whole[4], jnp.stack(want))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_updates_copy_no_message_array(frozen):
+    """The compiled update writes the new messages where the donated ones were, for
+    an odd number of updates too (:func:`kernel.update_call` then passes ``b_prev``
+    first): no full copy of a ``(12, by, bx)`` array in the program.  In the plain
+    order an odd count copied ``b`` and ``b_prev`` three times per call."""
+    op, halo, (a, b, bp) = _block(24, 32, seed=2)
+    op = kernel.Operator(*(x.astype(jnp.float32) for x in op))
+    a, b, bp, halo = (x.astype(jnp.float32) for x in (a, b, bp, halo))
+    g = jnp.abs(a) if frozen else None
+    p = kernel.Params(10.0, 0.6)
+    for n in (1, 2, 3, 4):
+        fn, args = kernel.update_call(a, b, bp, g, op, halo, p, n)
+        text = fn.lower(*args, n=n, momentum=0.5, delta=False).compile().as_text()
+        copies = [ln for ln in text.splitlines() if "f32[12,24,32]" in ln and " copy(" in ln]
+        assert not copies, (n, copies)

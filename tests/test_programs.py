@@ -174,7 +174,8 @@ def test_a_second_process_loads_every_program_of_a_solve(tmp_path):
     assert first["status"] == second["status"] == CONVERGED
     assert first["saved"] > 10 and first["loaded"] == 0
     assert second["loaded"] == first["saved"] and second["saved"] == 0
-    kernels = {"iterate", "iterate_a", "iterate_b", "gains", "record", "shift_messages"}
+    kernels = {"iterate", "iterate_odd", "iterate_a", "iterate_b", "iterate_b_odd", "gains"}
+    kernels |= {"record", "shift_messages"}
     # (the traced names carry the source digest: iterate_b_<digest>)
     traced = [{t.rsplit("_", 1)[0] for t in run["traced"] if t} for run in runs]
     assert kernels & traced[0] and not kernels & traced[1], traced
