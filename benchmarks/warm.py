@@ -1,0 +1,75 @@
+"""Time to solution of repeated solves in one process (the first includes compiling),
+on one rank or several.
+
+The problem is the demo's (Matérn prior ℓ = 0.15, σ = 1.1, noise 1e-3, seed 0) at
+``--size``² with ``--fraction`` observed, float32, residual rule 1e-5, momentum 0.5
+(the configuration defaults).  Rank 0 prints one row per run: wall time, iterations
+per level (coarsest first), the finest level's solve and correction seconds, and the
+seconds spent compiling or waiting for programs.  For A/B comparisons run two commits
+alternately with ``PYTHONPATH`` set to each checkout.
+
+    python benchmarks/warm.py --size 1024 --fraction 0.1 --runs 3
+    mpiexec -n 2 python benchmarks/warm.py --size 512 --fraction 0.1 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=256, help="grid side (default 256)")
+    ap.add_argument("--fraction", type=float, default=0.1, help="observed share (0.1)")
+    ap.add_argument("--runs", type=int, default=3, help="solves in this process (3)")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    from mpi4py import MPI
+
+    from mpda_dist import observations as obsmod
+    from mpda_dist import prior
+    from mpda_dist.multigrid import schedule
+    from mpda_dist.solver import Settings, solve
+
+    n, extent = args.size, (1.0, 1.0)
+    rng = np.random.default_rng(0)
+    truth = prior.sample((n, n), extent, 0.15, 1.1, rng)
+    obs = obsmod.synthetic(truth, extent, args.fraction, 1e-3, rng)
+    nodes, _ = obsmod.to_nodes(obs, (n, n), extent, 0.0, "warm.py")
+    levels = schedule(n, n, 1.0 / (n - 1), 1.0 / (n - 1), 16)
+    s = Settings(dtype="float32", tol=1e-5, momentum=0.5)
+    comm = MPI.COMM_WORLD
+    rows = []
+    for r in range(args.runs):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        res = solve(comm, levels, nodes, 0.15, 1.1, s)
+        wall = time.perf_counter() - t0
+        top = res.levels[-1]
+        rows.append(
+            {
+                "run": r + 1,
+                "wall [s]": wall,
+                "status": res.status,
+                "iterations per level": " ".join(str(lv.iterations) for lv in res.levels),
+                "finest solve [s]": top.solve_seconds,
+                "finest corrections [s]": top.correction_seconds,
+                "compile or wait [s]": sum(lv.compile_seconds for lv in res.levels),
+            }
+        )
+    if comm.rank == 0:
+        print(C.markdown_table(rows))
+        print(f"machine: {C.machine_line(C.machine_info())}; ranks {comm.size}")
+        print(f"command: {C.command_line()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
