@@ -5,8 +5,10 @@ The problem is the demo's (Matérn prior ℓ = 0.15, σ = 1.1, noise 1e-3, seed 
 ``--size``² with ``--fraction`` observed, float32, residual rule 1e-5, momentum 0.5
 (the configuration defaults).  Rank 0 prints one row per run: wall time, iterations
 per level (coarsest first), the finest level's solve and correction seconds, and the
-seconds spent compiling or waiting for programs.  For A/B comparisons run two commits
-alternately with ``PYTHONPATH`` set to each checkout.
+seconds spent compiling or waiting for programs.  The process starts as ``mpda run``
+does (``runtime.start``: threads per rank, the allocator).  For A/B comparisons of two
+commits, run a copy of this script inside each checkout, alternately (``_common`` puts
+its own checkout first on ``sys.path``).
 
     python benchmarks/warm.py --size 1024 --fraction 0.1 --runs 3
     mpiexec -n 2 python benchmarks/warm.py --size 512 --fraction 0.1 --runs 3
@@ -30,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="solves in this process (3)")
     args = ap.parse_args(argv)
 
+    from mpda_dist import runtime
+
+    comm = runtime.start()  # as `mpda run`: JAX's environment and the allocator first
+
     import numpy as np
-    from mpi4py import MPI
 
     from mpda_dist import observations as obsmod
     from mpda_dist import prior
@@ -45,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     nodes, _ = obsmod.to_nodes(obs, (n, n), extent, 0.0, "warm.py")
     levels = schedule(n, n, 1.0 / (n - 1), 1.0 / (n - 1), 16)
     s = Settings(dtype="float32", tol=1e-5, momentum=0.5)
-    comm = MPI.COMM_WORLD
     rows = []
     for r in range(args.runs):
         comm.Barrier()

@@ -1,4 +1,5 @@
-"""Process start-up: MPI, fail-fast error handling and JAX's environment.
+"""Process start-up: MPI, fail-fast error handling, JAX's environment and the C
+allocator.
 
 Call :func:`start` before anything imports JAX: thread and GPU-memory settings are
 read from the environment when JAX initialises.  What the user already set is kept.
@@ -6,6 +7,7 @@ read from the environment when JAX initialises.  What the user already set is ke
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
@@ -57,6 +59,40 @@ def configure_jax_env(local_size: int, cores: int | None = None) -> None:
     _setdefault_env("JAX_COMPILATION_CACHE_DIR", os.path.join(cache, "jax"))
     _setdefault_env("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     _setdefault_env("MPDA_PROGRAM_CACHE_DIR", os.path.join(cache, "programs"))
+
+
+MALLOC_ENV = "MPDA_MALLOC"
+# glibc's mallopt parameters (<malloc.h>)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def configure_malloc() -> bool:
+    """Make glibc's malloc keep freed memory for reuse, unless ``$MPDA_MALLOC`` is
+    ``system``.  Returns whether it did (not on other C libraries).
+
+    XLA's CPU runtime allocates each call's large buffers anew.  By default glibc maps
+    every allocation above 32 MiB with ``mmap`` and unmaps it when freed, so each call
+    page-faults its buffers in again: at 1024² a call of one update (what several ranks
+    run) took 31–34 ms against 17 ms per update inside a loop.  Here large blocks come
+    from the heap (``M_MMAP_MAX`` 0), freed memory is not handed back to the system
+    (``M_TRIM_THRESHOLD`` 2 GiB) and all threads share one arena (``M_ARENA_MAX`` 1),
+    so a freed block is found again by the next call: 17.6–20 ms per call, and
+    13.5–15.7 instead of 17 ms per update in a loop of 10 (benchmarks/RESULTS.md §14).  A rank
+    then keeps its peak memory until it exits.  Call it before JAX allocates."""
+    mode = os.environ.get(MALLOC_ENV, "").strip().lower() or "keep"
+    if mode not in ("keep", "system"):
+        raise ValueError(f"{MALLOC_ENV}={mode!r}: expected keep or system")
+    if mode == "system":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl, macOS)
+            return False
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
+    return all([mallopt(param, value) == 1 for param, value in settings])
 
 
 # MPI_Abort makes hydra's mpiexec kill every process at once, possibly before its proxy
@@ -116,6 +152,7 @@ def start() -> Any:
     local_size, local_rank = local.Get_size(), local.Get_rank()
     local.Free()
     configure_jax_env(local_size)
+    configure_malloc()
     os.environ.setdefault("MPDA_LOCAL_RANK", str(local_rank))
     check_launch(comm.Get_size())
     return comm
