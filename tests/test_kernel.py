@@ -7,6 +7,8 @@ other one is checked too.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +160,36 @@ def test_updates_copy_no_message_array(frozen):
         text = fn.lower(*args, n=n, momentum=0.5, delta=False, form="strips").compile().as_text()
         copies = [ln for ln in text.splitlines() if "f32[12,24,32]" in ln and " copy(" in ln]
         assert not copies, (n, copies)
+
+
+def _slot_sum_fusions(hlo: str) -> list[int]:
+    """Per loop body of a compiled program (a computation with 12 fusions or more): how
+    many of its fusions read 10 or more slots of one ``(12, by, bx)`` array."""
+    comps = {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^(%[\w.\-]+) \(.*?\) -> .*? \{\n(.*?)^\}", hlo, re.S | re.M)
+    }
+    out = []
+    for body in comps.values():
+        calls = re.findall(r"fusion\(.*?calls=(%[\w.\-]+)", body)
+        if len(calls) >= 12:
+            slot = r"slice\(%param[\w.]*\), slice=\{\[\d+:\d+\]"
+            out.append(sum(len(re.findall(slot, comps.get(c, ""))) >= 10 for c in calls))
+    return out
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fence is for XLA's CPU fusion")
+@pytest.mark.parametrize("frozen", [True, False])
+def test_paired_updates_sum_each_node_once(frozen):
+    """With momentum the loop body holds two updates; the node sums between them are
+    computed once (``kernel._fenced``), not in each of the 12 slots' updates: the body
+    has one fusion per node sum that reads all 12 message arrays (2 frozen: ``B`` twice;
+    4 coupled).  Without the fence XLA gave 13 and 26.  Reads the compiled HLO, so a new
+    XLA may need this test updated."""
+    op, halo, (a, b, bp) = _block(24, 32, seed=2)
+    op = kernel.Operator(*(x.astype(jnp.float32) for x in op))
+    a, b, bp, halo = (x.astype(jnp.float32) for x in (a, b, bp, halo))
+    g = jnp.abs(a) if frozen else None
+    fn, args = kernel.update_call(a, b, bp, g, op, halo, kernel.Params(10.0, 0.6), 10)
+    hlo = fn.lower(*args, n=10, momentum=0.5, delta=False, form="strips").compile().as_text()
+    assert _slot_sum_fusions(hlo) == [2 if frozen else 4]
