@@ -136,7 +136,7 @@ fi
 if [ -n "$QUICK" ]; then
     L_K=120 L_S=120 L_R=90 L_T=90 L_C=60 L_B=90 L_M=90 L_F=60
 else
-    L_K=120 L_S=110 L_R=80 L_T=70 L_C=40 L_B=150 L_M=150 L_F=90
+    L_K=150 L_S=110 L_R=80 L_T=70 L_C=40 L_B=150 L_M=150 L_F=90
 fi
 
 stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV"

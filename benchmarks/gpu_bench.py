@@ -216,11 +216,11 @@ def _fallback_block(n: int, dtype: str):
 
 def stage_kernel(args) -> None:
     _start(need_mpi=False)
-    import jax  # noqa: F401
+    import jax
     import kernel as kb  # benchmarks/kernel.py
 
+    from mpda_dist import kernel as kernel_mod
     from mpda_dist.kernel import FORMS
-    from mpda_dist.kernel import default_form as kernel_default_form
 
     warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
     try:
@@ -242,16 +242,32 @@ def stage_kernel(args) -> None:
     # Both border forms (mpda_dist.kernel.FORMS): the solver's default on a GPU is
     # "pads"; "strips" is ~2x faster on a CPU and not yet measured on a GPU.
     sizes = pick("kernel", args.quick)
-    cases = [(n, f, m, 0.0) for n in sizes for f in (False, True) for m in FORMS]
-    cases += [(n, True, kernel_default_form(), 0.5) for n in sizes]
-    for n, frozen, form, mom in cases:
-        r = kb.bench_size(
-            n, "float32", iters, reps, 10.0, 0.6, frozen=frozen, form=form, momentum=mom
-        )
+    # (size, frozen, form, momentum, updates per call, node-sum fence forced on)
+    cases = [(n, f, m, 0.0, iters, None) for n in sizes for f in (False, True) for m in FORMS]
+    # the solver's frozen update: momentum 0.5, both forms, and one update per call
+    # (what several ranks and the coarse visits run); the fence (kernel._fenced) is off
+    # on a GPU by default: one row per form with it forced on
+    cases += [(n, True, m, 0.5, iters, None) for n in sizes for m in FORMS]
+    cases += [(sizes[0], True, m, 0.5, 1, None) for m in FORMS]
+    cases += [(sizes[0], True, m, 0.5, iters, True) for m in FORMS]
+    for n, frozen, form, mom, k, fence in cases:
+        if fence is not None:
+            kernel_mod.FENCE = fence
+            jax.clear_caches()
+        try:
+            r = kb.bench_size(
+                n, "float32", k, reps, 10.0, 0.6, frozen=frozen, form=form, momentum=mom
+            )
+        finally:
+            if fence is not None:
+                kernel_mod.FENCE = None
+                jax.clear_caches()
         t = r["t_iter_median_ms"] / 1e3
         floor_t = r["mb_per_iter"] * 1e6 / FLOOR_BPS
         case = f"{n}x{n}" + (" frozen-a" if frozen else "") + f" {form}"
         case += f" m{mom}" if mom else ""
+        case += f" {k}/call" if k != iters else ""
+        case += " fenced" if fence else ""
         sink.add(
             [
                 ("kernel", case, "compile", r["compile_s"], "s"),
@@ -268,7 +284,32 @@ def stage_kernel(args) -> None:
             f"(floor {floor_t * 1e6:.1f} us)",
             flush=True,
         )
+    # full copies of a (12, by, bx) message stack in the compiled update (none on a CPU
+    # in the strips form since stop 15; RESULTS §14)
+    for form in FORMS:
+        for frozen in (True,):
+            for k in (1, 2, iters):
+                nc = _message_copies(kb, kernel_mod, sizes[0], form, frozen, k)
+                case = f"{sizes[0]}x{sizes[0]}" + (" frozen-a" if frozen else "")
+                case += f" {form} m0.5 {k}/call"
+                sink.add([("kernel", case, "message_copies", nc, "")])
+                print(f"  kernel {case}: {nc} copies of a message stack", flush=True)
     finish(sink)
+
+
+def _message_copies(kb, kernel_mod, n: int, form: str, frozen: bool, k: int) -> int:
+    """``copy`` instructions of a whole ``(12, n, n)`` float32 array in the compiled
+    update of ``k`` iterations with momentum 0.5 (the HLO text after optimisation)."""
+    import jax.numpy as jnp
+
+    op, a, b, _, halo = kb.make_block(n, "float32")
+    bp = jnp.array(b)
+    p = kernel_mod.Params(10.0, 0.6)
+    g = kernel_mod.gains(a, op, halo, p) if frozen else None
+    fn, args = kernel_mod.update_call(a, b, bp, g, op, halo, p, k)
+    text = fn.lower(*args, n=k, momentum=0.5, delta=False, form=form).compile().as_text()
+    shape = f"f32[12,{n},{n}]"
+    return sum(1 for ln in text.splitlines() if shape in ln and " copy(" in ln)
 
 
 def _cfg(n: int, fraction: float):

@@ -362,6 +362,11 @@ def _loop(
     return step(*prev), prev
 
 
+FENCE: bool | None = None
+"""Whether :func:`_fenced` fences; ``None``: on a CPU only.  Read when a program is
+traced, so a change needs ``jax.clear_caches()``."""
+
+
 def _fenced(f, like, count: Array):
     """``f()``, computed in a loop of one trip whose count XLA cannot see, so XLA writes
     the result once.  ``count`` is an integer ≥ 0 known only at run time (a loop
@@ -375,8 +380,9 @@ def _fenced(f, like, count: Array):
     XLA's CPU pipeline drops it.
 
     On a CPU only: on a GPU each loop trip waits for its condition on the host, and
-    XLA's GPU fusion was not measured with or without the fence."""
-    if jax.default_backend() != "cpu":
+    XLA's GPU fusion was not measured with or without the fence.  :data:`FENCE`
+    (``None``: on a CPU only) lets a benchmark force it either way."""
+    if not (jax.default_backend() == "cpu" if FENCE is None else FENCE):
         return f()
     return lax.fori_loop(0, 1 + jnp.minimum(count, 0), lambda _, __: f(), like)
 
