@@ -8,6 +8,8 @@
 #   exact   (background, host CPU) exact sparse solves for the 1024² problems, if scipy
 #   solve   time to solution 1024² at 1 %, 5 %, 10 % observations (first + warm run),
 #           RMSE vs truth and vs exact
+#   fused   1024² at 10 % and 1 % with MPDA_KERNEL_FORM=fused (first + warm run): the
+#           frozen update as one hand-written Pallas pass per iteration (mpda_dist/fused.py)
 #   strips  1024² at 10 % with MPDA_KERNEL_FORM=strips (first + warm run): the border
 #           form that is 1.6-2.5x faster per iteration on a CPU; the GPU default is pads
 #           (the kernel stage times both forms per iteration)
@@ -20,11 +22,13 @@
 #   jaxcache  the same with MPDA_PROGRAM_CACHE_DIR empty: JAX's cache only (tracing and
 #           lowering are paid again, as before the program cache)
 #   big     4096² at 5 % (compile warm-up, then the warm run)
+#   fusedbig  the same with MPDA_KERNEL_FORM=fused
 #   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists
 #   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
 #   report  all tables again
-# GPU_BENCH_STAGES (default all: "kernel solve serial strips cached jaxcache big mpi fit")
-# picks stages.
+# GPU_BENCH_STAGES (default all: "kernel solve fused strips serial cached jaxcache big
+# fusedbig mpi fit") picks stages; GPU_BENCH_KERNEL_CASES=fused makes the kernel stage
+# time the frozen update only (pads against fused; default all).
 # Results: $OUT/gpu_results.csv (+ .json metadata, + gpu_log.txt) when OUT is set,
 # else ./gpu_results.csv.
 #
@@ -60,7 +64,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve serial strips cached jaxcache big mpi fit} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve fused strips serial cached jaxcache big fusedbig mpi fit} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -139,9 +143,12 @@ else
     L_K=150 L_S=110 L_R=80 L_T=70 L_C=40 L_B=150 L_M=150 L_F=90
 fi
 
-stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV"
+stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV" \
+    --cases "${GPU_BENCH_KERNEL_CASES:-all}"
 stage solve $L_S "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
     --exact-dir "$EXACT_DIR" --exact-wait 40
+stage fused $L_S env MPDA_KERNEL_FORM=fused "$PY" benchmarks/gpu_bench.py solve $QUICK \
+    --csv "$CSV" --fractions 0.1 0.01 --label " fused" --exact-dir "$EXACT_DIR" --exact-wait 20
 stage strips $L_T env MPDA_KERNEL_FORM=strips "$PY" benchmarks/gpu_bench.py solve $QUICK \
     --csv "$CSV" --fractions 0.1 --label " strips" --exact-wait 0
 COLD_CACHE=$(mktemp -d /tmp/mpda_cold.XXXXXX)
@@ -154,6 +161,8 @@ stage cached $L_C "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
 stage jaxcache $L_C env MPDA_PROGRAM_CACHE_DIR= "$PY" benchmarks/gpu_bench.py solve $QUICK \
     --csv "$CSV" --fractions 0.1 --label " JAX cache only" --exact-wait 0
 stage big $L_B "$PY" benchmarks/gpu_bench.py big $QUICK --csv "$CSV"
+stage fusedbig $L_B env MPDA_KERNEL_FORM=fused "$PY" benchmarks/gpu_bench.py big $QUICK \
+    --csv "$CSV" --label " fused"
 
 MPIEXEC=$(command -v mpiexec || true)
 [ -z "$MPIEXEC" ] && [ -x "$(dirname "$(command -v "$PY")")/mpiexec" ] \

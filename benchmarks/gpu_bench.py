@@ -216,7 +216,6 @@ def _fallback_block(n: int, dtype: str):
 
 def stage_kernel(args) -> None:
     _start(need_mpi=False)
-    import jax
     import kernel as kb  # benchmarks/kernel.py
 
     from mpda_dist import kernel as kernel_mod
@@ -239,35 +238,26 @@ def stage_kernel(args) -> None:
     tri = C.jax_triad(mib * 2**20)
     meta["device_triad"] = tri
     sink.add([("kernel", "device triad", "bandwidth", tri["triad_gbs"], "GB/s")])
-    # Both border forms (mpda_dist.kernel.FORMS): the solver's default on a GPU is
-    # "pads"; "strips" is ~2x faster on a CPU and not yet measured on a GPU.
+    # the border forms (mpda_dist.kernel.FORMS) and the fused frozen pass: on an H100
+    # "pads" is ~5x faster than "strips" (RESULTS §15), on a CPU "strips" ~2x faster
     sizes = pick("kernel", args.quick)
-    # (size, frozen, form, momentum, updates per call, node-sum fence forced on)
-    cases = [(n, f, m, 0.0, iters, None) for n in sizes for f in (False, True) for m in FORMS]
-    # the solver's frozen update: momentum 0.5, both forms, and one update per call
-    # (what several ranks and the coarse visits run); the fence (kernel._fenced) is off
-    # on a GPU by default: one row per form with it forced on
-    cases += [(n, True, m, 0.5, iters, None) for n in sizes for m in FORMS]
-    cases += [(sizes[0], True, m, 0.5, 1, None) for m in FORMS]
-    cases += [(sizes[0], True, m, 0.5, iters, True) for m in FORMS]
-    for n, frozen, form, mom, k, fence in cases:
-        if fence is not None:
-            kernel_mod.FENCE = fence
-            jax.clear_caches()
+    for case in _kernel_cases(args.cases, sizes, iters):
+        n, frozen, form, mom, k, fence, tile = case
         try:
-            r = kb.bench_size(
-                n, "float32", k, reps, 10.0, 0.6, frozen=frozen, form=form, momentum=mom
-            )
-        finally:
-            if fence is not None:
-                kernel_mod.FENCE = None
-                jax.clear_caches()
+            with _kernel_variant(kernel_mod, fence, tile):
+                r = kb.bench_size(
+                    n, "float32", k, reps, 10.0, 0.6, frozen=frozen, form=form, momentum=mom
+                )
+        except Exception as exc:  # noqa: BLE001 - a variant that fails to build is a result
+            print(f"  kernel {case}: FAILED: {type(exc).__name__}: {exc}"[:2000], flush=True)
+            continue
         t = r["t_iter_median_ms"] / 1e3
         floor_t = r["mb_per_iter"] * 1e6 / FLOOR_BPS
         case = f"{n}x{n}" + (" frozen-a" if frozen else "") + f" {form}"
         case += f" m{mom}" if mom else ""
         case += f" {k}/call" if k != iters else ""
         case += " fenced" if fence else ""
+        case += f" tile {tile[0]}x{tile[1]}" if tile else ""
         sink.add(
             [
                 ("kernel", case, "compile", r["compile_s"], "s"),
@@ -286,7 +276,7 @@ def stage_kernel(args) -> None:
         )
     # full copies of a (12, by, bx) message stack in the compiled update (none on a CPU
     # in the strips form since stop 15; RESULTS §14)
-    for form in FORMS:
+    for form in FORMS if args.cases == "all" else ("pads",):
         for frozen in (True,):
             for k in (1, 2, iters):
                 nc = _message_copies(kb, kernel_mod, sizes[0], form, frozen, k)
@@ -295,6 +285,64 @@ def stage_kernel(args) -> None:
                 sink.add([("kernel", case, "message_copies", nc, "")])
                 print(f"  kernel {case}: {nc} copies of a message stack", flush=True)
     finish(sink)
+
+
+def _kernel_cases(which: str, sizes: list[int], iters: int) -> list[tuple]:
+    """(size, frozen, form, momentum, updates per call, node-sum fence forced on, fused
+    tile) per row.  ``all``: both updates in both border forms, then the frozen update
+    with the solver's momentum 0.5 in every form (``fused`` too), one update per call,
+    the fence forced on (it is off on a GPU by default), and ``fused`` tile variants.
+    ``fused``: the frozen rows only (``pads`` against ``fused``; the forms were settled
+    on an H100: ``strips`` is 5x slower there)."""
+    from mpda_dist.kernel import FORMS, FUSED
+
+    small, mid = sizes[0], sizes[len(sizes) // 2]
+    cases = []
+    forms = ("pads", FUSED)
+    if which == "all":
+        cases += [
+            (n, f, m, 0.0, iters, None, None) for n in sizes for f in (False, True) for m in FORMS
+        ]
+        forms = (*FORMS, FUSED)
+    # most telling first: a stage that runs out of time keeps the rows it has
+    cases += [(n, True, m, 0.5, iters, None, None) for n in sizes for m in forms]
+    cases += [(small, True, m, 0.5, 10, None, None) for m in ("pads", FUSED)]
+    cases += [(mid, True, FUSED, 0.5, iters, None, t) for t in [(8, 128), (32, 64), (16, 128)]]
+    cases += [(small, True, m, 0.5, 1, None, None) for m in ("pads", FUSED)]
+    if which != "all":
+        cases += [(small, True, m, 0.0, iters, None, None) for m in forms]
+    cases += [(small, True, "pads", 0.5, iters, True, None)]
+    return cases
+
+
+class _kernel_variant:
+    """Within: ``kernel.FENCE`` and ``fused.TILE`` as given (``None``: unchanged)."""
+
+    def __init__(self, kernel_mod, fence, tile):
+        from mpda_dist import fused
+
+        self.saved = []
+        if fence is not None:
+            self.saved.append((kernel_mod, "FENCE", fence))
+        if tile is not None:
+            self.saved.append((fused, "TILE", tile))
+
+    def __enter__(self):
+        import jax
+
+        self.saved = [(m, a, getattr(m, a), v) for m, a, v in self.saved]
+        for m, a, _, v in self.saved:
+            setattr(m, a, v)
+        if self.saved:
+            jax.clear_caches()
+
+    def __exit__(self, *exc):
+        import jax
+
+        for m, a, old, _ in self.saved:
+            setattr(m, a, old)
+        if self.saved:
+            jax.clear_caches()
 
 
 def _message_copies(kb, kernel_mod, n: int, form: str, frozen: bool, k: int) -> int:
@@ -500,7 +548,7 @@ def stage_big(args) -> None:
     warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
     n = pick("big", args.quick)
     sink = Sink(args, "big", stage_meta(args))
-    case = f"{n}x{n} 5%"
+    case = f"{n}x{n} 5%{args.label}"
     # The first run only compiles (50 iterations per level: the same kernels and shapes);
     # the second, warm run is the measurement.
     solve_case(
@@ -621,7 +669,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--label",
         default="",
-        help="solve stage: appended to each case name (e.g. ' disk cache' for a rerun)",
+        help="solve and big stages: appended to each case name (e.g. ' disk cache' for a rerun)",
+    )
+    ap.add_argument(
+        "--cases",
+        choices=["all", "fused"],
+        default="all",
+        help="kernel stage: every row (default), or the frozen update's rows only, pads "
+        "against the hand-written fused pass",
     )
     ap.add_argument("--dir", default="/tmp/mpda_exact", help="exact stage: output folder")
     ap.add_argument("--exact-dir", default=None, help="solve stage: where exact .npz files are")

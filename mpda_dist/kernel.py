@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mpda_dist import fused
 from mpda_dist._offsets import NSLOTS, OFFSETS, OPPOSITE
 from mpda_dist.halo import DIRECTIONS, Layout, Piece, field_layout, message_layout
 from mpda_dist.programs import Jit, jit
@@ -143,6 +144,9 @@ def _slot_terms(per_slot) -> Array:
 #            the default there until it is measured.
 FORMS = ("strips", "pads")
 FORM_ENV = "MPDA_KERNEL_FORM"
+# ``fused``: the frozen update as one hand-written pass per iteration (:mod:`fused`,
+# Pallas on Triton, for GPUs); the other updates then read the border as ``pads``.
+FUSED = "fused"
 
 
 def default_form() -> str:
@@ -150,8 +154,8 @@ def default_form() -> str:
     on a CPU and ``pads`` on an accelerator."""
     form = os.environ.get(FORM_ENV, "").strip()
     if form:
-        if form not in FORMS:
-            raise ValueError(f"{FORM_ENV}={form!r}: expected one of {', '.join(FORMS)}")
+        if form not in (*FORMS, FUSED):
+            raise ValueError(f"{FORM_ENV}={form!r}: expected one of {', '.join((*FORMS, FUSED))}")
         return form
     return "strips" if jax.default_backend() == "cpu" else "pads"
 
@@ -207,6 +211,8 @@ class _Border:
     def __init__(self, halo_flat: Array, by: int, bx: int, form: str | None):
         self.pieces = _split(halo_flat, message_layout(by, bx).incoming)
         self.form = form or default_form()
+        if self.form == FUSED:
+            self.form = "pads"
         if self.form not in FORMS:
             raise ValueError(f"kernel form {self.form!r}: expected one of {', '.join(FORMS)}")
         self.shape = (by, bx)
@@ -527,6 +533,8 @@ def iterate_b(
     outputs ``a`` and ``b``, and XLA would copy three full arrays per call), ``b``,
     ``b_prev``, the outgoing cavity buffer and ``[0, Σ|Δb|]``."""
     by, bx = b.shape[1:]
+    if (form or default_form()) == FUSED:
+        return _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta)
     border = _Border(halo_flat, by, bx, form)
 
     def term(k, idx, alpha, beta):
@@ -557,6 +565,60 @@ def iterate_b(
 
 
 iterate_b_odd = _b_prev_first(iterate_b)
+
+
+def framed_messages(x: Array, halo_flat: Array) -> Array:
+    """``b`` messages ``(12, by, bx)`` padded for :mod:`fused`, with the halo in the
+    frame.  The pass reads the cavity of slot ``k``'s sender at ``j + d`` as
+    ``B[j + d] − b[OPPOSITE[k]][j + d]``; outside the block ``B``'s frame is 0, so
+    ``b[m]``'s frame holds minus the halo's cavity β of slot ``OPPOSITE[m]`` (each
+    frame node and slot is read by one update only)."""
+    by, bx = x.shape[1:]
+    pieces = _split(halo_flat, message_layout(by, bx).incoming)
+    zero = jnp.zeros((by, bx), x.dtype)
+    r, c = fused.padded_shape(by, bx)
+    w = fused.FRAME
+    frames = []
+    for m in range(NSLOTS):
+        k = OPPOSITE[m]
+        dy, dx = OFFSETS[k]
+        # β of the sender j + d, at j, where j + d lies outside the block (0 elsewhere)
+        outside = _shifted(zero, (dy, dx), pieces, k + NSLOTS)
+        frames.append(jnp.pad(outside, ((w + dy, r - by - w - dy), (w + dx, c - bx - w - dx))))
+    return fused.pad(x) - jnp.stack(frames)
+
+
+def _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta):
+    """:func:`iterate_b` with each update one :func:`fused.step`; same results."""
+    by, bx = b.shape[1:]
+    bpad = framed_messages(b, halo_flat)
+    bppad = framed_messages(b_prev, halo_flat) if momentum else bpad
+    sums = fused.pad(_node_sum(op.rhs, b, p.c))
+    gpad, rhs = fused.pad(g), fused.pad(op.rhs)
+    scalars = jnp.stack([1 - p.damping, p.c]).astype(b.dtype)
+
+    def step(b, bp, s, s_old):
+        b2, s2 = fused.step(b, bp, s, s_old, gpad, rhs, scalars, (by, bx), momentum)
+        return b2, b, s2, s
+
+    def run(k, state):
+        # unrolled: one kernel per update, and no loop condition for the host to read
+        return lax.fori_loop(0, k, lambda _, s: step(*s), state, unroll=max(1, min(k, 16)))
+
+    state = (bpad, bppad, sums, jnp.zeros_like(sums))
+    prev = None
+    if delta:
+        prev = run(n - 1, state)
+        state = step(*prev)
+    else:
+        state = run(n, state)
+    new = fused.unpad(state[0], by, bx)
+    if momentum:
+        b_prev = fused.unpad(state[1], by, bx)
+    change = jnp.zeros(2, b.dtype)
+    if delta:
+        change = jnp.stack([jnp.zeros((), b.dtype), _abs_change(new, fused.unpad(prev[0], by, bx))])
+    return a, new, b_prev, pack_cavities(a, new, op, p, message_layout(by, bx)), change
 
 
 @jit

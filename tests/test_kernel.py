@@ -106,10 +106,51 @@ def test_border_form_from_the_environment(monkeypatch):
     monkeypatch.setenv(kernel.FORM_ENV, "pads")
     assert kernel.default_form() == "pads"
     monkeypatch.setenv(kernel.FORM_ENV, "fast")
-    with pytest.raises(ValueError, match="MPDA_KERNEL_FORM='fast'.*strips, pads"):
+    with pytest.raises(ValueError, match="MPDA_KERNEL_FORM='fast'.*strips, pads, fused"):
         kernel.default_form()
     monkeypatch.delenv(kernel.FORM_ENV)
     assert kernel.default_form() == ("strips" if jax.default_backend() == "cpu" else "pads")
+
+
+def test_fused_frozen_update_equals_pads(monkeypatch):
+    """The hand-written frozen update (``fused``: one Pallas pass per iteration, here in
+    Pallas's interpreter) gives the ``pads`` form's results, with a random halo, on a
+    block of 2 × 2 tiles whose last row and column of tiles stick out past the block;
+    with and without momentum, an odd and an even count, and the δ rule's change."""
+    from mpda_dist import fused
+
+    # TILE is read when a program is traced: this block's shape is used nowhere else
+    monkeypatch.setattr(fused, "TILE", (8, 32))
+    p = kernel.Params(10.0, 0.6)
+    with jax.enable_x64(True):
+        op, halo, (a, b, bp) = _block(13, 41, seed=7)
+        g = kernel.gains(jnp.abs(a) + 1.0, op, halo, p)
+        for mom, n, delta in ((0.4, 3, True), (0.0, 2, False)):
+            runs = {}
+            for form in ("pads", kernel.FUSED):
+                copies = (jnp.array(x) for x in (a, b, bp))
+                runs[form] = kernel.iterate_b(
+                    *copies, g, op, halo, p, n=n, momentum=mom, delta=delta, form=form
+                )
+            for got, want in zip(runs[kernel.FUSED], runs["pads"], strict=True):
+                _close(got, want)
+            assert not np.allclose(runs["pads"][1], b)  # the messages moved
+
+
+def test_fused_pass_lowers_for_a_gpu(monkeypatch):
+    """The fused pass lowers to a Triton kernel for a CUDA GPU (no GPU needed: JAX
+    lowers for another platform); the tests above run it in Pallas's interpreter."""
+    from mpda_dist import fused
+
+    monkeypatch.setattr(fused, "INTERPRET", False)
+    by, bx = 20, 70
+    r, c = fused.padded_shape(by, bx)
+    f32 = jnp.float32
+    msgs, field = jax.ShapeDtypeStruct((12, r, c), f32), jax.ShapeDtypeStruct((r, c), f32)
+    args = (msgs, msgs, field, field, msgs, field, jax.ShapeDtypeStruct((2,), f32))
+    f = jax.jit(lambda *a: fused.step(*a, block=(by, bx), momentum=0.5))
+    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
 
 
 @pytest.mark.parametrize("frozen", [True, False])
