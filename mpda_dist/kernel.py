@@ -139,14 +139,18 @@ def _slot_terms(per_slot) -> Array:
 #            incoming term is 0 (β = 0, α = +inf).  The terms on the border strips
 #            depend only on the halo, which is fixed during a call: they are computed
 #            once per call and added to the strips after each update.  On a CPU this is
-#            about twice as fast per iteration (benchmarks/RESULTS.md §11); on a GPU it
-#            adds two small in-place updates per slot and iteration, so ``pads`` stays
-#            the default there until it is measured.
+#            about twice as fast per iteration (benchmarks/RESULTS.md §11); on an H100
+#            five times slower than ``pads`` (§15): the default on a CPU only.
 FORMS = ("strips", "pads")
 FORM_ENV = "MPDA_KERNEL_FORM"
 # ``fused``: the frozen update as one hand-written pass per iteration (:mod:`fused`,
 # Pallas on Triton, for GPUs); the other updates then read the border as ``pads``.
 FUSED = "fused"
+FUSED_MIN_UPDATES = 10
+"""On an accelerator the frozen update runs ``fused`` in calls of at least this many
+updates, and ``pads`` in shorter ones: per call, ``fused`` frames the messages and gains
+and unframes them again.  On an H100 at 1024² (§15): 10 updates per call 205 against
+335 µs per update, one update per call 1070 against 590 µs."""
 
 
 def default_form() -> str:
@@ -158,6 +162,17 @@ def default_form() -> str:
             raise ValueError(f"{FORM_ENV}={form!r}: expected one of {', '.join((*FORMS, FUSED))}")
         return form
     return "strips" if jax.default_backend() == "cpu" else "pads"
+
+
+def frozen_form(form: str | None, n: int) -> str:
+    """How :func:`iterate_b` runs ``n`` updates: ``form`` if given, else
+    ``$MPDA_KERNEL_FORM`` if set, else ``strips`` on a CPU, and on an accelerator
+    ``fused`` for ``n ≥ FUSED_MIN_UPDATES`` and ``pads`` for fewer."""
+    if form or os.environ.get(FORM_ENV, "").strip():
+        return form or default_form()
+    if jax.default_backend() == "cpu":
+        return "strips"
+    return FUSED if n >= FUSED_MIN_UPDATES else "pads"
 
 
 def _shift_in(src: Array, d: tuple[int, int], fill: float) -> Array:
@@ -533,7 +548,8 @@ def iterate_b(
     outputs ``a`` and ``b``, and XLA would copy three full arrays per call), ``b``,
     ``b_prev``, the outgoing cavity buffer and ``[0, Σ|Δb|]``."""
     by, bx = b.shape[1:]
-    if (form or default_form()) == FUSED:
+    form = frozen_form(form, n)
+    if form == FUSED:
         return _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta)
     border = _Border(halo_flat, by, bx, form)
 

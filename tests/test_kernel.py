@@ -137,6 +137,26 @@ def test_fused_frozen_update_equals_pads(monkeypatch):
             assert not np.allclose(runs["pads"][1], b)  # the messages moved
 
 
+def test_frozen_form_by_backend_and_count(monkeypatch):
+    """The frozen update's form: ``strips`` on a CPU; on an accelerator ``fused`` for
+    calls of ``FUSED_MIN_UPDATES`` updates or more, ``pads`` for fewer; an explicit form
+    or ``$MPDA_KERNEL_FORM`` wins."""
+    monkeypatch.delenv(kernel.FORM_ENV, raising=False)
+    m = kernel.FUSED_MIN_UPDATES
+    monkeypatch.setattr(kernel.jax, "default_backend", lambda: "cpu")
+    assert [kernel.frozen_form(None, n) for n in (1, m)] == ["strips", "strips"]
+    monkeypatch.setattr(kernel.jax, "default_backend", lambda: "gpu")
+    assert [kernel.frozen_form(None, n) for n in (1, m - 1, m, 5 * m)] == [
+        "pads",
+        "pads",
+        kernel.FUSED,
+        kernel.FUSED,
+    ]
+    assert kernel.frozen_form("strips", m) == "strips"
+    monkeypatch.setenv(kernel.FORM_ENV, "fused")
+    assert kernel.frozen_form(None, 1) == kernel.FUSED
+
+
 def test_fused_pass_lowers_for_a_gpu(monkeypatch):
     """The fused pass lowers to a Triton kernel for a CUDA GPU (no GPU needed: JAX
     lowers for another platform); the tests above run it in Pallas's interpreter."""
