@@ -4,15 +4,18 @@
 # it runs from the repo root with PYTHONPATH=.  Every stage runs under `timeout`, and the
 # stages share a deadline (GPU_BENCH_BUDGET seconds, default 400) so the whole stays
 # under 7 minutes.  Stages (see benchmarks/gpu_bench.py):
-#   kernel  per-iteration time at 1024², 2048², 4096² float32; GB/s vs the 3.0 TB/s floor
+#   kernel  per-iteration time at 1024², 2048², 4096² float32 of the frozen update, pads
+#           against the hand-written fused pass (and its tile variants); GB/s vs the
+#           3.0 TB/s floor
 #   exact   (background, host CPU) exact sparse solves for the 1024² problems, if scipy
 #   solve   time to solution 1024² at 1 %, 5 %, 10 % observations (first + warm run),
 #           RMSE vs truth and vs exact
-#   fused   1024² at 10 % and 1 % with MPDA_KERNEL_FORM=fused (first + warm run): the
-#           frozen update as one hand-written Pallas pass per iteration (mpda_dist/fused.py)
+#   pads    1024² at 10 % and 1 % with MPDA_KERNEL_FORM=pads (first + warm run): the
+#           baseline for the default, whose long frozen calls run the hand-written pass
+#           (mpda_dist/fused.py; kernel.frozen_form)
 #   strips  1024² at 10 % with MPDA_KERNEL_FORM=strips (first + warm run): the border
-#           form that is 1.6-2.5x faster per iteration on a CPU; the GPU default is pads
-#           (the kernel stage times both forms per iteration)
+#           form that is 1.6-2.5x faster per iteration on a CPU and 5x slower on an H100
+#           (benchmarks/RESULTS.md §15)
 #   serial  1024² at 5 %, first run only, in a fresh process with empty caches and
 #           MPDA_COMPILE_THREADS=1: the cold start without compiling in background
 #           threads (the solve stage's first 5 % run compiles with one per core)
@@ -22,13 +25,14 @@
 #   jaxcache  the same with MPDA_PROGRAM_CACHE_DIR empty: JAX's cache only (tracing and
 #           lowering are paid again, as before the program cache)
 #   big     4096² at 5 % (compile warm-up, then the warm run)
-#   fusedbig  the same with MPDA_KERNEL_FORM=fused
+#   padsbig the same with MPDA_KERNEL_FORM=pads
 #   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists
 #   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
 #   report  all tables again
-# GPU_BENCH_STAGES (default all: "kernel solve fused strips serial cached jaxcache big
-# fusedbig mpi fit") picks stages; GPU_BENCH_KERNEL_CASES=fused makes the kernel stage
-# time the frozen update only (pads against fused; default all).
+# GPU_BENCH_STAGES (default all: "kernel solve pads cached big padsbig fit mpi strips
+# serial jaxcache"; they run in that order, and the budget skips what is left)
+# picks stages; GPU_BENCH_KERNEL_CASES=all makes the kernel stage time the coupled
+# update and the strips form too (default frozen: the frozen update, pads against fused).
 # Results: $OUT/gpu_results.csv (+ .json metadata, + gpu_log.txt) when OUT is set,
 # else ./gpu_results.csv.
 #
@@ -64,7 +68,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve fused strips serial cached jaxcache big fusedbig mpi fit} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve pads cached big padsbig fit mpi strips serial jaxcache} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -144,25 +148,17 @@ else
 fi
 
 stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV" \
-    --cases "${GPU_BENCH_KERNEL_CASES:-all}"
+    --cases "${GPU_BENCH_KERNEL_CASES:-frozen}"
 stage solve $L_S "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
     --exact-dir "$EXACT_DIR" --exact-wait 40
-stage fused $L_S env MPDA_KERNEL_FORM=fused "$PY" benchmarks/gpu_bench.py solve $QUICK \
-    --csv "$CSV" --fractions 0.1 0.01 --label " fused" --exact-dir "$EXACT_DIR" --exact-wait 20
-stage strips $L_T env MPDA_KERNEL_FORM=strips "$PY" benchmarks/gpu_bench.py solve $QUICK \
-    --csv "$CSV" --fractions 0.1 --label " strips" --exact-wait 0
-COLD_CACHE=$(mktemp -d /tmp/mpda_cold.XXXXXX)
-stage serial $L_R env XDG_CACHE_HOME="$COLD_CACHE" MPDA_COMPILE_THREADS=1 \
-    "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 1 \
-    --label " 1 compile thread" --exact-wait 0
-rm -rf "$COLD_CACHE"
+stage pads $L_S env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py solve $QUICK \
+    --csv "$CSV" --fractions 0.1 0.01 --label " pads" --exact-dir "$EXACT_DIR" --exact-wait 20
 stage cached $L_C "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
     --fractions 0.1 --label " disk caches" --exact-wait 0
-stage jaxcache $L_C env MPDA_PROGRAM_CACHE_DIR= "$PY" benchmarks/gpu_bench.py solve $QUICK \
-    --csv "$CSV" --fractions 0.1 --label " JAX cache only" --exact-wait 0
 stage big $L_B "$PY" benchmarks/gpu_bench.py big $QUICK --csv "$CSV"
-stage fusedbig $L_B env MPDA_KERNEL_FORM=fused "$PY" benchmarks/gpu_bench.py big $QUICK \
-    --csv "$CSV" --label " fused"
+stage padsbig $L_B env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py big $QUICK \
+    --csv "$CSV" --label " pads"
+stage fit $L_F "$PY" benchmarks/gpu_bench.py fit $QUICK --csv "$CSV"
 
 MPIEXEC=$(command -v mpiexec || true)
 [ -z "$MPIEXEC" ] && [ -x "$(dirname "$(command -v "$PY")")/mpiexec" ] \
@@ -180,7 +176,15 @@ else
     echo "SKIPPED stage mpi: no mpiexec on PATH or next to $PY"
 fi
 
-stage fit $L_F "$PY" benchmarks/gpu_bench.py fit $QUICK --csv "$CSV"
+stage strips $L_T env MPDA_KERNEL_FORM=strips "$PY" benchmarks/gpu_bench.py solve $QUICK \
+    --csv "$CSV" --fractions 0.1 --label " strips" --exact-wait 0
+COLD_CACHE=$(mktemp -d /tmp/mpda_cold.XXXXXX)
+stage serial $L_R env XDG_CACHE_HOME="$COLD_CACHE" MPDA_COMPILE_THREADS=1 \
+    "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 1 \
+    --label " 1 compile thread" --exact-wait 0
+rm -rf "$COLD_CACHE"
+stage jaxcache $L_C env MPDA_PROGRAM_CACHE_DIR= "$PY" benchmarks/gpu_bench.py solve $QUICK \
+    --csv "$CSV" --fractions 0.1 --label " JAX cache only" --exact-wait 0
 
 for pid in $EXACT_PIDS; do kill "$pid" 2>/dev/null; done
 [ -f "$EXACT_DIR/exact.log" ] && { echo; echo "--- exact stage log:"; cat "$EXACT_DIR/exact.log"; }

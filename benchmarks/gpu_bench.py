@@ -8,11 +8,13 @@
     python benchmarks/gpu_bench.py report --csv ...
 
 Stages:
-  kernel  per-iteration time of ``kernel.iterate`` and ``iterate_b`` (one block, constant
-          edge halo, momentum off, float32), each border form (``strips``, ``pads``), at
-          1024², 2048², 4096²; bytes/iter = 62·4·N, frozen 37·4·N (DESIGN §2); and the
-          frozen update with the solver's momentum 0.5 in the device's default form
-          (49·4·N: ``b_prev`` is read too)
+  kernel  per-iteration time of the frozen update ``iterate_b`` (one block, constant
+          edge halo, float32) with the solver's momentum 0.5 (49·4·N bytes: ``b_prev``
+          is read too), ``pads`` against ``fused`` (the hand-written pass), at 1024²,
+          2048², 4096²; at 10 and 1 updates per call; ``fused`` tile and warp variants;
+          no momentum (37·4·N); the node-sum fence forced on; copies of message arrays
+          in the compiled ``pads`` update.  ``--cases all`` first times ``iterate`` (62·4·N)
+          and ``iterate_b`` in both border forms (``strips`` too)
           → achieved GB/s, ratio to the 3.0 TB/s floor (DESIGN §2) and to a jitted
           device triad measured here.
   exact   the exact sparse solve (scipy, float64) of a 1024² problem on the host CPU;
@@ -257,7 +259,7 @@ def stage_kernel(args) -> None:
         case += f" m{mom}" if mom else ""
         case += f" {k}/call" if k != iters else ""
         case += " fenced" if fence else ""
-        case += f" tile {tile[0]}x{tile[1]}" if tile else ""
+        case += f" tile {tile[0][0]}x{tile[0][1]} warps {tile[1]}" if tile else ""
         sink.add(
             [
                 ("kernel", case, "compile", r["compile_s"], "s"),
@@ -289,11 +291,12 @@ def stage_kernel(args) -> None:
 
 def _kernel_cases(which: str, sizes: list[int], iters: int) -> list[tuple]:
     """(size, frozen, form, momentum, updates per call, node-sum fence forced on, fused
-    tile) per row.  ``all``: both updates in both border forms, then the frozen update
-    with the solver's momentum 0.5 in every form (``fused`` too), one update per call,
-    the fence forced on (it is off on a GPU by default), and ``fused`` tile variants.
-    ``fused``: the frozen rows only (``pads`` against ``fused``; the forms were settled
-    on an H100: ``strips`` is 5x slower there)."""
+    (tile, warps)) per row.  ``frozen`` (the default): the frozen update with the
+    solver's momentum 0.5, ``pads`` against ``fused`` at every size, at 10 and 1 updates
+    per call, ``fused`` tile and warp variants, no momentum, and the fence forced on (it
+    is off on a GPU).  ``all``: first both updates in both border forms, as measured in
+    RESULTS §15 (``strips`` is 5x slower than ``pads`` on an H100), then the same rows
+    with ``strips`` too."""
     from mpda_dist.kernel import FORMS, FUSED
 
     small, mid = sizes[0], sizes[len(sizes) // 2]
@@ -307,7 +310,8 @@ def _kernel_cases(which: str, sizes: list[int], iters: int) -> list[tuple]:
     # most telling first: a stage that runs out of time keeps the rows it has
     cases += [(n, True, m, 0.5, iters, None, None) for n in sizes for m in forms]
     cases += [(small, True, m, 0.5, 10, None, None) for m in ("pads", FUSED)]
-    cases += [(mid, True, FUSED, 0.5, iters, None, t) for t in [(8, 128), (32, 64), (16, 128)]]
+    variants = [((16, 64), 4), ((8, 256), 4), ((8, 128), 8), ((8, 256), 8)]
+    cases += [(mid, True, FUSED, 0.5, iters, None, v) for v in variants]
     cases += [(small, True, m, 0.5, 1, None, None) for m in ("pads", FUSED)]
     if which != "all":
         cases += [(small, True, m, 0.0, iters, None, None) for m in forms]
@@ -316,16 +320,17 @@ def _kernel_cases(which: str, sizes: list[int], iters: int) -> list[tuple]:
 
 
 class _kernel_variant:
-    """Within: ``kernel.FENCE`` and ``fused.TILE`` as given (``None``: unchanged)."""
+    """Within: ``kernel.FENCE`` and ``fused.TILE``, ``fused.WARPS`` as given (``None``:
+    unchanged)."""
 
-    def __init__(self, kernel_mod, fence, tile):
+    def __init__(self, kernel_mod, fence, tile_warps):
         from mpda_dist import fused
 
         self.saved = []
         if fence is not None:
             self.saved.append((kernel_mod, "FENCE", fence))
-        if tile is not None:
-            self.saved.append((fused, "TILE", tile))
+        if tile_warps is not None:
+            self.saved += [(fused, "TILE", tile_warps[0]), (fused, "WARPS", tile_warps[1])]
 
     def __enter__(self):
         import jax
@@ -673,10 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--cases",
-        choices=["all", "fused"],
-        default="all",
-        help="kernel stage: every row (default), or the frozen update's rows only, pads "
-        "against the hand-written fused pass",
+        choices=["frozen", "all"],
+        default="frozen",
+        help="kernel stage: the frozen update's rows, pads against the hand-written fused "
+        "pass (default), or all: the coupled update and the strips form too",
     )
     ap.add_argument("--dir", default="/tmp/mpda_exact", help="exact stage: output folder")
     ap.add_argument("--exact-dir", default=None, help="solve stage: where exact .npz files are")

@@ -38,6 +38,9 @@ TILE: tuple[int, int] = (8, 128)
 2048² with momentum (§15): 8 × 128 491 µs per update, 16 × 64 555, 16 × 128 558,
 32 × 64 609.  Read when a program is traced, so a change needs ``jax.clear_caches()``."""
 
+WARPS = 4
+"""Warps per program (Triton's ``num_warps``); read when a program is traced."""
+
 FRAME = 2  # the stencil's reach
 
 INTERPRET: bool | None = None
@@ -137,4 +140,4 @@ def _store(ref, value: Array, mask: Array, interpret: bool) -> None:
 def _triton_params():
     from jax.experimental.pallas import triton as plgpu
 
-    return plgpu.CompilerParams(num_warps=4, num_stages=1)
+    return plgpu.CompilerParams(num_warps=WARPS, num_stages=1)
