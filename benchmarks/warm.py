@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=256, help="grid side (default 256)")
     ap.add_argument("--fraction", type=float, default=0.1, help="observed share (0.1)")
     ap.add_argument("--runs", type=int, default=3, help="solves in this process (3)")
+    ap.add_argument(
+        "--every", type=int, default=1, help="solver.exchange.every: iterations per exchange (1)"
+    )
     args = ap.parse_args(argv)
 
     from mpda_dist import runtime
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     obs = obsmod.synthetic(truth, extent, args.fraction, 1e-3, rng)
     nodes, _ = obsmod.to_nodes(obs, (n, n), extent, 0.0, "warm.py")
     levels = schedule(n, n, 1.0 / (n - 1), 1.0 / (n - 1), 16)
-    s = Settings(dtype="float32", tol=1e-5, momentum=0.5)
+    s = Settings(dtype="float32", tol=1e-5, momentum=0.5, every=args.every)
     rows = []
     for r in range(args.runs):
         comm.Barrier()

@@ -147,7 +147,7 @@ class Frames:
         """The frame of ``x`` (flat, as :func:`kernel.framed` takes it)."""
         if not self.decomp.has_neighbours:
             return self.edge
-        return jax.device_put(self.ex.exchange(np.asarray(kernel.pack_frame(x))))
+        return jax.device_put(self.ex.exchange(np.asarray(kernel.outgoing_frame(x))))
 
     def framed(self, x: Array) -> Array:
         return _framed(x, self.of(x))
@@ -199,6 +199,7 @@ class Smoother:
     iterations: int = 0  # run inside corrections
     programs: Programs = field(default_factory=Programs)  # shared with the level's solve
     chunk: int = 0  # iterations per call without neighbours (the level solve's; 0: all)
+    every: int = 1  # iterations per call, and between exchanges, with neighbours
 
     def __post_init__(self) -> None:
         self.mex = HaloExchange(
@@ -214,9 +215,10 @@ class Smoother:
         return jax.device_put(self.mex.exchange(np.asarray(out)))
 
     def smooth(self, n: int, op: kernel.Operator) -> None:
-        """``n`` iterations on ``op`` (synchronous exchange every iteration)."""
+        """``n`` iterations on ``op``, with a synchronous exchange every ``every``
+        iterations (the level solve's ``exchange.every``)."""
         halo = self.cavities(op)
-        chunk = 1 if self.decomp.has_neighbours else (self.chunk or n)
+        chunk = self.every if self.decomp.has_neighbours else (self.chunk or n)
         done = 0
         while done < n:
             k = min(chunk, n - done)

@@ -115,11 +115,6 @@ class _Block:
 
 
 @jit
-def _pack(x: jax.Array) -> jax.Array:
-    return kernel.pack_frame(x)
-
-
-@jit
 def _true_residual(
     x: jax.Array, frame: jax.Array, op: kernel.Operator, pm: jax.Array, dinv: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -304,7 +299,7 @@ def cg(
     pm = dinv if s.jacobi else jnp.ones_like(dinv)
     x = jnp.zeros_like(op.rhs)
     scalar = np.zeros((), dt)
-    pack = blk.jit(_pack, x)
+    pack = blk.jit(kernel.outgoing_frame, x)
     resid = blk.jit(_true_residual, x, blk.edge, op, pm, dinv)
     matvec = blk.jit(_cg_matvec, x, blk.edge, op)
     step = blk.jit(_cg_step, x, x, x, x, scalar, pm, dinv)
