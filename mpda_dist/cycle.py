@@ -199,7 +199,6 @@ class Smoother:
     iterations: int = 0  # run inside corrections
     programs: Programs = field(default_factory=Programs)  # shared with the level's solve
     chunk: int = 0  # iterations per call without neighbours (the level solve's; 0: all)
-    every: int = 1  # iterations per call, and between exchanges, with neighbours
 
     def __post_init__(self) -> None:
         self.mex = HaloExchange(
@@ -215,10 +214,11 @@ class Smoother:
         return jax.device_put(self.mex.exchange(np.asarray(out)))
 
     def smooth(self, n: int, op: kernel.Operator) -> None:
-        """``n`` iterations on ``op``, with a synchronous exchange every ``every``
-        iterations (the level solve's ``exchange.every``)."""
+        """``n`` iterations on ``op`` (synchronous exchange every iteration, whatever
+        ``exchange.every`` says: visits on lagged halos diverged at 1 % observations on
+        four ranks, benchmarks/RESULTS.md §16)."""
         halo = self.cavities(op)
-        chunk = self.every if self.decomp.has_neighbours else (self.chunk or n)
+        chunk = 1 if self.decomp.has_neighbours else (self.chunk or n)
         done = 0
         while done < n:
             k = min(chunk, n - done)

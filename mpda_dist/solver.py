@@ -359,7 +359,7 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
         # also the coarse visits of the finer levels' corrections (Smoother.smooth)
         calls = [(s.every if neighbours else s.check_every, s.stopping == "delta")]
         if s.cycle == "fas" and i < len(hier.levels) - 1:
-            chunk = s.every if neighbours else s.check_every
+            chunk = 1 if neighbours else s.check_every
             calls += [(chunk, False)] + (
                 [(s.smoothing % chunk, False)] if s.smoothing % chunk else []
             )
@@ -430,7 +430,7 @@ def solve(
             comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype, programs
         )
         for sm in hier.smoothers:  # coarse visits run the level solves' compiled calls
-            sm.chunk, sm.every = s.check_every, s.every
+            sm.chunk = s.check_every
         mp_levels = range(1 if len(hier.levels) > 1 else 0, len(hier.levels))
         _prefetch(hier, s, mp_levels)
         setup = time.perf_counter() - t0

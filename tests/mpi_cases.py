@@ -85,8 +85,8 @@ def sphere_sync_equals_serial(ny: str, nx: str, px: str, py: str) -> None:
 
 
 def async_equals_exact(ny: str, nx: str, every: str = "1") -> None:
-    """Async mode, exchanging every ``every`` iterations (the coarse visits of the
-    corrections too), converges to the exact solve."""
+    """Async mode, exchanging every ``every`` iterations in the level solves,
+    converges to the exact solve."""
     _, nodes, levels, exact = problem(int(ny), int(nx), 0.08, seed=2)
     res = _solve(comm, levels, nodes, mode="async", max_staleness=1, tol=1e-12, every=int(every))
     assert all(lv.status == CONVERGED for lv in res.levels), res.levels

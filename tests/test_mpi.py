@@ -35,8 +35,8 @@ def test_uneven_blocks_three_ranks():
 
 
 def test_async_converges_to_exact():
-    """Exchanging every 2 iterations: the level solves and their coarse visits run two
-    updates per call between exchanges."""
+    """Exchanging every 2 iterations: the level solves run two updates per call
+    between exchanges."""
     check(mpirun(4, "async_equals_exact", "30", "30", "2"))
 
 
