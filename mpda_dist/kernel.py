@@ -166,13 +166,15 @@ def default_form() -> str:
 
 def frozen_form(form: str | None, n: int) -> str:
     """How :func:`iterate_b` runs ``n`` updates: ``form`` if given, else
-    ``$MPDA_KERNEL_FORM`` if set, else ``strips`` on a CPU, and on an accelerator
-    ``fused`` for ``n ≥ FUSED_MIN_UPDATES`` and ``pads`` for fewer."""
+    ``$MPDA_KERNEL_FORM`` if set, else ``strips`` on a CPU, and on a GPU ``fused`` for
+    ``n ≥ FUSED_MIN_UPDATES`` and ``pads`` for fewer (``pads`` on other accelerators:
+    the pass is built for Triton)."""
     if form or os.environ.get(FORM_ENV, "").strip():
         return form or default_form()
-    if jax.default_backend() == "cpu":
+    backend = jax.default_backend()
+    if backend == "cpu":
         return "strips"
-    return FUSED if n >= FUSED_MIN_UPDATES else "pads"
+    return FUSED if backend == "gpu" and n >= FUSED_MIN_UPDATES else "pads"
 
 
 def _shift_in(src: Array, d: tuple[int, int], fill: float) -> Array:

@@ -152,6 +152,8 @@ def test_frozen_form_by_backend_and_count(monkeypatch):
         kernel.FUSED,
         kernel.FUSED,
     ]
+    monkeypatch.setattr(kernel.jax, "default_backend", lambda: "tpu")
+    assert kernel.frozen_form(None, m) == "pads"
     assert kernel.frozen_form("strips", m) == "strips"
     monkeypatch.setenv(kernel.FORM_ENV, "fused")
     assert kernel.frozen_form(None, 1) == kernel.FUSED
