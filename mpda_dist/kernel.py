@@ -147,7 +147,7 @@ FORM_ENV = "MPDA_KERNEL_FORM"
 # Pallas on Triton, for GPUs); the other updates then read the border as ``pads``.
 FUSED = "fused"
 FUSED_MIN_UPDATES = 10
-"""On an accelerator the frozen update runs ``fused`` in calls of at least this many
+"""On a GPU the frozen update runs ``fused`` in calls of at least this many
 updates, and ``pads`` in shorter ones: per call, ``fused`` frames the messages and gains
 and unframes them again.  On an H100 at 1024² (§15): 10 updates per call 205 against
 335 µs per update, one update per call 1070 against 590 µs."""
