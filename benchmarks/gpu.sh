@@ -26,7 +26,9 @@
 #           lowering are paid again, as before the program cache)
 #   big     4096² at 5 % (compile warm-up, then the warm run)
 #   padsbig the same with MPDA_KERNEL_FORM=pads
-#   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists
+#   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists;
+#           it and the solve stage print each rank's slowest programs to get (load,
+#           trace and lower, compile: programs.compile_report)
 #   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
 #   report  all tables again
 # GPU_BENCH_STAGES (default all: "kernel solve pads cached big padsbig fit mpi strips

@@ -524,6 +524,8 @@ def stage_solve(args) -> None:
             f"{out['runs'][-1]['status']}",
             flush=True,
         )
+        if len(done) == 1:  # the cold start: every program was got in this case
+            _print_compile_report(comm if comm is not None and comm.Get_size() > 1 else None)
     # exact reference, computed by the background `exact` stage
     t_end = time.perf_counter() + args.exact_wait
     for case, f, mp, truth in done:
@@ -621,9 +623,26 @@ def stage_mpi(args) -> None:
         ),
     )
     pk = C.max_over_ranks(comm, float(peak_memory() or 0))
+    _print_compile_report(comm)
     if rank == 0:
         sink.add([("mpi", case, "peak_device_bytes_max_rank", pk or "", "B")])
         finish(sink)
+
+
+def _print_compile_report(comm=None) -> None:
+    """Each rank's slowest programs to get (programs.compile_report), rank by rank."""
+    from mpda_dist import programs
+
+    rows = programs.compile_report(8)
+    lines = [
+        f"  {name}: {n} programs, load {ld:.2f} s, trace+lower {lo:.2f} s, compile {co:.2f} s"
+        for name, n, ld, lo, co in rows
+    ]
+    ranks = comm.gather(lines, root=0) if comm is not None else [lines]
+    if ranks is not None:
+        for r, ls in enumerate(ranks):
+            print(f"slowest programs to get, rank {r} (background threads included):")
+            print("\n".join(ls) if ls else "  (none)", flush=True)
 
 
 def stage_report(args) -> None:

@@ -234,6 +234,28 @@ _STORE: Store | None = None
 # Seconds that callers (not the background threads) spent compiling, loading or
 # waiting for programs: what a level's compile_seconds counts, whichever call it was.
 _CLOCK = [0.0]
+# Per program name, over this process (background threads included): calls that
+# loaded, traced and lowered, or compiled, and the seconds each took.  Read by
+# :func:`compile_report` (benchmarks; the GPU runs' multi-rank cold start).
+_STATS: dict[str, list[float]] = {}
+_STATS_LOCK = threading.Lock()
+
+
+def _count(name: str, loaded: float, lowered: float, compiled: float) -> None:
+    with _STATS_LOCK:
+        row = _STATS.setdefault(name, [0, 0.0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += loaded
+        row[2] += lowered
+        row[3] += compiled
+
+
+def compile_report(top: int = 10) -> list[tuple[str, int, float, float, float]]:
+    """The programs that took longest to get, as ``(name, programs, load s, trace and
+    lower s, compile s)``, slowest first."""
+    with _STATS_LOCK:
+        rows = [(k.rsplit(".", 1)[-1], int(v[0]), *v[1:]) for k, v in _STATS.items()]
+    return sorted(rows, key=lambda r: -(r[2] + r[3] + r[4]))[:top]
 
 
 def store() -> Store:
@@ -330,15 +352,19 @@ class Jit:
         try:
             st = store()
             path = st.path(self.name, (key, self.options), _device_of(args))
+            t0 = time.perf_counter()
             compiled = st.load(path)
+            t1 = t2 = time.perf_counter()
             if compiled is None:
                 lowered = self.jitted.lower(*args, **static)
+                t2 = time.perf_counter()
                 if path is None:
                     compiled = lowered.compile()
                 else:
                     compiled, fresh = _compile_fresh(lowered)
                     if fresh:
                         st.save(path, compiled)
+            _count(self.name, t1 - t0, t2 - t1, time.perf_counter() - t2)
             self.programs[key] = compiled
             return compiled
         finally:

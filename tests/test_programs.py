@@ -39,6 +39,24 @@ def test_programs_are_keyed_by_shape_dtype_and_static_arguments():
     assert p.seconds > 0
 
 
+@programs.jit
+def _doubled_for_report(x):
+    return 2 * x
+
+
+def test_compile_report_counts_each_program_got(monkeypatch):
+    """``compile_report`` names the programs got in this process, with how many and
+    the seconds spent; one in memory already is not counted again."""
+    monkeypatch.setattr(programs, "_STORE", programs.Store(None))
+    name = "_doubled_for_report"
+    before = dict((r[0], r[1]) for r in programs.compile_report(10**6)).get(name, 0)
+    for n in (3, 4, 4):
+        _doubled_for_report(jnp.ones(n))
+    rows = {r[0]: r for r in programs.compile_report(10**6)}
+    assert rows[name][1] == before + 2, rows[name]
+    assert rows[name][3] + rows[name][4] > 0  # traced, lowered and compiled: it took time
+
+
 def test_coarse_visits_run_the_level_solves_programs(monkeypatch):
     """One frozen-update program per level shape: the corrections' coarse visits
     (``smoothing`` = 2 × ``check_every`` iterations) run the level's own program."""
