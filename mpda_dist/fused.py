@@ -48,6 +48,18 @@ INTERPRET: bool | None = None
 Triton (``jax.export`` for a GPU platform checks the lowering without a GPU)."""
 
 
+def supported(device=None) -> bool:
+    """Whether the pass builds for ``device`` (default: the first): a CUDA GPU of
+    compute capability 8.0 or later, what Pallas's Triton backend supports."""
+    device = device if device is not None else jax.devices()[0]
+    if device.platform != "gpu" or "cuda" not in str(device.client.platform_version).lower():
+        return False
+    try:
+        return int(str(getattr(device, "compute_capability", "")).split(".")[0]) >= 8
+    except ValueError:
+        return False
+
+
 def padded_shape(by: int, bx: int) -> tuple[int, int]:
     """The padded array's last two dimensions for a ``by × bx`` block."""
     tr, tc = TILE

@@ -167,14 +167,16 @@ def default_form() -> str:
 def frozen_form(form: str | None, n: int) -> str:
     """How :func:`iterate_b` runs ``n`` updates: ``form`` if given, else
     ``$MPDA_KERNEL_FORM`` if set, else ``strips`` on a CPU, and on a GPU ``fused`` for
-    ``n ≥ FUSED_MIN_UPDATES`` and ``pads`` for fewer (``pads`` on other accelerators:
-    the pass is built for Triton)."""
+    ``n ≥ FUSED_MIN_UPDATES`` and ``pads`` for fewer (``pads`` on other accelerators and
+    GPUs that Pallas's Triton backend does not support: :func:`fused.supported`)."""
     if form or os.environ.get(FORM_ENV, "").strip():
         return form or default_form()
     backend = jax.default_backend()
     if backend == "cpu":
         return "strips"
-    return FUSED if backend == "gpu" and n >= FUSED_MIN_UPDATES else "pads"
+    if backend == "gpu" and n >= FUSED_MIN_UPDATES and fused.supported():
+        return FUSED
+    return "pads"
 
 
 def _shift_in(src: Array, d: tuple[int, int], fill: float) -> Array:

@@ -146,6 +146,9 @@ def test_frozen_form_by_backend_and_count(monkeypatch):
     monkeypatch.setattr(kernel.jax, "default_backend", lambda: "cpu")
     assert [kernel.frozen_form(None, n) for n in (1, m)] == ["strips", "strips"]
     monkeypatch.setattr(kernel.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(kernel.fused, "supported", lambda: False)
+    assert kernel.frozen_form(None, m) == "pads"  # an older GPU, or ROCm
+    monkeypatch.setattr(kernel.fused, "supported", lambda: True)
     assert [kernel.frozen_form(None, n) for n in (1, m - 1, m, 5 * m)] == [
         "pads",
         "pads",
@@ -157,6 +160,26 @@ def test_frozen_form_by_backend_and_count(monkeypatch):
     assert kernel.frozen_form("strips", m) == "strips"
     monkeypatch.setenv(kernel.FORM_ENV, "fused")
     assert kernel.frozen_form(None, 1) == kernel.FUSED
+
+
+def test_fused_pass_supported_devices():
+    """CUDA GPUs of compute capability 8.0 (Ampere) or later; not a CPU, not ROCm, not
+    an older GPU."""
+    from types import SimpleNamespace as NS
+
+    from mpda_dist import fused
+
+    def dev(platform, version, cc=None):
+        return NS(platform=platform, client=NS(platform_version=version), compute_capability=cc)
+
+    assert fused.supported(dev("gpu", "PJRT C API\ncuda 12080", "9.0"))
+    assert fused.supported(dev("gpu", "cuda 12.8", "8.0"))
+    assert not fused.supported(dev("gpu", "cuda 12.8", "7.0"))
+    assert not fused.supported(dev("gpu", "rocm 6.3", "9.0"))
+    assert not fused.supported(dev("gpu", "cuda 12.8", None))
+    assert not fused.supported(dev("cpu", "cpu"))
+    if jax.default_backend() == "cpu":
+        assert not fused.supported()
 
 
 def test_fused_pass_lowers_for_a_gpu(monkeypatch):
