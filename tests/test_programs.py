@@ -117,6 +117,61 @@ def test_a_stored_program_is_loaded_without_tracing(tmp_path):
         programs.set_store(None)
 
 
+def test_a_program_another_process_compiles_is_skipped_then_loaded(tmp_path):
+    """Ranks on one node share the work: while another process holds a program's lock,
+    a background compile skips it (None) and a needed program waits for the file and
+    loads it, without tracing.  Here the other process is a thread of this one (its
+    lock names this pid, which runs)."""
+    import threading
+
+    programs.set_store(programs.Store(tmp_path))
+    try:
+        k, x = _unique_k(), jnp.arange(4.0)
+        fn = programs.jit(_traced_scale, static_argnames=("k",))
+        args, static, key = fn._key((x,), {"k": k})
+        st = programs.store()
+        path = st.path(fn.name, (key, fn.options), programs._device_of(args))
+        assert st.claim(path) and not st.claim(path)  # held, by a live process
+
+        assert fn._compile(key, args, static, background=True) is None
+        assert TRACES.count(k) == 0
+
+        def other() -> None:  # compiles and stores it, then lets go
+            compiled = fn.jitted.lower(x, k=k).compile()
+            st.save(path, compiled)
+            st.release(path)
+
+        TRACES.clear()
+        t = threading.Timer(0.3, other)
+        t.start()
+        out = fn(x, k=k)  # waits for the file
+        t.join()
+        np.testing.assert_array_equal(out, k * np.arange(4.0))
+        assert st.loaded == 1 and TRACES.count(k) == 1  # traced once: by `other`
+        assert not programs._lock_of(path).exists()
+    finally:
+        programs.set_store(None)
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    """A lock whose process no longer runs (same host) does not hold anyone up; a lock
+    that goes without a stored file leaves the waiter to compile."""
+    import platform as pf
+
+    st = programs.Store(tmp_path)
+    path = tmp_path / "prog-x.pkl"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    programs._lock_of(path).write_text(f"{pf.node()} {int(dead.stdout)}")
+    assert st.claim(path)
+    st.release(path)
+    assert st.wait(path, 5.0) is None  # no lock, no file: compile it yourself
+
+
 def test_a_damaged_program_file_is_compiled_again_and_removed(tmp_path):
     programs.set_store(programs.Store(tmp_path))
     try:
@@ -210,9 +265,9 @@ def test_the_level_programs_compile_in_background_threads(monkeypatch):
     where = []
     compile_ = programs.Jit._compile
 
-    def recording(self, key, args, static):
+    def recording(self, key, args, static, **kw):
         where.append((self.name.rsplit(".", 1)[-1], key, threading.current_thread().name))
-        return compile_(self, key, args, static)
+        return compile_(self, key, args, static, **kw)
 
     monkeypatch.setattr(programs.Jit, "_compile", recording)
     _, nodes, levels, _ = problem(42, 38, 0.1, seed=4)  # shapes no other test uses
@@ -240,7 +295,9 @@ def test_compile_threads_come_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="MPDA_COMPILE_THREADS='many'"):
         programs.compile_threads()
     monkeypatch.delenv(programs.THREADS_ENV)
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert programs.compile_threads() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a rank with one core still prefetches
     assert programs.compile_threads() == 2
 
 
