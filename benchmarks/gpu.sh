@@ -146,7 +146,7 @@ fi
 if [ -n "$QUICK" ]; then
     L_K=120 L_S=120 L_R=90 L_T=90 L_C=60 L_B=90 L_M=90 L_F=60
 else
-    L_K=150 L_S=110 L_R=80 L_T=70 L_C=40 L_B=150 L_M=150 L_F=90
+    L_K=200 L_S=110 L_R=80 L_T=70 L_C=40 L_B=150 L_M=150 L_F=90
 fi
 
 stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV" \
@@ -172,6 +172,9 @@ if [ -n "$MPIEXEC" ]; then
         MPIFLAGS="--allow-run-as-root --oversubscribe -x PYTHONPATH -x PYTHONUNBUFFERED"
         export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
     fi
+    # whether this MPI can take GPU buffers (what a GPU-direct exchange would need)
+    command -v ompi_info >/dev/null \
+        && ompi_info --parsable --all 2>/dev/null | grep -m1 "mpi_built_with_cuda_support:value"
     stage mpi $L_M "$MPIEXEC" $MPIFLAGS -n 2 "$PY" benchmarks/gpu_bench.py mpi $QUICK --csv "$CSV"
 else
     echo

@@ -44,6 +44,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -243,10 +244,10 @@ def stage_kernel(args) -> None:
     # the border forms (mpda_dist.kernel.FORMS) and the fused frozen pass: on an H100
     # "pads" is ~5x faster than "strips" (RESULTS §15), on a CPU "strips" ~2x faster
     sizes = pick("kernel", args.quick)
-    for case in _kernel_cases(args.cases, sizes, iters):
-        n, frozen, form, mom, k, fence, tile = case
+    for n, frozen, form, mom, k, fence, knobs in _kernel_cases(args.cases, sizes, iters):
+        case = _case_name(n, frozen, form, mom, k, iters, fence, knobs)
         try:
-            with _kernel_variant(kernel_mod, fence, tile):
+            with _kernel_variant(kernel_mod, fence, knobs):
                 r = kb.bench_size(
                     n, "float32", k, reps, 10.0, 0.6, frozen=frozen, form=form, momentum=mom
                 )
@@ -255,11 +256,6 @@ def stage_kernel(args) -> None:
             continue
         t = r["t_iter_median_ms"] / 1e3
         floor_t = r["mb_per_iter"] * 1e6 / FLOOR_BPS
-        case = f"{n}x{n}" + (" frozen-a" if frozen else "") + f" {form}"
-        case += f" m{mom}" if mom else ""
-        case += f" {k}/call" if k != iters else ""
-        case += " fenced" if fence else ""
-        case += f" tile {tile[0][0]}x{tile[0][1]} warps {tile[1]}" if tile else ""
         sink.add(
             [
                 ("kernel", case, "compile", r["compile_s"], "s"),
@@ -276,27 +272,38 @@ def stage_kernel(args) -> None:
             f"(floor {floor_t * 1e6:.1f} us)",
             flush=True,
         )
-    # full copies of a (12, by, bx) message stack in the compiled update (none on a CPU
-    # in the strips form since stop 15; RESULTS §14)
-    for form in FORMS if args.cases == "all" else ("pads",):
-        for frozen in (True,):
-            for k in (1, 2, iters):
-                nc = _message_copies(kb, kernel_mod, sizes[0], form, frozen, k)
-                case = f"{sizes[0]}x{sizes[0]}" + (" frozen-a" if frozen else "")
-                case += f" {form} m0.5 {k}/call"
-                sink.add([("kernel", case, "message_copies", nc, "")])
-                print(f"  kernel {case}: {nc} copies of a message stack", flush=True)
+    # full copies of a (12, by, bx) message stack (padded, for fused) in the compiled
+    # update (none on a CPU in the strips form since stop 15; RESULTS §14)
+    copies = [("pads", k, None) for k in (1, 2, iters)]
+    copies += [(kernel_mod.FUSED, k, v) for k in (10, iters) for v in (None, TUNED)]
+    if args.cases == "all":
+        copies += [(f, k, None) for f in FORMS if f != "pads" for k in (1, 2, iters)]
+    for form, k, knobs in copies:
+        case = _case_name(sizes[0], True, form, 0.5, k, 0, None, knobs)
+        try:
+            with _kernel_variant(kernel_mod, None, knobs):
+                nc = _message_copies(kb, kernel_mod, sizes[0], form, True, k)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  kernel {case}: copies FAILED: {type(exc).__name__}: {exc}"[:2000])
+            continue
+        sink.add([("kernel", case, "message_copies", nc, "")])
+        print(f"  kernel {case}: {nc} copies of a message stack", flush=True)
     finish(sink)
+
+
+TUNED = {"aligned": True, "store_last": True, "along_rows": True, "hints": True}
+"""The fused pass's layout and order variants (``mpda_dist.fused``), all on."""
 
 
 def _kernel_cases(which: str, sizes: list[int], iters: int) -> list[tuple]:
     """(size, frozen, form, momentum, updates per call, node-sum fence forced on, fused
-    (tile, warps)) per row.  ``frozen`` (the default): the frozen update with the
-    solver's momentum 0.5, ``pads`` against ``fused`` at every size, at 10 and 1 updates
-    per call, ``fused`` tile and warp variants, no momentum, and the fence forced on (it
-    is off on a GPU).  ``all``: first both updates in both border forms, as measured in
-    RESULTS §15 (``strips`` is 5x slower than ``pads`` on an H100), then the same rows
-    with ``strips`` too."""
+    settings) per row.  ``frozen`` (the default): the frozen update with the solver's
+    momentum 0.5, ``pads`` against ``fused`` at every size; ``fused`` with its layout
+    and order variants all on (``TUNED``) at every size, each alone and tile and warp
+    variants at the middle size; at 10 updates per call.  ``all``: first both updates
+    in both border forms, as measured in RESULTS §15 (``strips`` is 5x slower than
+    ``pads`` on an H100), then the same rows with ``strips`` too, and one update per
+    call, no momentum and the fence forced on (it is off on a GPU)."""
     from mpda_dist.kernel import FORMS, FUSED
 
     small, mid = sizes[0], sizes[len(sizes) // 2]
@@ -309,28 +316,49 @@ def _kernel_cases(which: str, sizes: list[int], iters: int) -> list[tuple]:
         forms = (*FORMS, FUSED)
     # most telling first: a stage that runs out of time keeps the rows it has
     cases += [(n, True, m, 0.5, iters, None, None) for n in sizes for m in forms]
+    cases += [(n, True, FUSED, 0.5, iters, None, TUNED) for n in sizes]
+    cases += [(mid, True, FUSED, 0.5, iters, None, {k: True}) for k in TUNED]
+    tiles = [((8, 256), 4), ((8, 128), 8), ((4, 256), 4), ((16, 128), 8)]
+    cases += [
+        (mid, True, FUSED, 0.5, iters, None, {**TUNED, "tile": t, "warps": w}) for t, w in tiles
+    ]
     cases += [(small, True, m, 0.5, 10, None, None) for m in ("pads", FUSED)]
-    variants = [((16, 64), 4), ((8, 256), 4), ((8, 128), 8), ((8, 256), 8)]
-    cases += [(mid, True, FUSED, 0.5, iters, None, v) for v in variants]
-    cases += [(small, True, m, 0.5, 1, None, None) for m in ("pads", FUSED)]
-    if which != "all":
+    cases += [(small, True, FUSED, 0.5, 10, None, TUNED)]
+    if which == "all":
+        cases += [(small, True, m, 0.5, 1, None, None) for m in ("pads", FUSED)]
         cases += [(small, True, m, 0.0, iters, None, None) for m in forms]
-    cases += [(small, True, "pads", 0.5, iters, True, None)]
+        cases += [(small, True, "pads", 0.5, iters, True, None)]
     return cases
 
 
-class _kernel_variant:
-    """Within: ``kernel.FENCE`` and ``fused.TILE``, ``fused.WARPS`` as given (``None``:
-    unchanged)."""
+def _case_name(n, frozen, form, mom, k, iters, fence, knobs) -> str:
+    name = f"{n}x{n}" + (" frozen-a" if frozen else "") + f" {form}"
+    name += f" m{mom}" if mom else ""
+    name += f" {k}/call" if k != iters else ""
+    name += " fenced" if fence else ""
+    knobs = dict(knobs or {})
+    tile, warps = knobs.pop("tile", None), knobs.pop("warps", None)
+    if tile is not None:
+        name += f" tile {tile[0]}x{tile[1]} warps {warps}"
+    if knobs == TUNED:
+        name += " tuned"
+    elif knobs:
+        name += " " + "+".join(sorted(knobs))
+    return name
 
-    def __init__(self, kernel_mod, fence, tile_warps):
+
+class _kernel_variant:
+    """Within: ``kernel.FENCE`` and ``mpda_dist.fused``'s settings as given (``fence``
+    ``None``: unchanged; ``knobs``: lower-case names of ``fused``'s settings)."""
+
+    def __init__(self, kernel_mod, fence, knobs):
         from mpda_dist import fused
 
         self.saved = []
         if fence is not None:
             self.saved.append((kernel_mod, "FENCE", fence))
-        if tile_warps is not None:
-            self.saved += [(fused, "TILE", tile_warps[0]), (fused, "WARPS", tile_warps[1])]
+        for name, value in (knobs or {}).items():
+            self.saved.append((fused, name.upper(), value))
 
     def __enter__(self):
         import jax
@@ -361,8 +389,13 @@ def _message_copies(kb, kernel_mod, n: int, form: str, frozen: bool, k: int) -> 
     g = kernel_mod.gains(a, op, halo, p) if frozen else None
     fn, args = kernel_mod.update_call(a, b, bp, g, op, halo, p, k)
     text = fn.lower(*args, n=k, momentum=0.5, delta=False, form=form).compile().as_text()
-    shape = f"f32[12,{n},{n}]"
-    return sum(1 for ln in text.splitlines() if shape in ln and " copy(" in ln)
+    stack = re.compile(r"f32\[12,(\d+),(\d+)\]")
+
+    def whole(line: str) -> bool:
+        m = stack.search(line)
+        return m is not None and min(int(m[1]), int(m[2])) >= n
+
+    return sum(1 for ln in text.splitlines() if " copy(" in ln and whole(ln))
 
 
 def _cfg(n: int, fraction: float):
@@ -418,13 +451,20 @@ def stage_exact(args) -> None:
 
 
 def solve_case(
-    comm, n: int, fraction: float, runs: int = 2, on_run=None, first_max_iterations=None
+    comm,
+    n: int,
+    fraction: float,
+    runs: int = 2,
+    on_run=None,
+    first_max_iterations=None,
+    report_first: bool = False,
 ) -> dict:
     """Build the problem on rank 0, solve it ``runs`` times; per run: wall (max over
     ranks), compile and solve seconds (sums over levels), iterations, status.
     ``on_run(index, run, out)`` is called after each run (to record it at once).
     ``first_max_iterations``: cap the first run's iterations per level (a compile
-    warm-up: same kernels, same shapes, little solving)."""
+    warm-up: same kernels, same shapes, little solving).  ``report_first``: print each
+    rank's compile report after the first run (a stage cut short keeps it)."""
     import dataclasses
 
     import jax
@@ -466,6 +506,8 @@ def solve_case(
         out["runs"].append(run)
         if on_run is not None and rank == 0:
             on_run(i, run, out)
+        if report_first and i == 0:
+            _print_compile_report(comm)
     return out
 
 
@@ -621,6 +663,7 @@ def stage_mpi(args) -> None:
             sink.add(_run_rows("mpi", case, i, r, o)),
             print(f"  mpi {case}: run {i + 1}: {r['wall']:.2f} s, {r['status']}", flush=True),
         ),
+        report_first=True,
     )
     pk = C.max_over_ranks(comm, float(peak_memory() or 0))
     _print_compile_report(comm)

@@ -43,9 +43,37 @@ WARPS = 4
 
 FRAME = 2  # the stencil's reach
 
+ALIGNED = False
+"""Start the block at column ``ALIGN_LEAD`` (16 bytes in float32) instead of ``FRAME``
+and round the rows up to ``ALIGN_ROW`` values (128 bytes), so that the loads and
+stores of a tile at its own nodes are whole aligned vectors; the shifted reads of the
+neighbours stay as they are.  Read when a program is traced."""
+
+ALIGN_LEAD, ALIGN_ROW = 4, 32
+
+STORE_LAST = False
+"""Compute the 12 new messages first and store them at the end of the program, so that
+no load waits behind a store (Triton keeps loads and stores in program order when it
+cannot tell that they do not overlap).  Read when a program is traced."""
+
+ALONG_ROWS = False
+"""Number the programs along a row of tiles first (consecutive programs read
+consecutive memory) instead of down a column of tiles (consecutive programs share the
+rows of their vertical neighbours' halo).  Read when a program is traced."""
+
+HINTS = False
+"""L2 eviction hints: ``b`` and the node sums, which the neighbouring programs read
+again, kept (``evict_last``); gains, ``b_prev`` and ``rhs``, read once, streamed
+(``evict_first``).  Read when a program is traced."""
+
 INTERPRET: bool | None = None
 """Run in Pallas's interpreter; ``None``: on a CPU only.  ``False`` on a CPU lowers for
 Triton (``jax.export`` for a GPU platform checks the lowering without a GPU)."""
+
+
+def settings() -> tuple:
+    """The settings above, which a traced program depends on."""
+    return TILE, WARPS, ALIGNED, STORE_LAST, ALONG_ROWS, HINTS, INTERPRET
 
 
 def supported(device=None) -> bool:
@@ -60,23 +88,32 @@ def supported(device=None) -> bool:
         return False
 
 
+def origin() -> tuple[int, int]:
+    """Row and column of the block's first node in a padded array."""
+    return FRAME, ALIGN_LEAD if ALIGNED else FRAME
+
+
 def padded_shape(by: int, bx: int) -> tuple[int, int]:
     """The padded array's last two dimensions for a ``by × bx`` block."""
     tr, tc = TILE
-    return math.ceil(by / tr) * tr + 2 * FRAME, math.ceil(bx / tc) * tc + 2 * FRAME
+    cols = origin()[1] + math.ceil(bx / tc) * tc + FRAME
+    if ALIGNED:
+        cols = math.ceil(cols / ALIGN_ROW) * ALIGN_ROW
+    return math.ceil(by / tr) * tr + 2 * FRAME, cols
 
 
 def pad(x: Array) -> Array:
     """``x (…, by, bx)`` into a zero padded array (frame and tile remainder zero)."""
     by, bx = x.shape[-2:]
-    r, c = padded_shape(by, bx)
+    (r, c), (r0, c0) = padded_shape(by, bx), origin()
     widths = [(0, 0)] * (x.ndim - 2)
-    widths += [(FRAME, r - by - FRAME), (FRAME, c - bx - FRAME)]
+    widths += [(r0, r - by - r0), (c0, c - bx - c0)]
     return jnp.pad(x, widths)
 
 
 def unpad(x: Array, by: int, bx: int) -> Array:
-    return x[..., FRAME : FRAME + by, FRAME : FRAME + bx]
+    r0, c0 = origin()
+    return x[..., r0 : r0 + by, c0 : c0 + bx]
 
 
 def step(
@@ -98,31 +135,54 @@ def step(
     (in ``b_prev``'s buffer, its frame kept) and its node sums (in ``sums_out``'s
     buffer, whose frame must be zero).  ``block = (by, bx)``, the unpadded size."""
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
 
     by, bx = block
     tr, tc = TILE
-    rows, cols = b.shape[1] - 2 * FRAME, b.shape[2] - 2 * FRAME
+    grid = (math.ceil(by / tr), math.ceil(bx / tc))
+    top, lead = origin()
     interpret = jax.default_backend() == "cpu" if INTERPRET is None else INTERPRET
+    whole = by % tr == 0 and bx % tc == 0  # no tile sticks out: no masks
+    keep_hint, stream_hint = ("evict_last", "evict_first") if HINTS else (None, None)
 
     def body(b_ref, bp_ref, s_ref, _so_in, g_ref, rhs_ref, k_ref, out_ref, so_ref):
-        r0 = pl.program_id(0) * tr
-        c0 = pl.program_id(1) * tc
+        ti, tj = (
+            (pl.program_id(1), pl.program_id(0))
+            if ALONG_ROWS
+            else (
+                pl.program_id(0),
+                pl.program_id(1),
+            )
+        )
+        r0, c0 = ti * tr, tj * tc
         keep, c = k_ref[0], k_ref[1]
-        here = (pl.ds(r0 + FRAME, tr), pl.ds(c0 + FRAME, tc))
-        ii = r0 + lax.broadcasted_iota(jnp.int32, (tr, tc), 0)
-        jj = c0 + lax.broadcasted_iota(jnp.int32, (tr, tc), 1)
-        inside = (ii < by) & (jj < bx)
+        here = (pl.ds(r0 + top, tr), pl.ds(c0 + lead, tc))
+        inside = None
+        if not whole:
+            ii = r0 + lax.broadcasted_iota(jnp.int32, (tr, tc), 0)
+            jj = c0 + lax.broadcasted_iota(jnp.int32, (tr, tc), 1)
+            inside = (ii < by) & (jj < bx)
+
+        def load(ref, idx, hint):
+            return ref[idx] if interpret else plgpu.load(ref.at[idx], eviction_policy=hint)
+
         total = jnp.zeros((tr, tc), b_ref.dtype)
+        pending = []
         for k, (dy, dx) in enumerate(OFFSETS):
-            there = (pl.ds(r0 + FRAME + dy, tr), pl.ds(c0 + FRAME + dx, tc))
-            bk = b_ref[(k, *here)]
-            cavity = s_ref[there] - b_ref[(OPPOSITE[k], *there)]
-            new = keep * bk - g_ref[(k, *here)] * cavity
+            there = (pl.ds(r0 + top + dy, tr), pl.ds(c0 + lead + dx, tc))
+            bk = load(b_ref, (k, *here), keep_hint)
+            cavity = load(s_ref, there, keep_hint) - load(b_ref, (OPPOSITE[k], *there), keep_hint)
+            new = keep * bk - load(g_ref, (k, *here), stream_hint) * cavity
             if momentum:
-                new = new + momentum * (bk - bp_ref[(k, *here)])
-            _store(out_ref.at[(k, *here)], new, inside, interpret)
+                new = new + momentum * (bk - load(bp_ref, (k, *here), stream_hint))
+            pending.append((out_ref.at[(k, *here)], new))
+            if not STORE_LAST:
+                _store(*pending.pop(), inside, interpret)
             total = total + new
-        _store(so_ref.at[here], rhs_ref[here] + c * total, inside, interpret)
+        for ref, new in pending:
+            _store(ref, new, inside, interpret)
+        sums = load(rhs_ref, here, stream_hint) + c * total
+        _store(so_ref.at[here], sums, inside, interpret)
 
     kwargs = {} if interpret else {"compiler_params": _triton_params()}
     return pl.pallas_call(
@@ -131,7 +191,7 @@ def step(
             jax.ShapeDtypeStruct(b_prev.shape, b_prev.dtype),
             jax.ShapeDtypeStruct(sums_out.shape, sums_out.dtype),
         ),
-        grid=(rows // tr, cols // tc),
+        grid=grid[::-1] if ALONG_ROWS else grid,
         input_output_aliases={1: 0, 3: 1},
         interpret=interpret,
         name="frozen_update",
@@ -139,10 +199,11 @@ def step(
     )(b, b_prev, sums, sums_out, g, rhs, scalars)
 
 
-def _store(ref, value: Array, mask: Array, interpret: bool) -> None:
-    """``ref[...] = value`` where ``mask``; elsewhere ``ref`` keeps what it holds."""
+def _store(ref, value: Array, mask: Array | None, interpret: bool) -> None:
+    """``ref[...] = value`` where ``mask`` (everywhere if ``None``); elsewhere ``ref``
+    keeps what it holds."""
     if interpret:
-        ref[...] = jnp.where(mask, value, ref[...])
+        ref[...] = value if mask is None else jnp.where(mask, value, ref[...])
     else:
         from jax.experimental.pallas import triton as plgpu
 

@@ -25,7 +25,7 @@ from jax import lax
 from mpda_dist import fused
 from mpda_dist._offsets import NSLOTS, OFFSETS, OPPOSITE
 from mpda_dist.halo import DIRECTIONS, Layout, Piece, field_layout, message_layout
-from mpda_dist.programs import Jit, jit
+from mpda_dist.programs import Jit, jit, key_settings
 
 Array = jax.Array
 
@@ -391,6 +391,9 @@ FENCE: bool | None = None
 """Whether :func:`_fenced` fences; ``None``: on a CPU only.  Read when a program is
 traced, so a change needs ``jax.clear_caches()``."""
 
+# settings read when a program is traced belong to the programs' keys (programs.py)
+key_settings(lambda: (FENCE, FUSED_MIN_UPDATES, fused.settings()))
+
 
 def _fenced(f, like, count: Array):
     """``f()``, computed in a loop of one trip whose count XLA cannot see, so XLA writes
@@ -597,14 +600,15 @@ def framed_messages(x: Array, halo_flat: Array) -> Array:
     pieces = _split(halo_flat, message_layout(by, bx).incoming)
     zero = jnp.zeros((by, bx), x.dtype)
     r, c = fused.padded_shape(by, bx)
-    w = fused.FRAME
+    top, lead = fused.origin()
     frames = []
     for m in range(NSLOTS):
         k = OPPOSITE[m]
         dy, dx = OFFSETS[k]
         # β of the sender j + d, at j, where j + d lies outside the block (0 elsewhere)
         outside = _shifted(zero, (dy, dx), pieces, k + NSLOTS)
-        frames.append(jnp.pad(outside, ((w + dy, r - by - w - dy), (w + dx, c - bx - w - dx))))
+        rows, cols = (top + dy, r - by - top - dy), (lead + dx, c - bx - lead - dx)
+        frames.append(jnp.pad(outside, (rows, cols)))
     return fused.pad(x) - jnp.stack(frames)
 
 

@@ -52,6 +52,17 @@ CACHE_ENV = "MPDA_PROGRAM_CACHE_DIR"
 # Environment that changes what a traced function computes or how XLA compiles it.
 _KEY_ENV = ("XLA_FLAGS", "MPDA_KERNEL_FORM")
 
+_SETTINGS: list[Any] = []
+
+
+def key_settings(read: Any) -> Any:
+    """Make what ``read()`` returns part of every program's key: module settings that
+    are read when a program is traced (the fused pass's tile, the kernel's fence), so
+    that a program built under other settings is neither reused from memory nor loaded
+    from the store."""
+    _SETTINGS.append(read)
+    return read
+
 
 def _signature(args: Any) -> tuple:
     """Shape, dtype and weak type of each leaf (a Python scalar: its type).  On every
@@ -375,7 +386,8 @@ class Jit:
             raise TypeError(f"{self.name}: keyword arguments {sorted(unknown)} are not static")
         x64 = bool(jax.config.jax_enable_x64)
         sig = (_signature(args), jax.tree.structure(args))
-        return args, static, (sig, tuple(sorted(static.items())), x64)
+        settings = tuple(read() for read in _SETTINGS)
+        return args, static, (sig, tuple(sorted(static.items())), settings, x64)
 
     def compiled(self, *args: Any, **static: Any) -> tuple[Any, float]:
         """The compiled program for arguments like these (arrays, or

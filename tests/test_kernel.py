@@ -112,20 +112,30 @@ def test_border_form_from_the_environment(monkeypatch):
     assert kernel.default_form() == ("strips" if jax.default_backend() == "cpu" else "pads")
 
 
-def test_fused_frozen_update_equals_pads(monkeypatch):
+@pytest.mark.parametrize("variant", ["default", "tuned"])
+def test_fused_frozen_update_equals_pads(monkeypatch, variant):
     """The hand-written frozen update (``fused``: one Pallas pass per iteration, here in
     Pallas's interpreter) gives the ``pads`` form's results, with a random halo, on a
     block of 2 × 2 tiles whose last row and column of tiles stick out past the block;
-    with and without momentum, an odd and an even count, and the δ rule's change."""
+    with and without momentum, an odd and an even count, and the δ rule's change.
+    ``tuned``: the layout and order variants on (aligned rows, stores last, programs
+    along rows, eviction hints) on a block of whole tiles (no masks)."""
     from mpda_dist import fused
 
     # TILE is read when a program is traced: this block's shape is used nowhere else
     monkeypatch.setattr(fused, "TILE", (8, 32))
+    shape, runs_of = (13, 41), ((0.4, 3, True), (0.0, 2, False))
+    if variant == "tuned":
+        for knob in ("ALIGNED", "STORE_LAST", "ALONG_ROWS", "HINTS"):
+            monkeypatch.setattr(fused, knob, True)
+        shape, runs_of = (16, 96), runs_of[:1]  # 2 × 3 tiles
+        assert fused.origin() == (fused.FRAME, fused.ALIGN_LEAD)
+        assert fused.padded_shape(*shape)[1] % fused.ALIGN_ROW == 0
     p = kernel.Params(10.0, 0.6)
     with jax.enable_x64(True):
-        op, halo, (a, b, bp) = _block(13, 41, seed=7)
+        op, halo, (a, b, bp) = _block(*shape, seed=7)
         g = kernel.gains(jnp.abs(a) + 1.0, op, halo, p)
-        for mom, n, delta in ((0.4, 3, True), (0.0, 2, False)):
+        for mom, n, delta in runs_of:
             runs = {}
             for form in ("pads", kernel.FUSED):
                 copies = (jnp.array(x) for x in (a, b, bp))
@@ -182,13 +192,19 @@ def test_fused_pass_supported_devices():
         assert not fused.supported()
 
 
-def test_fused_pass_lowers_for_a_gpu(monkeypatch):
+@pytest.mark.parametrize("tuned", [False, True])
+def test_fused_pass_lowers_for_a_gpu(monkeypatch, tuned):
     """The fused pass lowers to a Triton kernel for a CUDA GPU (no GPU needed: JAX
-    lowers for another platform); the tests above run it in Pallas's interpreter."""
+    lowers for another platform), also with the layout and order variants and without
+    masks; the tests above run it in Pallas's interpreter."""
     from mpda_dist import fused
 
     monkeypatch.setattr(fused, "INTERPRET", False)
     by, bx = 20, 70
+    if tuned:
+        for knob in ("ALIGNED", "STORE_LAST", "ALONG_ROWS", "HINTS"):
+            monkeypatch.setattr(fused, knob, True)
+        by, bx = 2 * fused.TILE[0], 2 * fused.TILE[1]
     r, c = fused.padded_shape(by, bx)
     f32 = jnp.float32
     msgs, field = jax.ShapeDtypeStruct((12, r, c), f32), jax.ShapeDtypeStruct((r, c), f32)
