@@ -275,7 +275,7 @@ def stage_kernel(args) -> None:
     # full copies of a (12, by, bx) message stack (padded, for fused) in the compiled
     # update (none on a CPU in the strips form since stop 15; RESULTS §14)
     copies = [("pads", k, None) for k in (1, 2, iters)]
-    copies += [(kernel_mod.FUSED, k, v) for k in (10, iters) for v in (None, TUNED)]
+    copies += [(kernel_mod.FUSED, k, None) for k in (10, iters)]
     if args.cases == "all":
         copies += [(f, k, None) for f in FORMS if f != "pads" for k in (1, 2, iters)]
     for form, k, knobs in copies:
@@ -308,6 +308,8 @@ def _kernel_cases(which: str, sizes: list[int], iters: int) -> list[tuple]:
 
     small, mid = sizes[0], sizes[len(sizes) // 2]
     cases = []
+    if which == "sweep":
+        return _sweep_cases(sizes, iters)
     forms = ("pads", FUSED)
     if which == "all":
         cases += [
@@ -331,6 +333,30 @@ def _kernel_cases(which: str, sizes: list[int], iters: int) -> list[tuple]:
     return cases
 
 
+OLD = {"aligned": False, "along_rows": False, "warps": 4, "store_last": False, "hints": False}
+"""The fused pass's settings before stop 17 (RESULTS §15)."""
+
+
+def _sweep_cases(sizes: list[int], iters: int) -> list[tuple]:
+    """``fused`` settings against each other (momentum 0.5, ``iters`` per call): the
+    defaults, the settings of §15, aligned rows along rows with 4 warps, everything
+    on with 8 warps at every size; at the two smaller sizes also aligned rows alone,
+    stores last, eviction hints, and two more tiles."""
+    from mpda_dist.kernel import FUSED
+
+    every = [None, OLD, {"aligned": True, "along_rows": True, "warps": 4}, {**TUNED, "warps": 8}]
+    some = [
+        {"aligned": True, "along_rows": False},
+        {"store_last": True},
+        {"hints": True},
+        {"tile": (4, 128), "warps": 4},
+        {"tile": (8, 256), "warps": 8},
+    ]
+    cases = [(n, True, FUSED, 0.5, iters, None, v) for n in sizes for v in every]
+    cases += [(n, True, FUSED, 0.5, iters, None, v) for n in sizes[:2] for v in some]
+    return cases
+
+
 def _case_name(n, frozen, form, mom, k, iters, fence, knobs) -> str:
     name = f"{n}x{n}" + (" frozen-a" if frozen else "") + f" {form}"
     name += f" m{mom}" if mom else ""
@@ -338,12 +364,14 @@ def _case_name(n, frozen, form, mom, k, iters, fence, knobs) -> str:
     name += " fenced" if fence else ""
     knobs = dict(knobs or {})
     tile, warps = knobs.pop("tile", None), knobs.pop("warps", None)
-    if tile is not None:
-        name += f" tile {tile[0]}x{tile[1]} warps {warps}"
     if knobs == TUNED:
         name += " tuned"
+    elif knobs == {k: v for k, v in OLD.items() if k != "warps"}:
+        name += " as in §15"
     elif knobs:
-        name += " " + "+".join(sorted(knobs))
+        name += " " + "+".join(k if v is True else f"{k}={v}" for k, v in sorted(knobs.items()))
+    name += f" tile {tile[0]}x{tile[1]}" if tile else ""
+    name += f" warps {warps}" if warps else ""
     return name
 
 
@@ -740,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--cases",
-        choices=["frozen", "all"],
+        choices=["frozen", "all", "sweep"],
         default="frozen",
         help="kernel stage: the frozen update's rows, pads against the hand-written fused "
         "pass (default), or all: the coupled update and the strips form too",
