@@ -33,7 +33,8 @@
 #   report  all tables again
 # GPU_BENCH_STAGES (default all: "kernel solve pads cached big padsbig fit mpi strips
 # serial jaxcache"; they run in that order, and the budget skips what is left)
-# picks stages; GPU_BENCH_KERNEL_CASES=all makes the kernel stage time the coupled
+# picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
+# other (RESULTS §17), =all makes the kernel stage time the coupled
 # update and the strips form too (default frozen: the frozen update, pads against fused).
 # Results: $OUT/gpu_results.csv (+ .json metadata, + gpu_log.txt) when OUT is set,
 # else ./gpu_results.csv.

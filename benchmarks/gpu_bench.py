@@ -291,22 +291,18 @@ def stage_kernel(args) -> None:
     finish(sink)
 
 
-TUNED = {"aligned": True, "store_last": True, "along_rows": True, "hints": True}
-"""The fused pass's layout and order variants (``mpda_dist.fused``), all on."""
-
-
 def _kernel_cases(which: str, sizes: list[int], iters: int) -> list[tuple]:
     """(size, frozen, form, momentum, updates per call, node-sum fence forced on, fused
     settings) per row.  ``frozen`` (the default): the frozen update with the solver's
-    momentum 0.5, ``pads`` against ``fused`` at every size; ``fused`` with its layout
-    and order variants all on (``TUNED``) at every size, each alone and tile and warp
-    variants at the middle size; at 10 updates per call.  ``all``: first both updates
+    momentum 0.5, ``pads`` against ``fused`` at every size, and at 10 updates per call
+    (one rank's level solves).  ``sweep``: ``fused``'s settings against each other
+    (:func:`_sweep_cases`).  ``all``: first both updates
     in both border forms, as measured in RESULTS §15 (``strips`` is 5x slower than
     ``pads`` on an H100), then the same rows with ``strips`` too, and one update per
     call, no momentum and the fence forced on (it is off on a GPU)."""
     from mpda_dist.kernel import FORMS, FUSED
 
-    small, mid = sizes[0], sizes[len(sizes) // 2]
+    small = sizes[0]
     cases = []
     if which == "sweep":
         return _sweep_cases(sizes, iters)
@@ -318,14 +314,7 @@ def _kernel_cases(which: str, sizes: list[int], iters: int) -> list[tuple]:
         forms = (*FORMS, FUSED)
     # most telling first: a stage that runs out of time keeps the rows it has
     cases += [(n, True, m, 0.5, iters, None, None) for n in sizes for m in forms]
-    cases += [(n, True, FUSED, 0.5, iters, None, TUNED) for n in sizes]
-    cases += [(mid, True, FUSED, 0.5, iters, None, {k: True}) for k in TUNED]
-    tiles = [((8, 256), 4), ((8, 128), 8), ((4, 256), 4), ((16, 128), 8)]
-    cases += [
-        (mid, True, FUSED, 0.5, iters, None, {**TUNED, "tile": t, "warps": w}) for t, w in tiles
-    ]
     cases += [(small, True, m, 0.5, 10, None, None) for m in ("pads", FUSED)]
-    cases += [(small, True, FUSED, 0.5, 10, None, TUNED)]
     if which == "all":
         cases += [(small, True, m, 0.5, 1, None, None) for m in ("pads", FUSED)]
         cases += [(small, True, m, 0.0, iters, None, None) for m in forms]
@@ -339,16 +328,16 @@ OLD = {"aligned": False, "along_rows": False, "warps": 4, "store_last": False, "
 
 def _sweep_cases(sizes: list[int], iters: int) -> list[tuple]:
     """``fused`` settings against each other (momentum 0.5, ``iters`` per call): the
-    defaults, the settings of §15, aligned rows along rows with 4 warps, everything
-    on with 8 warps at every size; at the two smaller sizes also aligned rows alone,
-    stores last, eviction hints, and two more tiles."""
+    defaults, the settings of §15, stores in slot order, eviction hints at every size;
+    at the two smaller sizes also programs down columns of tiles, unaligned rows,
+    4 warps, and two more tiles (each one change from the defaults)."""
     from mpda_dist.kernel import FUSED
 
-    every = [None, OLD, {"aligned": True, "along_rows": True, "warps": 4}, {**TUNED, "warps": 8}]
+    every = [None, OLD, {"store_last": False}, {"hints": True}]
     some = [
-        {"aligned": True, "along_rows": False},
-        {"store_last": True},
-        {"hints": True},
+        {"along_rows": False},
+        {"aligned": False},
+        {"warps": 4},
         {"tile": (4, 128), "warps": 4},
         {"tile": (8, 256), "warps": 8},
     ]
@@ -364,9 +353,7 @@ def _case_name(n, frozen, form, mom, k, iters, fence, knobs) -> str:
     name += " fenced" if fence else ""
     knobs = dict(knobs or {})
     tile, warps = knobs.pop("tile", None), knobs.pop("warps", None)
-    if knobs == TUNED:
-        name += " tuned"
-    elif knobs == {k: v for k, v in OLD.items() if k != "warps"}:
+    if knobs == {k: v for k, v in OLD.items() if k != "warps"}:
         name += " as in §15"
     elif knobs:
         name += " " + "+".join(k if v is True else f"{k}={v}" for k, v in sorted(knobs.items()))
@@ -771,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=["frozen", "all", "sweep"],
         default="frozen",
         help="kernel stage: the frozen update's rows, pads against the hand-written fused "
-        "pass (default), or all: the coupled update and the strips form too",
+        "pass (default); sweep: the fused pass's settings against each other; or all: "
+        "the coupled update and the strips form too",
     )
     ap.add_argument("--dir", default="/tmp/mpda_exact", help="exact stage: output folder")
     ap.add_argument("--exact-dir", default=None, help="solve stage: where exact .npz files are")

@@ -52,7 +52,7 @@ neighbours stay as they are.  Read when a program is traced."""
 
 ALIGN_LEAD, ALIGN_ROW = 4, 32
 
-STORE_LAST = False
+STORE_LAST = True
 """Compute the 12 new messages first and store them at the end of the program, so that
 no load waits behind a store (Triton keeps loads and stores in program order when it
 cannot tell that they do not overlap).  Read when a program is traced."""
