@@ -3,15 +3,17 @@
 XLA compiles :func:`mpda_dist.kernel.iterate_b` into about 13 kernels per iteration on
 a GPU (the node sums, then each slot's update), and with the ``pads`` form some slots
 also read halo pieces that XLA expanded to full arrays: 2.2–2.7× the bytes floor on an
-H100 (benchmarks/RESULTS.md §15).  Here one program per tile of ``TILE`` nodes reads,
-for every slot ``k``, its own ``b[k]``, ``g[k]`` (and ``b_prev[k]`` with momentum), and
+H100 (benchmarks/RESULTS.md §15); this pass is at 1.24–1.45× (§17).  Here one
+program per tile of ``TILE`` nodes reads, for every slot ``k``, its own ``b[k]``,
+``g[k]`` (and ``b_prev[k]`` with momentum), and
 the sender's cavity ``B − b[OPPOSITE[k]]`` at ``j + OFFSETS[k]``, writes the new
 ``b[k]``, and sums the new messages into the next iteration's node sums as it goes:
 51 values per node and iteration with momentum, against the floor's 49.
 
-Everything works on *padded* arrays of shape ``(…, R + 4, C + 4)``: the block at
-``[2 : 2 + by, 2 : 2 + bx]``, ``R`` and ``C`` the block's size rounded up to whole
-tiles.  The 2-wide frame carries the halo (see :func:`mpda_dist.kernel.framed_messages`),
+Everything works on *padded* arrays (:func:`padded_shape`): the block at
+:func:`origin` (row 2; column 4 with ``ALIGNED``, else 2), its size rounded up to whole
+tiles, a frame of at least 2 around it, and with ``ALIGNED`` rows of a multiple of 128
+bytes.  The frame carries the halo (see :func:`mpda_dist.kernel.framed_messages`),
 so the pass never branches on the block border; the rows and columns past the block
 are computed and not stored.  The pass writes the new ``b`` over ``b_prev`` (each
 program reads ``b_prev`` only where it writes) and the new node sums over the node
@@ -130,7 +132,7 @@ def step(
 ) -> tuple[Array, Array]:
     """One frozen update on padded arrays.
 
-    ``b``, ``b_prev``: ``(12, R+4, C+4)`` messages with the halo in their frames;
+    ``b``, ``b_prev``: ``(12, *padded_shape(by, bx))`` messages with the halo in their frames;
     ``sums``: the node sums ``B = rhs + c Σ_k b[k]`` with a zero frame; ``g``, ``rhs``:
     padded gains and potentials; ``scalars = [1 − η, c]``.  Returns the new ``b``
     (in ``b_prev``'s buffer, its frame kept) and its node sums (in ``sums_out``'s
