@@ -211,7 +211,7 @@ class Smoother:
         if not self.decomp.has_neighbours:
             return self.edge
         out = kernel.initial_cavities(self.a, self.b, op, self.params)
-        return jax.device_put(self.mex.exchange(np.asarray(out)))
+        return self.mex.exchange(np.asarray(out))  # a host array, as the solver's halos
 
     def smooth(self, n: int, op: kernel.Operator) -> None:
         """``n`` iterations on ``op`` (synchronous exchange every iteration, whatever
@@ -227,7 +227,7 @@ class Smoother:
             self.a, self.b, self.bp, out, _ = step(*args)
             done += k
             if self.decomp.has_neighbours and done < n:
-                halo = jax.device_put(self.mex.exchange(np.asarray(out)))
+                halo = self.mex.exchange(np.asarray(out))
         self.iterations += n
 
     def mean(self, op: kernel.Operator) -> Array:
