@@ -595,21 +595,33 @@ def framed_messages(x: Array, halo_flat: Array) -> Array:
     frame.  The pass reads the cavity of slot ``k``'s sender at ``j + d`` as
     ``B[j + d] − b[OPPOSITE[k]][j + d]``; outside the block ``B``'s frame is 0, so
     ``b[m]``'s frame holds minus the halo's cavity β of slot ``OPPOSITE[m]`` (each
-    frame node and slot is read by one update only)."""
+    frame node and slot is read by one update only).  The halo's pieces are written
+    into the padded array where they lie (in place: 36 small writes), rather than
+    shifted into full-size arrays and subtracted (13 full-size passes on a CPU, 2.7×
+    the padding alone)."""
     by, bx = x.shape[1:]
     pieces = _split(halo_flat, message_layout(by, bx).incoming)
-    zero = jnp.zeros((by, bx), x.dtype)
-    r, c = fused.padded_shape(by, bx)
     top, lead = fused.origin()
-    frames = []
+    rows, cols = slice(top, top + by), slice(lead, lead + bx)
+
+    def beyond(d: int, size: int, origin: int) -> slice:
+        """The frame's ``|d|`` rows (columns) past the block on the side of ``d``."""
+        return slice(origin + size, origin + size + d) if d > 0 else slice(origin + d, origin)
+
+    out = fused.pad(x)
     for m in range(NSLOTS):
         k = OPPOSITE[m]
         dy, dx = OFFSETS[k]
-        # β of the sender j + d, at j, where j + d lies outside the block (0 elsewhere)
-        outside = _shifted(zero, (dy, dx), pieces, k + NSLOTS)
-        rows, cols = (top + dy, r - by - top - dy), (lead + dx, c - bx - lead - dx)
-        frames.append(jnp.pad(outside, (rows, cols)))
-    return fused.pad(x) - jnp.stack(frames)
+        beta = k + NSLOTS
+        if dx:
+            out = out.at[m, rows, beyond(dx, bx, lead)].set(-pieces[(beta, "x")])
+        if dy:
+            out = out.at[m, beyond(dy, by, top), cols].set(-pieces[(beta, "y")])
+        if dx and dy:
+            out = out.at[m, beyond(dy, by, top), beyond(dx, bx, lead)].set(
+                -pieces[(beta, "corner")]
+            )
+    return out
 
 
 def _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta):
