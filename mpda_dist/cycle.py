@@ -207,7 +207,7 @@ class Smoother:
         self.frames = Frames(self.decomp, self.dtype, self.tag + 20)
         self.edge = jax.device_put(self.mex.edge)
 
-    def cavities(self, op: kernel.Operator) -> Array:
+    def cavities(self, op: kernel.Operator) -> Array | np.ndarray:
         if not self.decomp.has_neighbours:
             return self.edge
         out = kernel.initial_cavities(self.a, self.b, op, self.params)

@@ -52,7 +52,7 @@ and round the rows up to ``ALIGN_ROW`` values (128 bytes), so that the loads and
 stores of a tile at its own nodes are whole aligned vectors; the shifted reads of the
 neighbours stay as they are.  Read when a program is traced."""
 
-ALIGN_LEAD, ALIGN_ROW = 4, 32
+ALIGN_LEAD, ALIGN_ROW = 4, 32  # a lead of 32 would start each tile row on a 128-byte line
 
 STORE_LAST = True
 """Compute the 12 new messages first and store them at the end of the program, so that
@@ -76,7 +76,7 @@ Triton (``jax.export`` for a GPU platform checks the lowering without a GPU)."""
 
 def settings() -> tuple:
     """The settings above, which a traced program depends on."""
-    return TILE, WARPS, ALIGNED, STORE_LAST, ALONG_ROWS, HINTS, INTERPRET
+    return TILE, WARPS, ALIGNED, ALIGN_LEAD, ALIGN_ROW, STORE_LAST, ALONG_ROWS, HINTS, INTERPRET
 
 
 def supported(device=None) -> bool:

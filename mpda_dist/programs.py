@@ -55,6 +55,9 @@ _KEY_ENV = ("XLA_FLAGS", "MPDA_KERNEL_FORM")
 _SETTINGS: list[Any] = []
 
 
+_SEEN: list[Any] = [None]
+
+
 def key_settings(read: Any) -> Any:
     """Make what ``read()`` returns part of every program's key: module settings that
     are read when a program is traced (the fused pass's tile, the kernel's fence), so
@@ -62,6 +65,17 @@ def key_settings(read: Any) -> Any:
     from the store."""
     _SETTINGS.append(read)
     return read
+
+
+def _settings() -> tuple:
+    """The registered settings now.  When they changed since the last program call,
+    JAX's own caches of traced functions (which do not know them) are cleared first."""
+    now = tuple(read() for read in _SETTINGS)
+    if now != _SEEN[0]:
+        if _SEEN[0] is not None:
+            jax.clear_caches()
+        _SEEN[0] = now
+    return now
 
 
 def _signature(args: Any) -> tuple:
@@ -386,8 +400,7 @@ class Jit:
             raise TypeError(f"{self.name}: keyword arguments {sorted(unknown)} are not static")
         x64 = bool(jax.config.jax_enable_x64)
         sig = (_signature(args), jax.tree.structure(args))
-        settings = tuple(read() for read in _SETTINGS)
-        return args, static, (sig, tuple(sorted(static.items())), settings, x64)
+        return args, static, (sig, tuple(sorted(static.items())), _settings(), x64)
 
     def compiled(self, *args: Any, **static: Any) -> tuple[Any, float]:
         """The compiled program for arguments like these (arrays, or
@@ -451,8 +464,8 @@ class Jit:
             if compiled is None:
                 lowered = self.jitted.lower(*args, **static)
                 t2 = time.perf_counter()
-                if path is None:
-                    compiled = lowered.compile()
+                if path is None or tuple(read() for read in _SETTINGS) != key[2]:
+                    compiled = lowered.compile()  # settings changed meanwhile: not stored
                 else:
                     compiled, fresh = _compile_fresh(lowered)
                     if fresh:
@@ -549,7 +562,8 @@ class Programs:
         """The compiled ``fn`` (a :class:`Jit`, or any ``jax.jit`` function) for
         arguments like ``args`` and these static ones."""
         sig = (_signature(args), jax.tree.structure(args))
-        key = (fn, sig, tuple(sorted(static.items())), bool(jax.config.jax_enable_x64))
+        statics = tuple(sorted(static.items()))
+        key = (fn, sig, statics, _settings(), bool(jax.config.jax_enable_x64))
         if key not in self.cache:
             if isinstance(fn, Jit):
                 self.cache[key] = fn.compiled(*args, **static)[0]

@@ -314,11 +314,11 @@ def _freeze(
     op: kernel.Operator,
     a: jax.Array,
     b: jax.Array,
-    halo: jax.Array,
+    halo: jax.Array | np.ndarray,
     p: kernel.Params,
     jit: Programs,
     already: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array | None, int]:
+) -> tuple[jax.Array, jax.Array | np.ndarray, jax.Array | None, int]:
     """Iterate ``a`` alone (synchronous exchange every ``n`` iterations) until no rank's
     ``a`` changes by more than 16 ulp relative per iteration, on average over a call of
     ``n``; then the constant gains for :func:`kernel.iterate_b`.  While ``a`` contracts,

@@ -112,14 +112,18 @@ def test_border_form_from_the_environment(monkeypatch):
     assert kernel.default_form() == ("strips" if jax.default_backend() == "cpu" else "pads")
 
 
-@pytest.mark.parametrize("variant", ["default", "tuned"])
+_OLD_LAYOUT = {"ALIGNED": False, "STORE_LAST": False, "ALONG_ROWS": False}  # RESULTS §15
+
+
+@pytest.mark.parametrize("variant", ["default", "tuned", "old"])
 def test_fused_frozen_update_equals_pads(monkeypatch, variant):
     """The hand-written frozen update (``fused``: one Pallas pass per iteration, here in
     Pallas's interpreter) gives the ``pads`` form's results, with a random halo, on a
     block of 2 × 2 tiles whose last row and column of tiles stick out past the block;
     with and without momentum, an odd and an even count, and the δ rule's change.
-    ``tuned``: the layout and order variants on (aligned rows, stores last, programs
-    along rows, eviction hints) on a block of whole tiles (no masks)."""
+    ``tuned``: eviction hints too, and a block of 2 × 3 whole tiles (no masks);
+    ``old``: the layout and order of RESULTS §15 (rows not aligned, stores in slot
+    order, programs down columns of tiles)."""
     from mpda_dist import fused
 
     # TILE is read when a program is traced: this block's shape is used nowhere else
@@ -131,6 +135,11 @@ def test_fused_frozen_update_equals_pads(monkeypatch, variant):
         shape, runs_of = (16, 96), runs_of[:1]  # 2 × 3 tiles
         assert fused.origin() == (fused.FRAME, fused.ALIGN_LEAD)
         assert fused.padded_shape(*shape)[1] % fused.ALIGN_ROW == 0
+    if variant == "old":
+        for knob, value in _OLD_LAYOUT.items():
+            monkeypatch.setattr(fused, knob, value)
+        runs_of = runs_of[:1]
+        assert fused.origin() == (fused.FRAME, fused.FRAME)
     p = kernel.Params(10.0, 0.6)
     with jax.enable_x64(True):
         op, halo, (a, b, bp) = _block(*shape, seed=7)
@@ -192,16 +201,19 @@ def test_fused_pass_supported_devices():
         assert not fused.supported()
 
 
-@pytest.mark.parametrize("tuned", [False, True])
-def test_fused_pass_lowers_for_a_gpu(monkeypatch, tuned):
+@pytest.mark.parametrize("variant", ["default", "tuned", "old"])
+def test_fused_pass_lowers_for_a_gpu(monkeypatch, variant):
     """The fused pass lowers to a Triton kernel for a CUDA GPU (no GPU needed: JAX
-    lowers for another platform), also with the layout and order variants and without
-    masks; the tests above run it in Pallas's interpreter."""
+    lowers for another platform), with the default settings, with eviction hints and
+    without masks, and with the layout of RESULTS §15; the tests above run it in
+    Pallas's interpreter."""
     from mpda_dist import fused
 
     monkeypatch.setattr(fused, "INTERPRET", False)
     by, bx = 20, 70
-    if tuned:
+    for knob, value in _OLD_LAYOUT.items() if variant == "old" else ():
+        monkeypatch.setattr(fused, knob, value)
+    if variant == "tuned":
         for knob in ("ALIGNED", "STORE_LAST", "ALONG_ROWS", "HINTS"):
             monkeypatch.setattr(fused, knob, True)
         by, bx = 2 * fused.TILE[0], 2 * fused.TILE[1]

@@ -68,19 +68,17 @@ def _times_setting(x):
 def test_settings_read_when_tracing_are_part_of_the_key(monkeypatch, tmp_path):
     """A program traced under another module setting (registered with
     ``key_settings``, as the fused pass's tile is) is neither reused from memory nor
-    loaded from the store; set back, the first program is found again.  (JAX's own
-    tracing cache does not know the setting: a change needs ``jax.clear_caches()``.)"""
+    loaded from the store (JAX's own trace caches, which do not know the setting, are
+    cleared when it changes); set back, the first program is found again."""
     monkeypatch.setattr(programs, "_STORE", programs.Store(tmp_path))
     monkeypatch.setattr(programs, "_SETTINGS", [*programs._SETTINGS, lambda: _FACTOR["k"]])
     x = jnp.ones(3)
     np.testing.assert_array_equal(_times_setting(x), 2 * np.ones(3))
     stored = set(tmp_path.iterdir())
     monkeypatch.setitem(_FACTOR, "k", 3)
-    jax.clear_caches()
     np.testing.assert_array_equal(_times_setting(x), 3 * np.ones(3))
     assert len(set(tmp_path.iterdir()) - stored) == 1  # a second stored program
     monkeypatch.setitem(_FACTOR, "k", 2)
-    jax.clear_caches()
     np.testing.assert_array_equal(_times_setting(x), 2 * np.ones(3))
 
 
