@@ -441,3 +441,40 @@ def write_csv(
 def command_line() -> str:
     """The command that ran this script, for the record."""
     return " ".join([Path(sys.executable).name] + sys.argv)
+
+
+def demo_parser(doc: str, size: int, fraction: float) -> Any:
+    """An argument parser with the demo problem's ``--size`` and ``--fraction``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--size", type=int, default=size, help=f"grid side (default {size})")
+    ap.add_argument(
+        "--fraction", type=float, default=fraction, help=f"observed share ({fraction:g})"
+    )
+    return ap
+
+
+def demo_problem(n: int, fraction: float, source: str) -> tuple[Any, list]:
+    """The demo's problem at ``n``² (Matérn prior ℓ = 0.15, σ = 1.1, noise 1e-3, seed
+    0, ``fraction`` observed): its observations on the nodes and its multigrid levels."""
+    import numpy as np
+
+    from mpda_dist import observations as obsmod
+    from mpda_dist import prior
+    from mpda_dist.multigrid import schedule
+
+    extent = (1.0, 1.0)
+    rng = np.random.default_rng(0)
+    truth = prior.sample((n, n), extent, 0.15, 1.1, rng)
+    obs = obsmod.synthetic(truth, extent, fraction, 1e-3, rng)
+    nodes, _ = obsmod.to_nodes(obs, (n, n), extent, 0.0, source)
+    return nodes, schedule(n, n, 1.0 / (n - 1), 1.0 / (n - 1), 16)
+
+
+def print_report(rows: list[dict], extra: str = "") -> None:
+    """The rows as a markdown table, then the machine (``extra`` appended) and the
+    command that produced them."""
+    print(markdown_table(rows))
+    print(f"machine: {machine_line(machine_info())}{extra}")
+    print(f"command: {command_line()}")

@@ -16,7 +16,6 @@ its own checkout first on ``sys.path``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,9 +25,7 @@ import _common as C  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=256, help="grid side (default 256)")
-    ap.add_argument("--fraction", type=float, default=0.1, help="observed share (0.1)")
+    ap = C.demo_parser(__doc__, 256, 0.1)
     ap.add_argument("--runs", type=int, default=3, help="solves in this process (3)")
     ap.add_argument(
         "--every", type=int, default=1, help="solver.exchange.every: iterations per exchange (1)"
@@ -39,19 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     comm = runtime.start()  # as `mpda run`: JAX's environment and the allocator first
 
-    import numpy as np
-
-    from mpda_dist import observations as obsmod
-    from mpda_dist import prior
-    from mpda_dist.multigrid import schedule
     from mpda_dist.solver import Settings, solve
 
-    n, extent = args.size, (1.0, 1.0)
-    rng = np.random.default_rng(0)
-    truth = prior.sample((n, n), extent, 0.15, 1.1, rng)
-    obs = obsmod.synthetic(truth, extent, args.fraction, 1e-3, rng)
-    nodes, _ = obsmod.to_nodes(obs, (n, n), extent, 0.0, "warm.py")
-    levels = schedule(n, n, 1.0 / (n - 1), 1.0 / (n - 1), 16)
+    nodes, levels = C.demo_problem(args.size, args.fraction, "warm.py")
     s = Settings(dtype="float32", tol=1e-5, momentum=0.5, every=args.every)
     rows = []
     for r in range(args.runs):
@@ -72,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     if comm.rank == 0:
-        print(C.markdown_table(rows))
-        print(f"machine: {C.machine_line(C.machine_info())}; ranks {comm.size}")
-        print(f"command: {C.command_line()}")
+        C.print_report(rows, f"; ranks {comm.size}")
     return 0
 
 

@@ -40,7 +40,7 @@ from mpda_dist.halo import field_layout, message_layout
 from mpda_dist.multigrid import AxisMap, Level, axis_map, coarse_cuts, sphere_odd_cells
 from mpda_dist.observations import NodeObservations
 from mpda_dist.programs import Programs, jit, on_device, subtract, zeros
-from mpda_dist.stencil import build
+from mpda_dist.stencil import build, observation_mass
 
 Array = jax.Array
 log = logging.getLogger("mpda_dist")
@@ -324,9 +324,8 @@ class Hierarchy:
         """Target: prior + observations.  Coarser: prior at that spacing + lumped
         observations ``Pᵀ m`` and right-hand side ``Pᵀ h``."""
         top, d = self.levels[-1], self.decomps[-1]
-        full = build(top, ell, amp, nodes, *d.extent)
-        bare = build(top, ell, amp, _no_obs(nodes), *d.extent)
-        mass = (full.diag - bare.diag) + (full.weights - bare.weights).sum(axis=0)
+        full = build(top, ell, amp, nodes, *d.extent, weights_dtype=self.dtype)
+        mass = observation_mass(top, nodes, *d.extent)
         dt = self.dtype
         # dtype conversions and sums on the host: each device-side one is a separate
         # program to compile per level (~0.1 s each on a GPU).
@@ -336,7 +335,7 @@ class Hierarchy:
             t, fr = self.transfers[i + 1], self.frames[i + 1]
             m, h = t.restrict_framed(m, fr.of(m)), t.restrict_framed(h, fr.of(h))
             lv, dc = self.levels[i], self.decomps[i]
-            pr = build(lv, ell, amp, _no_obs(nodes), *dc.extent)
+            pr = build(lv, ell, amp, _no_obs(nodes), *dc.extent, weights_dtype=self.dtype)
             diag = on_device(np.asarray(pr.diag, dt) + np.asarray(m), dt)
             ops.append(kernel.Operator(diag, on_device(pr.weights, dt), h))
         return ops[::-1]

@@ -11,6 +11,7 @@ the interior; :func:`sample` draws exact prior samples with two type-I DSTs.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from scipy import fft
@@ -42,6 +43,7 @@ def rectangle_stencil(
     amplitude: float,
     rows: tuple[int, int],
     cols: tuple[int, int],
+    weights_dtype: Any = np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Prior precision ``P`` on the block ``rows × cols`` of the interior.
 
@@ -49,11 +51,13 @@ def rectangle_stencil(
       interior: ``(n, m)`` interior nodes in y and x (grid points minus 2).
       spacing: ``(dy, dx)``.
       rows, cols: half-open global interior index ranges of the block.
+      weights_dtype: of the weights (the solver's float32 ones are written at once
+        rather than as float64 and then converted: 12 full-size arrays).
 
     Returns:
-      ``diag`` of shape ``(by, bx)`` and ``weights`` of shape ``(12, by, bx)``, float64,
-      where ``weights[k][j] = P[j, j + OFFSETS[k]]`` and 0 where that neighbour is not an
-      interior node.
+      ``diag`` of shape ``(by, bx)``, float64, and ``weights`` of shape
+      ``(12, by, bx)``, where ``weights[k][j] = P[j, j + OFFSETS[k]]`` and 0 where that
+      neighbour is not an interior node.
     """
     n, m = interior
     dy, dx = spacing
@@ -62,17 +66,20 @@ def rectangle_stencil(
     ax = -1.0 / dx**2
     ay = -1.0 / dy**2
     s2 = s * s
-    iy = np.arange(rows[0], rows[1])[:, None]
-    ix = np.arange(cols[0], cols[1])[None, :]
+    iy = np.arange(rows[0], rows[1])
+    ix = np.arange(cols[0], cols[1])
 
-    def inside(oy: int, ox: int) -> np.ndarray:
-        return ((iy + oy >= 0) & (iy + oy < n)) & ((ix + ox >= 0) & (ix + ox < m))
+    def outside(i: np.ndarray, o: int, size: int) -> np.ndarray:
+        """Where the neighbour ``i + o`` along one axis is not an interior node."""
+        return (i + o < 0) | (i + o >= size)
 
     # (A²)_jj sums A_jk² over the interior neighbours k of j: rows of A are truncated at
     # the boundary, which is the only place the stencil differs from the interior one.
-    nbx = inside(0, 1).astype(float) + inside(0, -1)
-    nby = inside(1, 0).astype(float) + inside(-1, 0)
-    diag = s2 * (a0 * a0 + nbx * ax * ax + nby * ay * ay)
+    # Each count depends on one axis only: the full arrays are outer sums, and each
+    # slot's weights one constant with its boundary rows and columns zeroed.
+    nbx = 2.0 - outside(ix, 1, m) - outside(ix, -1, m)
+    nby = 2.0 - outside(iy, 1, n) - outside(iy, -1, n)
+    diag = s2 * (a0 * a0 + (nby * ay * ay)[:, None] + (nbx * ax * ax)[None, :])
     coef = {
         (0, 1): 2 * a0 * ax,
         (1, 0): 2 * a0 * ay,
@@ -81,10 +88,12 @@ def rectangle_stencil(
         (1, 1): 2 * ax * ay,
         (1, -1): 2 * ax * ay,
     }
-    weights = np.empty((len(OFFSETS),) + diag.shape)
+    weights = np.empty((len(OFFSETS),) + diag.shape, weights_dtype)
     for k, (oy, ox) in enumerate(OFFSETS):
         value = coef.get((oy, ox), coef.get((-oy, -ox)))
-        weights[k] = np.where(inside(oy, ox), s2 * value, 0.0)
+        weights[k].fill(s2 * value)
+        weights[k][outside(iy, oy, n), :] = 0.0
+        weights[k][:, outside(ix, ox, m)] = 0.0
     return diag, weights
 
 

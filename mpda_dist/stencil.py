@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -14,8 +15,9 @@ from mpda_dist.observations import CORNERS, BilinearObservations, NodeObservatio
 
 @dataclass(frozen=True)
 class BlockStencil:
-    """float64 arrays on the block: ``diag (by, bx)``, ``weights (12, by, bx)``,
-    ``rhs (by, bx)``; ``weights[k][j] = Q[j, j + OFFSETS[k]]``."""
+    """Arrays on the block: ``diag (by, bx)``, ``weights (12, by, bx)``, ``rhs (by, bx)``;
+    ``weights[k][j] = Q[j, j + OFFSETS[k]]``.  float64, the weights unless built as
+    another dtype (:func:`build`)."""
 
     diag: np.ndarray
     weights: np.ndarray
@@ -29,8 +31,10 @@ def build(
     obs: NodeObservations | BilinearObservations,
     rows: tuple[int, int],
     cols: tuple[int, int],
+    weights_dtype: Any = np.float64,
 ) -> BlockStencil:
-    """Posterior stencil on interior rows ``rows`` × cols ``cols`` of ``level``.
+    """Posterior stencil on interior rows ``rows`` × cols ``cols`` of ``level``, its
+    weights as ``weights_dtype`` (the solver's own dtype: no float64 copy to convert).
 
     ``obs`` must already be restricted to the level (:meth:`NodeObservations.at_level`).
     A point observation at a node adds ``1/σ²`` to ``Q_ii`` and ``(y − f_b)/σ²`` to ``h_i``;
@@ -41,9 +45,10 @@ def build(
         diag, weights = sphere.sphere_stencil(
             (level.ny, level.nx), level.lat_range, lengthscale, amplitude, rows, cols
         )
+        weights = weights.astype(weights_dtype, copy=False)
     else:
         diag, weights = prior.rectangle_stencil(
-            level.interior, (level.dy, level.dx), lengthscale, amplitude, rows, cols
+            level.interior, (level.dy, level.dx), lengthscale, amplitude, rows, cols, weights_dtype
         )
     rhs = np.zeros_like(diag)
     # Full-grid index -> interior index: the sphere has no boundary columns.
@@ -56,6 +61,32 @@ def build(
     np.add.at(diag, (iy[mine], ix[mine]), obs.precision[mine])
     np.add.at(rhs, (iy[mine], ix[mine]), (obs.innovation * obs.precision)[mine])
     return BlockStencil(diag, weights, rhs)
+
+
+def observation_mass(
+    level: Level,
+    obs: NodeObservations | BilinearObservations,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+) -> np.ndarray:
+    """The row sums ``Hᵀ R⁻¹ H 1`` of the observation term on the block (float64,
+    ``(by, bx)``), what :func:`build` adds to ``diag`` and ``weights`` summed over the
+    slots: ``1/σ²`` at a point observation's node; ``w_a Σ_b w_b / σ²`` at corner ``a``
+    of a bilinear one.  From the observations alone, without building the prior twice
+    and subtracting 13 full-size arrays."""
+    by, bx = rows[1] - rows[0], cols[1] - cols[0]
+    mass = np.zeros((by, bx))
+    x0 = 0 if level.periodic_x else 1
+    iy, ix = obs.iy - 1 - rows[0], obs.ix - x0 - cols[0]
+    mine = (iy >= 0) & (iy < by) & (ix >= 0) & (ix < bx)
+    if isinstance(obs, BilinearObservations):
+        total = obs.weight.sum(axis=1) * obs.precision
+        for a in range(len(CORNERS)):
+            m = mine[:, a] & (obs.weight[:, a] != 0)
+            np.add.at(mass, (iy[m, a], ix[m, a]), obs.weight[m, a] * total[m])
+    else:
+        np.add.at(mass, (iy[mine], ix[mine]), obs.precision[mine])
+    return mass
 
 
 def _add_bilinear(

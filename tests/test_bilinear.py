@@ -9,7 +9,7 @@ import pytest
 from mpda_dist import observations as obsmod
 from mpda_dist.baselines import assemble_periodic, exact_solve
 from mpda_dist.multigrid import schedule, sphere_level
-from mpda_dist.stencil import build
+from mpda_dist.stencil import build, observation_mass
 
 
 def test_bilinear_reproduces_a_linear_field():
@@ -95,6 +95,42 @@ def test_bilinear_terms_fit_the_stencil():
         )
     np.testing.assert_allclose(dq, h.T @ (prec[:, None] * h), atol=1e-12)
     np.testing.assert_allclose(st.rhs.ravel(), h.T @ (prec * innov), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["nearest", "bilinear", "sphere"])
+def test_observation_mass_is_the_row_sums_of_the_observation_term(kind):
+    """``observation_mass`` (the coarse levels' lumped observations) equals the row
+    sums of the stencil with observations minus the one without, on a block that
+    cuts through the grid (observations outside it are left out)."""
+    if kind == "sphere":
+        ny, nx, lr = 12, 20, (-60.0, 60.0)
+        (lv,) = sphere_level(ny, nx, lr)
+        rng = np.random.default_rng(5)
+        lon, lat = rng.uniform(-10, 370, 60), rng.uniform(lr[0], lr[1], 60)
+        iy, ix, w = obsmod.bilinear_nodes(lon, lat - lr[0], (ny, nx), (360.0, lr[1] - lr[0]), True)
+        prec, innov = rng.uniform(1.0, 3.0, 60), rng.standard_normal(60)
+        obs = obsmod.BilinearObservations(iy, ix, w, innov, prec).at_level(1, lv.interior, True)
+        ell, amp = 1500.0, 1.9
+    else:
+        lv, raw = _rect_problem(kind)
+        obs = raw.at_level(1, lv.interior)
+        ell, amp = 0.15, 1.1
+    by, bx = lv.interior
+    block = ((0, by), (3, bx))  # not the whole grid: some observations fall outside
+    st = build(lv, ell, amp, obs, *block)
+    bare = build(lv, ell, amp, _no_observations(obs), *block)
+    want = (st.diag - bare.diag) + (st.weights - bare.weights).sum(axis=0)
+    got = observation_mass(lv, obs, *block)
+    assert np.abs(want).max() > 0  # observations fall inside the block
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
+def _no_observations(obs):
+    if isinstance(obs, obsmod.BilinearObservations):
+        return obsmod.BilinearObservations(
+            *(x[:0] for x in (obs.iy, obs.ix, obs.weight)), obs.innovation[:0], obs.precision[:0]
+        )
+    return obsmod.NodeObservations(obs.iy[:0], obs.ix[:0], obs.innovation[:0], obs.precision[:0])
 
 
 @pytest.mark.parametrize("periodic", [False, True])
