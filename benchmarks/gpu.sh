@@ -30,9 +30,11 @@
 #           it and the solve stage print each rank's slowest programs to get (load,
 #           trace and lower, compile: programs.compile_report)
 #   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
+#   profile one warm 1024² 10 % solve and 5 calls of 10 frozen updates under JAX's
+#           profiler: per kernel name the count and device time, busy against wall
 #   report  all tables again
-# GPU_BENCH_STAGES (default all: "kernel solve pads cached big padsbig fit mpi strips
-# serial jaxcache"; they run in that order, and the budget skips what is left)
+# GPU_BENCH_STAGES (default all: "kernel solve pads cached big padsbig fit mpi profile
+# strips serial jaxcache"; they run in that order, and the budget skips what is left)
 # picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
 # other (RESULTS §17), =all makes the kernel stage time the coupled
 # update and the strips form too (default frozen: the frozen update, pads against fused).
@@ -71,7 +73,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve pads cached big padsbig fit mpi strips serial jaxcache} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve pads cached big padsbig fit mpi profile strips serial jaxcache} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -145,9 +147,9 @@ else
 fi
 
 if [ -n "$QUICK" ]; then
-    L_K=120 L_S=120 L_R=90 L_T=90 L_C=60 L_B=90 L_M=90 L_F=60
+    L_K=120 L_S=120 L_R=90 L_T=90 L_C=60 L_B=90 L_M=90 L_F=60 L_P=90
 else
-    L_K=200 L_S=110 L_R=80 L_T=70 L_C=40 L_B=150 L_M=150 L_F=90
+    L_K=200 L_S=110 L_R=80 L_T=70 L_C=40 L_B=150 L_M=150 L_F=90 L_P=90
 fi
 
 stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV" \
@@ -182,6 +184,7 @@ else
     echo "SKIPPED stage mpi: no mpiexec on PATH or next to $PY"
 fi
 
+stage profile $L_P "$PY" benchmarks/gpu_bench.py profile $QUICK --csv "$CSV"
 stage strips $L_T env MPDA_KERNEL_FORM=strips "$PY" benchmarks/gpu_bench.py solve $QUICK \
     --csv "$CSV" --fractions 0.1 --label " strips" --exact-wait 0
 COLD_CACHE=$(mktemp -d /tmp/mpda_cold.XXXXXX)

@@ -62,6 +62,7 @@ SIZES = {  # full, quick
     "big": (4096, 160),
     "fit": (8192, 192),
     "mpi": (1024, 128),
+    "profile": (1024, 128),
 }
 
 
@@ -130,13 +131,15 @@ class Sink:
         self.rows += rows
 
 
-def finish(sink: Sink) -> None:
+def finish(sink: Sink, table: bool = True) -> None:
+    """Peak device memory and the stage's metadata; its rows as a table (``table``)."""
     stage, rows, meta = sink.stage, sink.rows, sink.meta
     pk = peak_memory()
     sink.add([(stage, "all", "peak_device_bytes", pk if pk is not None else "", "B")])
     meta["peak_bytes_in_use"] = pk
     add_meta(sink.path, stage, meta)
-    print(render(stage, rows))
+    if table:
+        print(render(stage, rows))
     print(
         f"peak device memory: {pk / 2**30:.2f} GiB"
         if pk
@@ -633,6 +636,89 @@ def stage_big(args) -> None:
     finish(sink)
 
 
+def stage_profile(args) -> None:
+    """Where a warm solve's time goes on the device: one warm 1024² 10 % solve, then
+    calls of 10 frozen updates (the pass with its framing), under JAX's profiler; per
+    kernel name the count and the total device time, the device's busy time against
+    the wall time."""
+    import tempfile
+
+    import jax
+
+    comm = _start()
+    warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+    n = pick("profile", args.quick)
+    sink = Sink(args, "profile", stage_meta(args))
+    solve_case(comm, n, 0.1, runs=1)  # compiles
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        with jax.profiler.trace(d):
+            solve_case(comm, n, 0.1, runs=1)
+        _profile_rows(sink, f"{n}x{n} 10% warm solve", d, time.perf_counter() - t0)
+    import kernel as kb  # benchmarks/kernel.py
+
+    from mpda_dist import kernel as kernel_mod
+
+    op, a, b, bp, halo = kb.make_block(n, "float32")
+    p = kernel_mod.Params(10.0, 0.6)
+    a, b, bp, _, _ = kernel_mod.iterate(a, b, bp, op, halo, p, n=60, momentum=0.0)
+    g = kernel_mod.gains(a, op, halo, p)
+    bp = jax.numpy.array(b)
+    fn, args_ = kernel_mod.update_call(a, b, bp, g, op, halo, p, 10)
+    step = fn.lower(*args_, n=10, momentum=0.5, delta=False).compile()
+    state = C.block(step(*args_))
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        with jax.profiler.trace(d):
+            for _ in range(5):
+                _, args_ = kernel_mod.update_call(*state[:3], g, op, halo, p, 10)
+                state = C.block(step(*args_))
+        _profile_rows(sink, f"{n}x{n} frozen update, 5 calls of 10", d, time.perf_counter() - t0)
+    finish(sink, table=False)  # one column per kernel name: the lists above read better
+
+
+def _profile_rows(sink, case: str, trace_dir: str, wall: float, top: int = 15) -> None:
+    """Summarise a profiler trace: device planes (a GPU's streams) if there are any,
+    else the host's XLA threads (a CPU)."""
+    import glob
+
+    from jax.profiler import ProfileData
+
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        print(f"  profile {case}: no trace written")
+        return
+    planes = list(ProfileData.from_file(files[0]).planes)
+    device = [pl for pl in planes if pl.name.startswith("/device:")]
+    per_name: dict[str, list[float]] = {}
+    busy = 0.0
+    for pl in device or [pl for pl in planes if pl.name == "/host:CPU"]:
+        lines = list(pl.lines)
+        if device:  # the kernels on the streams ("XLA Modules"/"XLA Ops" lines repeat them)
+            lines = [ln for ln in lines if ln.name.startswith("Stream")] or lines
+        else:
+            lines = [ln for ln in lines if "XLA" in ln.name]
+        for line in lines:
+            for ev in line.events:
+                ms = ev.duration_ns / 1e6
+                busy += ms
+                per_name.setdefault(ev.name, [0, 0.0])
+                per_name[ev.name][0] += 1
+                per_name[ev.name][1] += ms
+    where = "device" if device else "host XLA threads"
+    rows = [
+        ("profile", case, "wall", wall * 1e3, "ms"),
+        ("profile", case, f"busy ({where}, summed over streams)", busy, "ms"),
+    ]
+    print(f"  profile {case}: wall {wall * 1e3:.1f} ms, {where} busy {busy:.1f} ms")
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
+    for name, (count, ms) in ranked:
+        short = name if len(name) <= 70 else name[:67] + "..."
+        rows.append(("profile", case, f"{short} ({count}x)", ms, "ms"))
+        print(f"    {ms:9.2f} ms  {count:6d}x  {short}")
+    sink.add(rows)
+
+
 def stage_fit(args) -> None:
     """Does the largest grid fit on one device?  One solve capped at 20 iterations per
     level (every kernel and array of a full solve, little solving); the peak device
@@ -731,7 +817,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("stage", choices=["kernel", "exact", "solve", "big", "mpi", "fit", "report"])
+    ap.add_argument(
+        "stage", choices=["kernel", "exact", "solve", "big", "mpi", "fit", "profile", "report"]
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test)")
     default_csv = (
         str(Path(os.environ["OUT"]) / "gpu_results.csv")
@@ -778,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         "big": stage_big,
         "mpi": stage_mpi,
         "fit": stage_fit,
+        "profile": stage_profile,
         "report": stage_report,
     }[args.stage](args)
     return 0
