@@ -24,6 +24,7 @@ diverges on it (not walk-summable), the lumped diagonal keeps every level safe f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,12 @@ class Transfer:
     y: AxisMap
     x: AxisMap
 
+    def __post_init__(self) -> None:
+        # The jitted transfers take their index arrays as arguments: host arrays would be
+        # copied to the device at every call (a GPU's solve made hundreds of such copies).
+        object.__setattr__(self, "dy", _on_device(self.y))
+        object.__setattr__(self, "dx", _on_device(self.x))
+
     def inject(self, x: Array) -> Array:
         return _inject(x, self.y.inject, self.x.inject)
 
@@ -70,14 +77,17 @@ class Transfer:
     # The same, jitted once per block shape for every hierarchy (the index arrays are
     # arguments, not constants): a block and its flat frame in.
     def restrict_framed(self, v: Array, frame: Array) -> Array:
-        return _restrict_jit(v, frame, self.y.restrict, self.x.restrict)
+        return _restrict_jit(v, frame, self.dy.restrict, self.dx.restrict)
 
     def prolong_framed(self, v: Array, frame: Array) -> Array:
-        y, x = self.y, self.x
-        return _prolong_jit(v, frame, y.prolong, y.weight, x.prolong, x.weight)
+        return _prolong_jit(v, frame, *self.prolong_maps())
+
+    def prolong_maps(self) -> tuple[Array, Array, Array, Array]:
+        y, x = self.dy, self.dx
+        return y.prolong, y.weight, x.prolong, x.weight
 
     def inject_jit(self, x: Array) -> Array:
-        return _inject_jit(x, self.y.inject, self.x.inject)
+        return _inject_jit(x, self.dy.inject, self.dx.inject)
 
     def copy_up_masked(self, coarse: Array, weights: Array) -> Array:
         """Each fine node takes the (leading-axes) values of its first coarse parent,
@@ -89,6 +99,10 @@ class Transfer:
         iy = np.clip(self.y.prolong[:, 0] - 2, 0, coarse_shape[-2] - 1)
         ix = np.clip(self.x.prolong[:, 0] - 2, 0, coarse_shape[-1] - 1)
         return iy, ix
+
+
+def _on_device(m: AxisMap) -> AxisMap:
+    return AxisMap(*(jax.device_put(getattr(m, f.name)) for f in dataclasses.fields(m)))
 
 
 def _inject(x: Array, iy: Any, ix: Any) -> Array:
@@ -352,8 +366,7 @@ class Hierarchy:
         (:meth:`Programs.prefetch`); the prolongation serves its corrections too."""
         t, c = self.transfers[i], i - 1
         field, frame = self._specs(c)
-        y, x = t.y, t.x
-        self.programs.prefetch(_prolong_jit, field, frame, y.prolong, y.weight, x.prolong, x.weight)
+        self.programs.prefetch(_prolong_jit, field, frame, *t.prolong_maps())
         if c > 0:
             msg = jax.ShapeDtypeStruct((12, *field.shape), self.dtype)
             weights = self.ops[i].weights
@@ -369,7 +382,7 @@ class Hierarchy:
         t = self.transfers[i]
         fine, _ = self._specs(i)
         field, frame = self._specs(c)
-        self.programs.prefetch(_inject_jit, fine, t.y.inject, t.x.inject)
+        self.programs.prefetch(_inject_jit, fine, t.dy.inject, t.dx.inject)
         self.programs.prefetch(_fas_rhs, field, frame, self.ops[c], field)
         self.programs.prefetch(kernel.residual, field, frame, self.ops[c])
         self.programs.prefetch(subtract, field, field)

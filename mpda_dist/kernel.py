@@ -43,6 +43,13 @@ class Params(NamedTuple):
     damping: float
 
 
+def device_params(c: float, damping: float) -> Params:
+    """:class:`Params` as scalars on the device, made once per solve: Python floats
+    passed to a compiled program are copied to the device at every call.  Weakly typed,
+    as Python floats are, so the programs are the same."""
+    return Params(jax.device_put(float(c)), jax.device_put(float(damping)))
+
+
 def _split(flat: Array, layout_groups: tuple[tuple[Piece, ...], ...]) -> dict:
     """Cut a flat halo into 2-D pieces keyed by ``(array, kind)``."""
     out = {}

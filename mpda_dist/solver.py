@@ -140,7 +140,7 @@ def solve_level(
     by, bx = decomp.shape
     mex = HaloExchange(decomp, message_layout(by, bx), npdt, tag=100)
     fex = HaloExchange(decomp, field_layout(by, bx), npdt, tag=200)
-    p = kernel.Params(s.c, s.damping)
+    p = kernel.device_params(s.c, s.damping)
     hnorm2, nmsg = allreduce_sum(
         comm,
         np.array(
@@ -284,7 +284,7 @@ def solve_level(
                 if neighbours
                 else frame_edge
             )
-            b, bp = kernel.shift_messages(b, bp, move, ef, op, s.c)
+            b, bp = kernel.shift_messages(b, bp, move, ef, op, p.c)
             if neighbours:
                 halo = mex.exchange(np.asarray(init(a, b, op, p)))
         if correct is not None:
@@ -348,7 +348,7 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
     background (:meth:`Programs.prefetch`): the calls that :func:`solve_level`,
     :func:`_freeze` and the coarse visits (:meth:`cycle.Smoother.smooth`) make, from
     the shapes alone.  What is not prefetched compiles at its first call as before."""
-    p = kernel.Params(s.c, s.damping)
+    p = kernel.device_params(s.c, s.damping)
     for i in levels:  # in the order of use: the start, the level's loop, its corrections
         if i > 0:
             hier.prefetch_start(i)
@@ -379,7 +379,7 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
         if s.anderson:
             hier.programs.prefetch(anderson.record, hist, hist, field, frame, op)
         hier.programs.prefetch(kernel.residual, field, frame, op)
-        hier.programs.prefetch(kernel.shift_messages, msg, bp, field, frame, op, s.c)
+        hier.programs.prefetch(kernel.shift_messages, msg, bp, field, frame, op, p.c)
         if s.anderson:
             gamma = jax.ShapeDtypeStruct((s.anderson,), hier.dtype)
             hier.programs.prefetch(anderson.mixed, hist, hist, gamma, op.diag)
@@ -426,7 +426,7 @@ def solve(
             grid = (process_grid[1], process_grid[0])
             check_grid(grid, size, levels[-1].interior)
         per = levels[-1].periodic if periodic is None else periodic
-        p = kernel.Params(s.c, s.damping)
+        p = kernel.device_params(s.c, s.damping)
         t0 = time.perf_counter()
         hier = Hierarchy(
             comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype, programs
