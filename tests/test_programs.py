@@ -69,17 +69,22 @@ def test_settings_read_when_tracing_are_part_of_the_key(monkeypatch, tmp_path):
     """A program traced under another module setting (registered with
     ``key_settings``, as the fused pass's tile is) is neither reused from memory nor
     loaded from the store (JAX's own trace caches, which do not know the setting, are
-    cleared when it changes); set back, the first program is found again."""
+    cleared when it changes); set back, the first program is found again.  The factors
+    are new to this run: a program that JAX's persistent cache (which outlives a run,
+    under ``~/.cache``) already holds is not stored."""
     monkeypatch.setattr(programs, "_STORE", programs.Store(tmp_path))
     monkeypatch.setattr(programs, "_SETTINGS", [*programs._SETTINGS, lambda: _FACTOR["k"]])
+    first, second = _unique_k(), _unique_k() + 10**6
+    monkeypatch.setitem(_FACTOR, "k", first)
     x = jnp.ones(3)
-    np.testing.assert_array_equal(_times_setting(x), 2 * np.ones(3))
+    np.testing.assert_array_equal(_times_setting(x), first * np.ones(3))
     stored = set(tmp_path.iterdir())
-    monkeypatch.setitem(_FACTOR, "k", 3)
-    np.testing.assert_array_equal(_times_setting(x), 3 * np.ones(3))
+    assert len(stored) == 1
+    monkeypatch.setitem(_FACTOR, "k", second)
+    np.testing.assert_array_equal(_times_setting(x), second * np.ones(3))
     assert len(set(tmp_path.iterdir()) - stored) == 1  # a second stored program
-    monkeypatch.setitem(_FACTOR, "k", 2)
-    np.testing.assert_array_equal(_times_setting(x), 2 * np.ones(3))
+    monkeypatch.setitem(_FACTOR, "k", first)
+    np.testing.assert_array_equal(_times_setting(x), first * np.ones(3))
 
 
 def test_coarse_visits_run_the_level_solves_programs(monkeypatch):
