@@ -106,26 +106,54 @@ def _beliefs(a: Array, b: Array, op: Operator, c: float) -> tuple[Array, Array]:
     return op.diag + c * _slot_sum(a), op.rhs + c * _slot_sum(b)
 
 
+_BAND = max(max(abs(dy), abs(dx)) for dy, dx in OFFSETS)  # widest border a piece takes
+
+
 def pack_cavities(a: Array, b: Array, op: Operator, p: Params, layout: Layout) -> Array:
     """Flat outgoing buffer: for each direction, the cavities that neighbour needs.
 
-    Computed from thin slices only, so the cost is proportional to the border.
+    Computed from thin slices only, so the cost is proportional to the border: the
+    node sums once on each border band (the first or last ``_BAND`` rows or columns,
+    as the pieces need them), each piece a slice of its band minus its message.  One
+    node sum per piece instead traced 1721 operations into every update program
+    (0.11 s of tracing and lowering each); this traces 505.
     """
+    by, bx = a.shape[1:]
+    bands: dict[tuple, tuple[Array, slice, slice]] = {}
+
+    def node(piece: Piece) -> tuple[Array, int, int]:
+        """The node sums of the band that holds ``piece`` and the band's origin."""
+        beta = piece.array >= NSLOTS
+        if piece.kind == "x":  # whole rows, columns at one side
+            key = ("x", piece.cols.start == 0, beta)
+            rows, cols = slice(0, by), _band(piece.cols, bx)
+        else:  # rows at one side
+            key = ("y", piece.rows.start == 0, beta)
+            rows, cols = _band(piece.rows, by), slice(0, bx)
+        if key not in bands:
+            base, m = (op.rhs, b) if beta else (op.diag, a)
+            bands[key] = (base[rows, cols] + p.c * _slot_sum(m[:, rows, cols]), rows, cols)
+        sums, rows, cols = bands[key]
+        return sums, rows.start, cols.start
+
     parts = []
     for group in layout.outgoing:
         for piece in group:
-            k = piece.slot
-            r, cidx = piece.rows, piece.cols
-            if piece.array < NSLOTS:
-                node = op.diag[r, cidx] + p.c * _slot_sum(a[:, r, cidx])
-                val = node - a[OPPOSITE[k], r, cidx]
-            else:
-                node = op.rhs[r, cidx] + p.c * _slot_sum(b[:, r, cidx])
-                val = node - b[OPPOSITE[k], r, cidx]
-            parts.append(val.ravel())
+            sums, r0, c0 = node(piece)
+            r, c = piece.rows, piece.cols
+            msgs = b if piece.array >= NSLOTS else a
+            here = sums[r.start - r0 : r.stop - r0, c.start - c0 : c.stop - c0]
+            parts.append((here - msgs[OPPOSITE[piece.slot], r, c]).ravel())
     if not parts:
         return jnp.zeros((0,), a.dtype)
     return jnp.concatenate(parts)
+
+
+def _band(edge: slice, size: int) -> slice:
+    """The border band (first or last ``_BAND`` of ``size``) that holds ``edge``."""
+    if edge.start == 0:
+        return slice(0, min(_BAND, size))
+    return slice(max(size - _BAND, 0), size)
 
 
 def _slot_terms(per_slot) -> Array:

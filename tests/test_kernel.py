@@ -102,6 +102,27 @@ def test_halo_reaches_the_border_only():
         assert np.all(frame > 0), form
 
 
+@pytest.mark.parametrize("shape", [(4, 4), (9, 11), (5, 17)])
+def test_outgoing_cavities_are_node_sums_minus_the_message(shape):
+    """Each outgoing piece is the sender's node sum (over the whole block here) minus
+    the message in the opposite slot, in the layout's order; ``pack_cavities`` sums
+    the nodes on the border bands only."""
+    from mpda_dist._offsets import OPPOSITE
+
+    p = kernel.Params(1.7, 0.6)
+    layout = message_layout(*shape)
+    with jax.enable_x64(True):
+        op, _, (a, b, _) = _block(*shape, seed=3)
+        got = np.asarray(kernel.pack_cavities(a, b, op, p, layout))
+        whole = [np.asarray(op.diag + p.c * a.sum(0)), np.asarray(op.rhs + p.c * b.sum(0))]
+    want = []
+    for piece in (q for g in layout.outgoing for q in g):
+        beta = piece.array >= 12
+        msgs = np.asarray(b if beta else a)[OPPOSITE[piece.slot]]
+        want.append((whole[beta] - msgs)[piece.rows, piece.cols].ravel())
+    np.testing.assert_allclose(got, np.concatenate(want), rtol=1e-13, atol=1e-13)
+
+
 def test_border_form_from_the_environment(monkeypatch):
     monkeypatch.setenv(kernel.FORM_ENV, "pads")
     assert kernel.default_form() == "pads"
