@@ -337,6 +337,13 @@ class Hierarchy:
     def _operators(self, nodes: Any, ell: float, amp: float) -> list[kernel.Operator]:
         """Target: prior + observations.  Coarser: prior at that spacing + lumped
         observations ``Pᵀ m`` and right-hand side ``Pᵀ h``."""
+        # The restrictions below are a cold solve's first programs, one per level and
+        # each needed before the next: start compiling them all at once.
+        for i in range(len(self.levels) - 1, 0, -1):
+            t, (field, frame) = self.transfers[i], self._specs(i)
+            if self.decomps[i].has_neighbours:
+                self.programs.prefetch(kernel.outgoing_frame, field)
+            self.programs.prefetch(_restrict_jit, field, frame, t.dy.restrict, t.dx.restrict)
         top, d = self.levels[-1], self.decomps[-1]
         full = build(top, ell, amp, nodes, *d.extent, weights_dtype=self.dtype)
         mass = observation_mass(top, nodes, *d.extent)
