@@ -367,6 +367,8 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
             )
         field = jax.ShapeDtypeStruct(hier.decomps[i].shape, hier.dtype)
         frame = jax.ShapeDtypeStruct(hier.frames[i].edge.shape, hier.dtype)
+        # the start's first program (the messages of the mean from the level below)
+        hier.programs.prefetch(kernel.shift_messages, msg, bp, field, frame, op, p.c)
         if s.freeze_precisions:
             hier.programs.prefetch(kernel.iterate_a, msg, msg, op, halo, p, n=FREEZE_CHUNK)
             hier.programs.prefetch(kernel.gains, msg, op, halo, p)
@@ -379,7 +381,6 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
         if s.anderson:
             hier.programs.prefetch(anderson.record, hist, hist, field, frame, op)
         hier.programs.prefetch(kernel.residual, field, frame, op)
-        hier.programs.prefetch(kernel.shift_messages, msg, bp, field, frame, op, p.c)
         if s.anderson:
             gamma = jax.ShapeDtypeStruct((s.anderson,), hier.dtype)
             hier.programs.prefetch(anderson.mixed, hist, hist, gamma, op.diag)
