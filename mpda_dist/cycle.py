@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,7 +277,10 @@ class Hierarchy:
         momentum: float,
         dtype: Any,
         programs: Programs | None = None,
+        prefetch: Callable[[Hierarchy], None] | None = None,
     ) -> None:
+        """``prefetch(self)`` is called once the levels' shapes are known, before the
+        operators are built (it may use :meth:`op_spec`, not :attr:`ops`)."""
         self.dtype = np.dtype(dtype)
         # every level's programs, and its visits' in the corrections
         self.programs = programs if programs is not None else Programs()
@@ -299,6 +303,9 @@ class Hierarchy:
             for i in range(len(self.levels) - 1)
         ]
         self.frames = [Frames(d, self.dtype, 5000 + 100 * i) for i, d in enumerate(self.decomps)]
+        self._prefetch_restrictions()
+        if prefetch is not None:  # the levels' programs compile while the host builds
+            prefetch(self)
         self.ops = self._operators(nodes, lengthscale, amplitude)
         self.coarse = None
         if sphere_odd_cells(self.levels) and self.decomps[0].rank == 0:
@@ -337,13 +344,6 @@ class Hierarchy:
     def _operators(self, nodes: Any, ell: float, amp: float) -> list[kernel.Operator]:
         """Target: prior + observations.  Coarser: prior at that spacing + lumped
         observations ``Pᵀ m`` and right-hand side ``Pᵀ h``."""
-        # The restrictions below are a cold solve's first programs, one per level and
-        # each needed before the next: start compiling them all at once.
-        for i in range(len(self.levels) - 1, 0, -1):
-            t, (field, frame) = self.transfers[i], self._specs(i)
-            if self.decomps[i].has_neighbours:
-                self.programs.prefetch(kernel.outgoing_frame, field)
-            self.programs.prefetch(_restrict_jit, field, frame, t.dy.restrict, t.dx.restrict)
         top, d = self.levels[-1], self.decomps[-1]
         full = build(top, ell, amp, nodes, *d.extent, weights_dtype=self.dtype)
         mass = observation_mass(top, nodes, *d.extent)
@@ -361,6 +361,21 @@ class Hierarchy:
             ops.append(kernel.Operator(diag, on_device(pr.weights, dt), h))
         return ops[::-1]
 
+    def _prefetch_restrictions(self) -> None:
+        """The restrictions that :meth:`_operators` runs are a cold solve's first
+        programs, one per level and each needed before the next: compile them all at
+        once."""
+        for i in range(len(self.levels) - 1, 0, -1):
+            t, (field, frame) = self.transfers[i], self._specs(i)
+            if self.decomps[i].has_neighbours:
+                self.programs.prefetch(kernel.outgoing_frame, field)
+            self.programs.prefetch(_restrict_jit, field, frame, t.dy.restrict, t.dx.restrict)
+
+    def op_spec(self, i: int) -> kernel.Operator:
+        """Level ``i``'s operator as ``jax.ShapeDtypeStruct`` (for prefetching)."""
+        field = jax.ShapeDtypeStruct(self.decomps[i].shape, self.dtype)
+        return kernel.Operator(field, jax.ShapeDtypeStruct((12, *field.shape), self.dtype), field)
+
     def _specs(self, i: int) -> tuple[Any, Any]:
         """Level ``i``'s field and frame as ``jax.ShapeDtypeStruct``."""
         return (
@@ -376,7 +391,7 @@ class Hierarchy:
         self.programs.prefetch(_prolong_jit, field, frame, *t.prolong_maps())
         if c > 0:
             msg = jax.ShapeDtypeStruct((12, *field.shape), self.dtype)
-            weights = self.ops[i].weights
+            weights = self.op_spec(i).weights
             self.programs.prefetch(_copy_up_jit, msg, *t.parents(msg.shape), weights)
 
     def prefetch_corrections(self, i: int) -> None:
@@ -390,8 +405,8 @@ class Hierarchy:
         fine, _ = self._specs(i)
         field, frame = self._specs(c)
         self.programs.prefetch(_inject_jit, fine, t.dy.inject, t.dx.inject)
-        self.programs.prefetch(_fas_rhs, field, frame, self.ops[c], field)
-        self.programs.prefetch(kernel.residual, field, frame, self.ops[c])
+        self.programs.prefetch(_fas_rhs, field, frame, self.op_spec(c), field)
+        self.programs.prefetch(kernel.residual, field, frame, self.op_spec(c))
         self.programs.prefetch(subtract, field, field)
 
     def free(self) -> None:

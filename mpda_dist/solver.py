@@ -352,10 +352,10 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
     for i in levels:  # in the order of use: the start, the level's loop, its corrections
         if i > 0:
             hier.prefetch_start(i)
-        sm, op = hier.smoothers[i], hier.ops[i]
-        msg = jax.ShapeDtypeStruct((12, *hier.decomps[i].shape), hier.dtype)
+        op, shape = hier.op_spec(i), hier.decomps[i].shape
+        msg = jax.ShapeDtypeStruct((12, *shape), hier.dtype)
         bp = msg if s.momentum else jax.ShapeDtypeStruct((0,), hier.dtype)
-        halo = jax.ShapeDtypeStruct(sm.edge.shape, hier.dtype)
+        halo = jax.ShapeDtypeStruct((message_layout(*shape).in_offsets[-1],), hier.dtype)
         neighbours = hier.decomps[i].has_neighbours
         # (iterations per call, δ rule): the level's loop first; below the finest level
         # also the coarse visits of the finer levels' corrections (Smoother.smooth)
@@ -429,13 +429,16 @@ def solve(
         per = levels[-1].periodic if periodic is None else periodic
         p = kernel.device_params(s.c, s.damping)
         t0 = time.perf_counter()
+
+        def prefetch(h: Hierarchy) -> None:
+            _prefetch(h, s, range(1 if len(h.levels) > 1 else 0, len(h.levels)))
+
         hier = Hierarchy(
-            comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype, programs
-        )
+            comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype, programs,
+            prefetch,
+        )  # fmt: skip
         for sm in hier.smoothers:  # coarse visits run the level solves' compiled calls
             sm.chunk = s.check_every
-        mp_levels = range(1 if len(hier.levels) > 1 else 0, len(hier.levels))
-        _prefetch(hier, s, mp_levels)
         setup = time.perf_counter() - t0
         nlev = len(hier.levels)
         resume_level = comm.bcast(resume.level if resume is not None else 0, root=0)
