@@ -783,6 +783,9 @@ def _print_compile_report(comm=None) -> None:
         f"  {name}: {n} programs, load {ld:.2f} s, trace+lower {lo:.2f} s, compile {co:.2f} s"
         for name, n, ld, lo, co in rows
     ]
+    total, count, longest = programs.wait_report(10)
+    lines.append(f"  the solve itself waited {total:.2f} s in {count} calls; longest waits:")
+    lines += [f"    {name} {sec:.2f} s ({where})" for name, sec, where in longest]
     ranks = comm.gather(lines, root=0) if comm is not None else [lines]
     if ranks is not None:
         for r, ls in enumerate(ranks):

@@ -332,6 +332,11 @@ _CLOCK = [0.0]
 # :func:`compile_report` (benchmarks; the GPU runs' multi-rank cold start).
 _STATS: dict[str, list[float]] = {}
 _STATS_LOCK = threading.Lock()
+# The callers' waits, in order: (name, seconds, "background" when a prefetch was still
+# compiling it, else "here").  What a cold start's main thread waited for
+# (:func:`wait_report`); the first _WAITS_KEPT only.
+_WAITS: list[tuple[str, float, str]] = []
+_WAITS_KEPT = 10_000
 
 
 def _count(name: str, loaded: float, lowered: float, compiled: float) -> None:
@@ -349,6 +354,15 @@ def compile_report(top: int = 10) -> list[tuple[str, int, float, float, float]]:
     with _STATS_LOCK:
         rows = [(k.rsplit(".", 1)[-1], int(v[0]), *v[1:]) for k, v in _STATS.items()]
     return sorted(rows, key=lambda r: -(r[2] + r[3] + r[4]))[:top]
+
+
+def wait_report(top: int = 10) -> tuple[float, int, list[tuple[str, float, str]]]:
+    """The callers' waits for programs so far: the seconds in all, how many calls
+    waited, and the ``top`` longest as ``(name, seconds, where)``, ``where`` being
+    ``background`` (a prefetch was compiling it) or ``here`` (the caller got it)."""
+    waits = list(_WAITS)
+    longest = sorted(waits, key=lambda w: -w[1])[:top]
+    return sum(w[1] for w in waits), len(waits), longest
 
 
 def store() -> Store:
@@ -411,20 +425,24 @@ class Jit:
         hit = self.programs.get(key)
         if hit is not None:
             return hit, 0.0
-        t0 = time.perf_counter()
+        t0, where = time.perf_counter(), "here"
         try:
             job = self.pending.get(key)
             if job is not None:  # compiling in the background (prefetch): wait for it
                 try:
                     got = job.result()
                     if got is not None:  # None: skipped, another process compiles it
+                        where = "background"
                         return got, time.perf_counter() - t0
                 except Exception:  # cancelled, or failed there: compile here (and raise)
                     pass
                 self.pending.pop(key, None)
             return self._compile(key, args, static), time.perf_counter() - t0
         finally:
-            _CLOCK[0] += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            _CLOCK[0] += waited
+            if len(_WAITS) < _WAITS_KEPT:
+                _WAITS.append((self.name.rsplit(".", 1)[-1], waited, where))
 
     def prefetch(self, pool: ThreadPoolExecutor, *args: Any, **static: Any) -> None:
         """Start compiling (or loading) the program for these arguments in ``pool``."""

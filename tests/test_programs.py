@@ -4,10 +4,12 @@ programs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -55,6 +57,38 @@ def test_compile_report_counts_each_program_got(monkeypatch):
     rows = {r[0]: r for r in programs.compile_report(10**6)}
     assert rows[name][1] == before + 2, rows[name]
     assert rows[name][3] + rows[name][4] > 0  # traced, lowered and compiled: it took time
+
+
+@programs.jit
+def _tripled_for_waits(x):
+    return 3 * x
+
+
+def test_wait_report_says_where_the_caller_waited(monkeypatch):
+    """A program compiled at its call is a wait ``here``; one that a background thread
+    is still compiling is a wait for the ``background``; one in memory is no wait."""
+    monkeypatch.setattr(programs, "_STORE", programs.Store(None))
+    monkeypatch.setattr(programs, "_WAITS", [])
+    compile_ = programs.Jit._compile
+
+    def slow_in_background(self, key, args, static, background=False):
+        if background:
+            time.sleep(0.3)  # still compiling when the caller asks for it
+        return compile_(self, key, args, static, background)
+
+    monkeypatch.setattr(programs.Jit, "_compile", slow_in_background)
+    _tripled_for_waits(jnp.ones(5))
+    with contextlib.closing(programs.Programs(threads=2)) as p:
+        p.prefetch(_tripled_for_waits, jax.ShapeDtypeStruct((6,), jnp.float32))
+        p(_tripled_for_waits, jnp.ones(6))
+    _tripled_for_waits(jnp.ones(5))
+    total, count, longest = programs.wait_report(10)
+    waits = programs._WAITS
+    name = "_tripled_for_waits"
+    assert [(w[0], w[2]) for w in waits] == [(name, "here"), (name, "background")], waits
+    assert waits[1][1] > 0.2  # it waited for the background thread
+    assert count == 2 and total == pytest.approx(waits[0][1] + waits[1][1])
+    assert longest == sorted(waits, key=lambda w: -w[1])
 
 
 _FACTOR = {"k": 2}
