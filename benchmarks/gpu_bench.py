@@ -784,7 +784,10 @@ def _print_compile_report(comm=None) -> None:
         for name, n, ld, lo, co in rows
     ]
     total, count, longest = programs.wait_report(10)
-    lines.append(f"  the solve itself waited {total:.2f} s in {count} calls; longest waits:")
+    lines.append(
+        f"  this process's solves so far waited {total:.2f} s for programs in {count} "
+        "calls; longest waits:"
+    )
     lines += [f"    {name} {sec:.2f} s ({where})" for name, sec, where in longest]
     ranks = comm.gather(lines, root=0) if comm is not None else [lines]
     if ranks is not None:

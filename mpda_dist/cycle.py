@@ -280,7 +280,9 @@ class Hierarchy:
         prefetch: Callable[[Hierarchy], None] | None = None,
     ) -> None:
         """``prefetch(self)`` is called once the levels' shapes are known, before the
-        operators are built (it may use :meth:`op_spec`, not :attr:`ops`)."""
+        operators are built (it may use :meth:`op_spec`, not :attr:`ops`), after the
+        set-up's own restrictions are queued; without it nothing is compiled ahead (and
+        no compile threads start in a :class:`Programs` of the hierarchy's own)."""
         self.dtype = np.dtype(dtype)
         # every level's programs, and its visits' in the corrections
         self.programs = programs if programs is not None else Programs()
@@ -303,8 +305,8 @@ class Hierarchy:
             for i in range(len(self.levels) - 1)
         ]
         self.frames = [Frames(d, self.dtype, 5000 + 100 * i) for i, d in enumerate(self.decomps)]
-        self._prefetch_restrictions()
-        if prefetch is not None:  # the levels' programs compile while the host builds
+        if prefetch is not None:  # the programs compile while the host builds
+            self._prefetch_restrictions()
             prefetch(self)
         self.ops = self._operators(nodes, lengthscale, amplitude)
         self.coarse = None

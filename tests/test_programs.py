@@ -59,7 +59,6 @@ def test_compile_report_counts_each_program_got(monkeypatch):
     assert rows[name][3] + rows[name][4] > 0  # traced, lowered and compiled: it took time
 
 
-@programs.jit
 def _tripled_for_waits(x):
     return 3 * x
 
@@ -77,11 +76,12 @@ def test_wait_report_says_where_the_caller_waited(monkeypatch):
         return compile_(self, key, args, static, background)
 
     monkeypatch.setattr(programs.Jit, "_compile", slow_in_background)
-    _tripled_for_waits(jnp.ones(5))
+    tripled = programs.jit(_tripled_for_waits)  # a new wrapper: nothing in its memory
+    tripled(jnp.ones(5, jnp.float32))
     with contextlib.closing(programs.Programs(threads=2)) as p:
-        p.prefetch(_tripled_for_waits, jax.ShapeDtypeStruct((6,), jnp.float32))
-        p(_tripled_for_waits, jnp.ones(6))
-    _tripled_for_waits(jnp.ones(5))
+        p.prefetch(tripled, jax.ShapeDtypeStruct((6,), jnp.float32))
+        p(tripled, jnp.ones(6, jnp.float32))
+    tripled(jnp.ones(5, jnp.float32))
     total, count, longest = programs.wait_report(10)
     waits = programs._WAITS
     name = "_tripled_for_waits"
