@@ -12,7 +12,31 @@ os.environ.setdefault(
     os.path.join(tempfile.gettempdir(), f"mpda-tests-jax-{os.getuid()}"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+_OWN_STORE = "MPDA_PROGRAM_CACHE_DIR" not in os.environ
 os.environ.setdefault(
     "MPDA_PROGRAM_CACHE_DIR",
     os.path.join(tempfile.gettempdir(), f"mpda-tests-programs-{os.getuid()}"),
 )
+
+
+def _prune_programs(root: str, days: float = 3.0) -> None:
+    """Remove the tests' stored programs older than ``days``: the key holds the package's
+    source, so each commit writes a new set (about 23 MB), and a CI machine keeps its
+    temporary directory between runs.  Within a run the files are fresh.  Only in the
+    directory the tests chose, never in one the user set."""
+    import time
+
+    if not os.path.isdir(root):
+        return
+    cutoff = time.time() - days * 86400
+    for entry in os.scandir(root):
+        try:
+            old = entry.is_file() and entry.stat().st_mtime < cutoff
+            if old and entry.name.endswith((".pkl", ".lock")):
+                os.remove(entry.path)
+        except OSError:  # another run's file, gone or not ours: leave it
+            pass
+
+
+if _OWN_STORE:
+    _prune_programs(os.environ["MPDA_PROGRAM_CACHE_DIR"])
