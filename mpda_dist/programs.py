@@ -332,6 +332,11 @@ _CLOCK = [0.0]
 # :func:`compile_report` (benchmarks; the GPU runs' multi-rank cold start).
 _STATS: dict[str, list[float]] = {}
 _STATS_LOCK = threading.Lock()
+# One background thread traces and lowers at a time.  That work holds the interpreter
+# lock, so N threads tracing at once each take about N times as long, and the first
+# programs of the queue (the ones needed first) reach the compiler last; in turn, each
+# is traced at full speed and compiles (without the lock) while the next is traced.
+_TRACING = threading.Lock()
 # The callers' waits, in order: (name, seconds, "background" when a prefetch was still
 # compiling it, else "here").  What a cold start's main thread waited for
 # (:func:`wait_report`); the first _WAITS_KEPT only.
@@ -478,9 +483,11 @@ class Jit:
                     if background:
                         return None
                     compiled = st.wait(path, LOCK_WAIT)
-            t1 = t2 = time.perf_counter()
+            t1 = traced = t2 = time.perf_counter()
             if compiled is None:
-                lowered = self.jitted.lower(*args, **static)
+                with _TRACING if background else contextlib.nullcontext():
+                    traced = time.perf_counter()  # the wait for the lock is not counted
+                    lowered = self.jitted.lower(*args, **static)
                 t2 = time.perf_counter()
                 if path is None or tuple(read() for read in _SETTINGS) != key[2]:
                     compiled = lowered.compile()  # settings changed meanwhile: not stored
@@ -488,7 +495,7 @@ class Jit:
                     compiled, fresh = _compile_fresh(lowered)
                     if fresh:
                         st.save(path, compiled)
-            _count(self.name, t1 - t0, t2 - t1, time.perf_counter() - t2)
+            _count(self.name, t1 - t0, t2 - traced, time.perf_counter() - t2)
             self.programs[key] = compiled
             return compiled
         finally:
