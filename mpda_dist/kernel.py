@@ -50,13 +50,54 @@ def device_params(c: float, damping: float) -> Params:
     return Params(jax.device_put(float(c)), jax.device_put(float(damping)))
 
 
+# -- Tracing cost ---------------------------------------------------------------------
+# Every level has its own block shape, so each program is traced anew per level, and a
+# cold start traces them one after another (programs.py).  A ``jax.numpy`` operation
+# traces its own small jitted function at each new shape (~130 µs); the ``lax``
+# primitive that it ends in costs a third of that.  So the functions below that the
+# update programs trace hundreds of times (slices, slot sums, the halo's pieces, the
+# outgoing cavities) are written with ``lax`` on operands of one dtype.
+
+
+def _part(x: Array, *index: int | slice) -> Array:
+    """``x[index]`` for static ints and unit-step slices (trailing axes whole), as one
+    ``lax.slice`` (and a reshape for the ints): the same values as indexing."""
+    starts, limits, sizes = [], [], []
+    for axis, size in enumerate(x.shape):
+        i = index[axis] if axis < len(index) else slice(None)
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(size)
+            if step != 1:
+                raise ValueError(f"_part: step {step} (only unit steps)")
+            starts.append(lo)
+            limits.append(max(hi, lo))
+            sizes.append(max(hi - lo, 0))
+        else:
+            k = i + size if i < 0 else i
+            starts.append(k)
+            limits.append(k + 1)
+    out = lax.slice(x, starts, limits)
+    return out if len(sizes) == x.ndim else lax.reshape(out, tuple(sizes))
+
+
+def _cast(v: Array | float, like: Array) -> Array:
+    """A scalar (a weakly typed parameter, a Python float) in ``like``'s dtype: what
+    ``jax.numpy`` converts it to before an operation with ``like``."""
+    return lax.convert_element_type(v, like.dtype)
+
+
+def _pad(x: Array, fill: float, pads: tuple[tuple[int, int], ...]) -> Array:
+    """``jnp.pad(x, pads, constant_values=fill)``."""
+    return lax.pad(x, _cast(fill, x), [(lo, hi, 0) for lo, hi in pads])
+
+
 def _split(flat: Array, layout_groups: tuple[tuple[Piece, ...], ...]) -> dict:
     """Cut a flat halo into 2-D pieces keyed by ``(array, kind)``."""
     out = {}
     pos = 0
     for group in layout_groups:
         for p in group:
-            out[(p.array, p.kind)] = flat[pos : pos + p.size].reshape(p.shape)
+            out[(p.array, p.kind)] = lax.reshape(_part(flat, slice(pos, pos + p.size)), p.shape)
             pos += p.size
     return out
 
@@ -76,18 +117,20 @@ def _shifted(src: Array, d: tuple[int, int], pieces: dict, array: int) -> Array:
     # Rows/columns of the result that come from outside the block: (before, after).
     ry = (max(-dy, 0), max(dy, 0))
     rx = (max(-dx, 0), max(dx, 0))
-    out = jnp.pad(src[rows, cols], (ry, rx))
+    out = _pad(_part(src, rows, cols), 0.0, (ry, rx))
     if dx:
-        xs = pieces[(array, "x")][rows, :]
-        out = out + jnp.pad(xs, (ry, (0, bx - abs(dx)) if dx < 0 else (bx - abs(dx), 0)))
+        xs = _part(pieces[(array, "x")], rows)
+        xs = _pad(xs, 0.0, (ry, (0, bx - abs(dx)) if dx < 0 else (bx - abs(dx), 0)))
+        out = lax.add(out, xs)
     if dy:
-        ys = pieces[(array, "y")][:, cols]
-        out = out + jnp.pad(ys, ((0, by - abs(dy)) if dy < 0 else (by - abs(dy), 0), rx))
+        ys = _part(pieces[(array, "y")], slice(None), cols)
+        ys = _pad(ys, 0.0, ((0, by - abs(dy)) if dy < 0 else (by - abs(dy), 0), rx))
+        out = lax.add(out, ys)
     if dx and dy:
         corner = pieces[(array, "corner")]
         py = (0, by - abs(dy)) if dy < 0 else (by - abs(dy), 0)
         px = (0, bx - abs(dx)) if dx < 0 else (bx - abs(dx), 0)
-        out = out + jnp.pad(corner, (py, px))
+        out = lax.add(out, _pad(corner, 0.0, (py, px)))
     return out
 
 
@@ -95,9 +138,10 @@ def _slot_sum(x: Array | Sequence[Array]) -> Array:
     """``Σ_k x[k]`` as explicit adds: an elementwise loop that streams the 12 slots,
     where ``jnp.sum(x, axis=0)`` became a strided reduction that cost ~20 ms per
     iteration at 254² blocks on a CPU (a TLB miss per element and slot)."""
-    out = x[0]
-    for k in range(1, len(x)):
-        out = out + x[k]
+    parts = [_part(x, k) for k in range(len(x))] if isinstance(x, jax.Array) else list(x)
+    out = parts[0]
+    for part in parts[1:]:
+        out = lax.add(out, part)
     return out
 
 
@@ -132,21 +176,24 @@ def pack_cavities(a: Array, b: Array, op: Operator, p: Params, layout: Layout) -
             rows, cols = _band(piece.rows, by), slice(0, bx)
         if key not in bands:
             base, m = (op.rhs, b) if beta else (op.diag, a)
-            bands[key] = (base[rows, cols] + p.c * _slot_sum(m[:, rows, cols]), rows, cols)
+            band = _slot_sum(_part(m, slice(None), rows, cols))
+            bands[key] = (lax.add(_part(base, rows, cols), lax.mul(band, c)), rows, cols)
         sums, rows, cols = bands[key]
         return sums, rows.start, cols.start
 
+    c = lax.convert_element_type(p.c, a.dtype)
     parts = []
     for group in layout.outgoing:
         for piece in group:
             sums, r0, c0 = node(piece)
-            r, c = piece.rows, piece.cols
+            r, cs = piece.rows, piece.cols
             msgs = b if piece.array >= NSLOTS else a
-            here = sums[r.start - r0 : r.stop - r0, c.start - c0 : c.stop - c0]
-            parts.append((here - msgs[OPPOSITE[piece.slot], r, c]).ravel())
+            here = _part(sums, slice(r.start - r0, r.stop - r0), slice(cs.start - c0, cs.stop - c0))
+            cavity = lax.sub(here, _part(msgs, OPPOSITE[piece.slot], r, cs))
+            parts.append(lax.reshape(cavity, (cavity.size,)))
     if not parts:
         return jnp.zeros((0,), a.dtype)
-    return jnp.concatenate(parts)
+    return lax.concatenate(parts, 0)
 
 
 def _band(edge: slice, size: int) -> slice:
@@ -159,7 +206,12 @@ def _band(edge: slice, size: int) -> slice:
 def _slot_terms(per_slot) -> Array:
     """``stack([per_slot(k) for every slot])``: one buffer that each slot's fusion
     writes its part of, with no copy."""
-    return jnp.stack([per_slot(k) for k in range(NSLOTS)])
+    return lax.concatenate([_lead(per_slot(k)) for k in range(NSLOTS)], 0)
+
+
+def _lead(x: Array) -> Array:
+    """``x[None]``."""
+    return lax.broadcast_in_dim(x, (1, *x.shape), tuple(range(1, x.ndim + 1)))
 
 
 # -- Reading across the block border ------------------------------------------------
@@ -221,7 +273,7 @@ def _shift_in(src: Array, d: tuple[int, int], fill: float) -> Array:
     rows = slice(max(dy, 0), by + min(dy, 0))
     cols = slice(max(dx, 0), bx + min(dx, 0))
     pad = ((max(-dy, 0), max(dy, 0)), (max(-dx, 0), max(dx, 0)))
-    return jnp.pad(src[rows, cols], pad, constant_values=fill)
+    return _pad(_part(src, rows, cols), fill, pad)
 
 
 def _strips(d: tuple[int, int], by: int, bx: int) -> list[tuple[slice, slice]]:
@@ -242,16 +294,16 @@ def _halo_strips(d: tuple[int, int], pieces: dict, array: int, fill: float) -> l
     dy, dx = d
     out = []
     if dy:
-        ys = pieces[(array, "y")]
+        ys, corner = pieces[(array, "y")], pieces.get((array, "corner"))
         if dx > 0:
-            ys = jnp.concatenate([ys[:, dx:], pieces[(array, "corner")]], axis=1)
+            ys = lax.concatenate([_part(ys, slice(None), slice(dx, None)), corner], 1)
         elif dx < 0:
-            ys = jnp.concatenate([pieces[(array, "corner")], ys[:, :dx]], axis=1)
+            ys = lax.concatenate([corner, _part(ys, slice(None), slice(None, dx))], 1)
         out.append(ys)
     if dx:
         xs = pieces[(array, "x")]
-        xs = xs[max(dy, 0) : xs.shape[0] + min(dy, 0), :]
-        out.append(jnp.pad(xs, ((max(-dy, 0), max(dy, 0)), (0, 0)), constant_values=fill))
+        xs = _part(xs, slice(max(dy, 0), xs.shape[0] + min(dy, 0)))
+        out.append(_pad(xs, fill, ((max(-dy, 0), max(dy, 0)), (0, 0))))
     return out
 
 
@@ -296,6 +348,7 @@ class _Border:
     def add(x: Array, edges: list[list[tuple]]) -> Array:
         for k, strips in enumerate(edges):
             for (rows, cols), val in strips:
+                # (a scatter: as a dynamic-update-slice, a one-update call copies b_prev)
                 x = x.at[k, rows, cols].add(val)
         return x
 
@@ -305,15 +358,17 @@ def _node_sum(base: Array, x: Array, c: float) -> Array:
     ``rhs``).  The loops carry them: computed after each update, they cross the loop
     boundary, so XLA materialises them once instead of fusing the 12-slot sum into
     every slot's update (which then read every message array 12 more times)."""
-    return base + c * _slot_sum(x)
+    return lax.add(base, lax.mul(_cast(c, x), _slot_sum(x)))
 
 
 def _precision_term(op: Operator, p: Params):
     """What a precision message takes from its sender: ``−η (Γ/c)² / α``."""
 
+    c, eta = _cast(p.c, op.diag), _cast(-p.damping, op.diag)
+
     def term(k, idx, alpha, beta):
-        w = op.weights[k][idx] / p.c
-        return -p.damping * (w * w) / alpha
+        w = lax.div(_part(op.weights, k, *idx), c)
+        return lax.div(lax.mul(eta, lax.mul(w, w)), alpha)
 
     return term
 
@@ -349,24 +404,25 @@ def iterate(
     """
     by, bx = a.shape[1:]
     border = _Border(halo_flat, by, bx, form)
-    eta = p.damping
     term_a = _precision_term(op, p)
+    c, neg_eta, decay = _cast(p.c, b), _cast(-p.damping, b), _cast(1 - p.damping, b)
 
     def term_b(k, idx, alpha, beta):
-        return -eta * (op.weights[k][idx] / p.c) * beta / alpha
+        w = lax.div(_part(op.weights, k, *idx), c)
+        return lax.div(lax.mul(lax.mul(neg_eta, w), beta), alpha)
 
     edges_a, edges_b = border.edge_terms(term_a), border.edge_terms(term_b)
 
     def step(a, b, A, B, bp):
         def new_a(k):
-            alpha = border.shift(A - a[OPPOSITE[k]], k, "alpha")
-            return (1 - eta) * a[k] + term_a(k, ALL, alpha, None)
+            alpha = border.shift(lax.sub(A, _part(a, OPPOSITE[k])), k, "alpha")
+            return lax.add(lax.mul(decay, _part(a, k)), term_a(k, ALL, alpha, None))
 
         def new_b(k):
-            alpha = border.shift(A - a[OPPOSITE[k]], k, "alpha")
-            beta = border.shift(B - b[OPPOSITE[k]], k, "beta")
-            x = (1 - eta) * b[k] + term_b(k, ALL, alpha, beta)
-            return x + momentum * (b[k] - bp[k]) if momentum else x
+            alpha = border.shift(lax.sub(A, _part(a, OPPOSITE[k])), k, "alpha")
+            beta = border.shift(lax.sub(B, _part(b, OPPOSITE[k])), k, "beta")
+            x = lax.add(lax.mul(decay, _part(b, k)), term_b(k, ALL, alpha, beta))
+            return _momentum(x, b, bp, k, momentum)
 
         a2 = border.add(_slot_terms(new_a), edges_a)
         b2 = border.add(_slot_terms(new_b), edges_b)
@@ -387,6 +443,13 @@ def iterate(
     if delta:
         change = jnp.stack([_abs_change(a, prev[0]), _abs_change(b, prev[1])])
     return a, b, b_prev, pack_cavities(a, b, op, p, message_layout(by, bx)), change
+
+
+def _momentum(x: Array, b: Array, bp: Array, k: int, momentum: float) -> Array:
+    """``x + momentum (b[k] − bp[k])`` (``x`` when ``momentum`` is 0)."""
+    if not momentum:
+        return x
+    return lax.add(x, lax.mul(_cast(momentum, x), lax.sub(_part(b, k), _part(bp, k))))
 
 
 def _loop(
@@ -534,10 +597,12 @@ def iterate_a(
     term = _precision_term(op, p)
     edges = border.edge_terms(term)
 
+    decay = _cast(1 - p.damping, a)
+
     def step(a, A):
         def new(k):
-            alpha = border.shift(A - a[OPPOSITE[k]], k, "alpha")
-            return (1 - p.damping) * a[k] + term(k, ALL, alpha, None)
+            alpha = border.shift(lax.sub(A, _part(a, OPPOSITE[k])), k, "alpha")
+            return lax.add(lax.mul(decay, _part(a, k)), term(k, ALL, alpha, None))
 
         a2 = border.add(_slot_terms(new), edges)
         return a2, _node_sum(op.diag, a2, p.c)
@@ -560,13 +625,14 @@ def gains(a: Array, op: Operator, halo_flat: Array, p: Params) -> Array:
     from ``halo_flat``, which must hold the frozen ``a``'s cavities)."""
     by, bx = a.shape[1:]
     halo = _split(halo_flat, message_layout(by, bx).incoming)
-    A = op.diag + p.c * _slot_sum(a)
-    return jnp.stack(
-        [
-            p.damping * (op.weights[k] / p.c) / _shifted(A - a[OPPOSITE[k]], d, halo, k)
-            for k, d in enumerate(OFFSETS)
-        ]
-    )
+    A = _node_sum(op.diag, a, p.c)
+    c, eta = _cast(p.c, a), _cast(p.damping, a)
+
+    def gain(k: int) -> Array:
+        alpha = _shifted(lax.sub(A, _part(a, OPPOSITE[k])), OFFSETS[k], halo, k)
+        return lax.div(lax.mul(eta, lax.div(_part(op.weights, k), c)), alpha)
+
+    return _slot_terms(gain)
 
 
 @jit(**_UPDATE)
@@ -596,15 +662,16 @@ def iterate_b(
     border = _Border(halo_flat, by, bx, form)
 
     def term(k, idx, alpha, beta):
-        return -g[k][idx] * beta
+        return lax.mul(lax.neg(_part(g, k, *idx)), beta)
 
     edges = border.edge_terms(term)
+    decay = _cast(1 - p.damping, b)
 
     def step(b, B, bp):
         def new(k):
-            beta = border.shift(B - b[OPPOSITE[k]], k, "beta")
-            x = (1 - p.damping) * b[k] + term(k, ALL, None, beta)
-            return x + momentum * (b[k] - bp[k]) if momentum else x
+            beta = border.shift(lax.sub(B, _part(b, OPPOSITE[k])), k, "beta")
+            x = lax.add(lax.mul(decay, _part(b, k)), term(k, ALL, None, beta))
+            return _momentum(x, b, bp, k, momentum)
 
         b2 = border.add(_slot_terms(new), edges)
         return b2, _node_sum(op.rhs, b2, p.c), (b if momentum else bp)
