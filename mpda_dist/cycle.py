@@ -347,6 +347,12 @@ class Hierarchy:
         """Target: prior + observations.  Coarser: prior at that spacing + lumped
         observations ``Pᵀ m`` and right-hand side ``Pᵀ h``."""
         top, d = self.levels[-1], self.decomps[-1]
+        # On the target level (as the direct and Krylov solvers do): a bilinear row's
+        # corners on the boundary, held at the background, get weight 0.  Without it their
+        # couplings reached outside the block, where the kernel's domain-edge halo
+        # (α = 1, β = 0) makes a message of a non-zero weight non-zero, and the level
+        # converged to another answer than the residual's.
+        nodes = nodes.at_level(top.stride, top.interior, top.periodic_x)
         full = build(top, ell, amp, nodes, *d.extent, weights_dtype=self.dtype)
         mass = observation_mass(top, nodes, *d.extent)
         dt = self.dtype

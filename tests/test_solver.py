@@ -42,6 +42,35 @@ def test_mp_equals_exact_float32():
     assert rel_rmse(res.anomaly, exact) <= 1e-4
 
 
+def test_bilinear_rows_touching_the_boundary_mp_equals_exact():
+    """Bilinear observations in cells with corners on the boundary (held at the
+    background): the corners there carry no weight in the model.  The message-passing
+    hierarchy once kept their couplings, which reached outside the block, and stalled
+    at a residual of 0.5 where the direct solve converged."""
+    from mpda_dist import observations as obsmod
+    from mpda_dist.baselines import exact_solve
+    from mpda_dist.multigrid import schedule
+    from mpda_dist.stencil import build
+
+    ny, nx = 26, 30
+    rng = np.random.default_rng(4)
+    # two rows next to each side of the unit square, and a few inside
+    edge = np.array([0.01, 0.02, 0.98, 0.99])
+    x = np.concatenate([edge, rng.uniform(0.1, 0.9, 4), [0.5, 0.31], rng.uniform(0, 1, 6)])
+    y = np.concatenate([rng.uniform(0.1, 0.9, 4), edge, [0.015, 0.985], rng.uniform(0, 1, 6)])
+    iy, ix, w = obsmod.bilinear_nodes(x, y, (ny, nx), (1.0, 1.0))
+    innovation, precision = rng.standard_normal(len(x)), np.full(len(x), 1e2)
+    nodes = obsmod.BilinearObservations(iy, ix, w, innovation, precision)
+    levels = schedule(ny, nx, 1 / (ny - 1), 1 / (nx - 1), 8)
+    top = levels[-1]
+    lobs = nodes.at_level(1, top.interior)
+    assert np.any(lobs.weight == 0)  # some corners lie on the boundary
+    exact = exact_solve(build(top, 0.15, 1.1, lobs, (0, top.interior[0]), (0, top.interior[1])))
+    res = run(levels, nodes, dtype="float64", tol=1e-12)
+    assert res.status == CONVERGED
+    assert rel_rmse(res.anomaly, exact) <= 1e-8
+
+
 def test_multigrid_reaches_the_single_level_fixed_point():
     _, nodes, levels, exact = problem(34, 34, 0.1)
     assert len(levels) >= 2
