@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -139,9 +139,7 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
     cover = None
     if cfg.observations.file is not None:
         source = str(cfg.observations.file)
-        d = io.read_observations(source)
-        if cfg.observations.noise is not None:
-            d["noise"] = np.full_like(d["value"], float(cfg.observations.noise))
+        d = io.read_observations(source, default_noise=cfg.observations.noise)
         obs = obsmod.Observations(d["x"], d["y"], d["value"], d["noise"])
         truth = io.read_truth(source)
         if truth is not None and truth.shape != shape:
@@ -183,6 +181,10 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
             anomaly = prior.sample(shape, extent, ell, amp, rng)
             truth = background + anomaly
             obs = obsmod.synthetic(truth, extent, syn.fraction, syn.noise, rng)
+    if cfg.observations.noise is not None:
+        # every observation's assumed error: a file's own noise, or the synthetic draw's
+        # (the values keep the noise they were drawn with: a misspecified R, on purpose)
+        obs = replace(obs, noise=np.full_like(obs.value, cfg.observations.noise))
     report = qc.quality_control(
         obs,
         shape,

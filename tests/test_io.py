@@ -94,6 +94,27 @@ def test_default_noise_when_file_has_none(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_observations(path, default_noise=0.5)["noise"], [0.5] * 3)
 
 
+def test_config_noise_stands_in_and_replaces(tmp_path: Path) -> None:
+    """``observations.noise`` gives the noise of a file without one (README: "or the
+    config may set observations.noise"), and replaces that of synthetic observations,
+    whose values keep the noise they were drawn with."""
+    from mpda_dist.config import config_from_dict
+    from mpda_dist.driver import build_problem
+
+    o = obs(3)
+    del o["noise"]
+    path = make_obs_file(tmp_path / "o.h5", **o)
+    grid = {"nx": NX, "ny": NY}
+    cfg = config_from_dict({"grid": grid, "observations": {"file": str(path), "noise": 0.2}})
+    np.testing.assert_array_equal(build_problem(cfg).observations.noise, [0.2] * 3)
+    syn = {"synthetic": {"fraction": 0.2, "noise": 1e-3, "seed": 1}}
+    plain = build_problem(config_from_dict({"grid": grid, "observations": syn}))
+    assumed = build_problem(config_from_dict({"grid": grid, "observations": syn | {"noise": 0.3}}))
+    np.testing.assert_array_equal(plain.observations.noise, 1e-3)
+    np.testing.assert_array_equal(assumed.observations.noise, 0.3)
+    np.testing.assert_array_equal(assumed.observations.value, plain.observations.value)
+
+
 def test_values_are_not_checked_here(tmp_path: Path) -> None:
     o = obs(3)
     o["value"][1] = np.nan
