@@ -255,6 +255,15 @@ def settings_from(cfg: Any) -> Any:
     )
 
 
+def _check_checkpoint_file(path: str) -> None:
+    from mpda_dist import io
+
+    try:
+        io.check_writable(path)
+    except io.InputError as exc:
+        raise io.InputError(f"checkpoint.file: {exc}") from None
+
+
 def _rmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)))
 
@@ -266,12 +275,14 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
     from mpda_dist import __version__, diagnostics, io, sphere
     from mpda_dist.config import dump_config
     from mpda_dist.multigrid import schedule, sphere_schedule
-    from mpda_dist.solver import CAPPED, DIVERGED, INTERRUPTED, solve
+    from mpda_dist.solver import CAPPED, DIVERGED, INTERRUPTED, ResumeError, solve
 
     t0 = time.perf_counter()
     rank, size = comm.Get_rank(), comm.Get_size()
     out_path = output or cfg.output.file
     on_root(comm, lambda: io.check_writable(out_path))
+    if cfg.solver.method == "mp":  # a signal or the timer writes it, hours from now
+        on_root(comm, lambda: _check_checkpoint_file(cfg.checkpoint.file))
     rows = runtime.device_table(comm)
     if rank == 0:
         log.info("mpda_dist %s on %d rank(s)", __version__, size)
@@ -323,19 +334,22 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
     requests.install()
     with jax.enable_x64(s.dtype == "float64"):
         if cfg.solver.method == "mp":
-            result = solve(
-                comm,
-                levels,
-                nodes,
-                cfg.prior.lengthscale,
-                cfg.prior.amplitude,
-                s,
-                process_grid=grid,
-                resume=state,
-                checkpoint_path=cfg.checkpoint.file,
-                requests=requests,
-                config_text=dump_config(cfg),
-            )
+            try:
+                result = solve(
+                    comm,
+                    levels,
+                    nodes,
+                    cfg.prior.lengthscale,
+                    cfg.prior.amplitude,
+                    s,
+                    process_grid=grid,
+                    resume=state,
+                    checkpoint_path=cfg.checkpoint.file,
+                    requests=requests,
+                    config_text=dump_config(cfg),
+                )
+            except ResumeError as exc:  # raised on every rank
+                raise RunError(f"{resume}: {exc}", EXIT_INPUT) from None
             level_results, anomaly = result.levels, result.anomaly
         else:
             level_results, anomaly = _reference_solve(comm, cfg, levels[-1], nodes)

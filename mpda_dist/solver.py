@@ -417,7 +417,6 @@ def solve(
     # The background compiles end with the solve: an error or an interrupt does not
     # wait for the queued ones.
     with contextlib.closing(Programs()) as programs:
-        from mpda_dist import io
         from mpda_dist.cycle import Hierarchy
 
         size, rank = comm.Get_size(), comm.Get_rank()
@@ -442,12 +441,10 @@ def solve(
         setup = time.perf_counter() - t0
         nlev = len(hier.levels)
         resume_level = comm.bcast(resume.level if resume is not None else 0, root=0)
-        if resume is not None and rank == 0 and resume.levels not in (0, nlev):
-            raise io.InputError(
-                f"the checkpoint was written with {resume.levels} multigrid levels but this run "
-                f"has {nlev} (blocks of a coarse level need 4 nodes a side): resume with the "
-                "process grid and solver.multigrid settings that wrote it"
-            )
+        why = _resume_mismatch(resume, hier) if rank == 0 and resume is not None else None
+        why = comm.bcast(why, root=0)
+        if why:  # on every rank alike
+            raise ResumeError(why)
         results: list[LevelResult] = []
         if rank == 0 and resume is not None:
             results = [LevelResult(**_tuples(d)) for d in resume.finished]
@@ -602,6 +599,33 @@ def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0, froze
         )  # fmt: skip
         checkpoint.write(path, state, config_text)
         log.info("checkpoint: level %d, iteration %d -> %s", i + 1, it, path)
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run (raised on every rank alike)."""
+
+
+def _resume_mismatch(resume: Any, hier: Any) -> str | None:
+    """Why the checkpoint ``resume`` cannot continue the hierarchy ``hier`` (None: it
+    can): another number of levels, or messages of another shape."""
+    nlev = len(hier.levels)
+    again = "resume with the grid, process grid and solver.multigrid settings that wrote it"
+    if resume.levels not in (0, nlev) or not 0 <= resume.level < nlev:
+        return (
+            f"the checkpoint was written with {resume.levels} multigrid levels but this run "
+            f"has {nlev} (blocks of a coarse level need 4 nodes a side): {again}"
+        )
+    arrays = [(resume.level, "", resume.a)]
+    arrays += [(c + 1, "the warm state of ", ca) for c, (ca, _, _) in enumerate(resume.coarse)]
+    for i, what, arr in arrays:
+        want = hier.levels[i].interior
+        if i >= nlev or tuple(arr.shape[1:]) != want:
+            got = f"{arr.shape[-1]} x {arr.shape[-2]}" if arr.ndim == 3 else str(arr.shape)
+            return (
+                f"{what}level {i + 1} holds messages for {got} interior nodes, but that level "
+                f"of this run has {want[1]} x {want[0]}: {again}"
+            )
+    return None
 
 
 def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:

@@ -95,3 +95,28 @@ def test_resume_from_a_bad_file_is_a_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "bad.h5" in proc.stderr
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_resume_on_another_grid_is_a_clear_error(tmp_path):
+    """A checkpoint of a 40 x 40 run (levels 20 and 40) given to a 36 x 36 one: exit 2
+    naming the file and the shapes, not a divergence or a traceback."""
+    from mpda_dist import checkpoint
+
+    msgs = np.zeros((12, 38, 38))
+    state = checkpoint.State(1, 100, msgs, msgs, None, levels=2)
+    ckpt = tmp_path / "other.h5"
+    checkpoint.write(str(ckpt), state, "")
+    proc = mpda(tmp_path, "-o", "o.h5", "--resume", str(ckpt), "--set", "grid.nx=36")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{ckpt}: level 2 holds messages for 38 x 38 interior nodes" in proc.stderr
+    assert "34 x 38" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_checkpoint_file_that_cannot_be_written_is_refused_up_front(tmp_path):
+    """A signal or the timer would write it hours into the run: checked at the start."""
+    proc = mpda(tmp_path, "-o", "o.h5", "--set", "checkpoint.file=nodir/ck.h5")
+    assert proc.returncode == 2, proc.stderr
+    assert "checkpoint.file: nodir/ck.h5: output directory 'nodir' does not exist" in proc.stderr
+    assert "level 1/" not in proc.stderr + proc.stdout  # nothing was solved
