@@ -43,6 +43,25 @@ def _read(path: str) -> dict[str, Any]:
         raise PlotError(f"{path}: cannot read ({exc})") from None
 
 
+def _check_output(output: str, dpi: int) -> None:
+    """The image can be written: a known format (by suffix; none is PNG), a positive
+    resolution, a writable directory."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from mpda_dist import io
+
+    if not dpi > 0:
+        raise PlotError(f"--dpi {dpi}: must be a positive number")
+    suffix = os.path.splitext(output)[1].lstrip(".").lower()
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in kinds:
+        raise PlotError(f"{output}: unknown image format '.{suffix}' (one of: {', '.join(kinds)})")
+    try:
+        io.check_writable(output)
+    except io.InputError as exc:
+        raise PlotError(str(exc)) from None
+
+
 def plot(path: str, output: str, dpi: int = 120) -> str:
     """Write the maps of analysis file ``path`` to ``output`` (PNG, PDF, ... by suffix)."""
     import matplotlib
@@ -50,6 +69,7 @@ def plot(path: str, output: str, dpi: int = 120) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    _check_output(output, dpi)
     d = _read(path)
     mean, x, y = d["mean"], d["x"], d["y"]
     panels: list[tuple[str, np.ndarray, str]] = [("analysis mean", mean, "viridis")]

@@ -85,6 +85,28 @@ def test_plot_names_a_bad_file(tmp_path):
     assert proc.returncode == 2 and "bad.h5" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-o", "nodir/m.png"], "output directory 'nodir' does not exist"),
+        (["-o", "m.pngx"], "m.pngx: unknown image format '.pngx'"),
+        (["--dpi", "0"], "--dpi 0: must be a positive number"),
+    ],
+)
+def test_plot_refuses_an_image_it_cannot_write(
+    global_runs, tmp_path, monkeypatch, capsys, args, message
+):
+    """In-process (no interpreter start): the CLI's exit status and one-line message."""
+    from mpda_dist import cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plot", str(global_runs["mp"]), *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_bilinear_global_run_matches_exact(tmp_path):
     outs = {}
     for method in ("exact", "mp"):
