@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -573,10 +574,17 @@ def _guard(comm: Any, fn: Callable[[], int]) -> int:
 
 
 def _start() -> Any:
-    """``runtime.start`` with a launch mistake reported as an input error."""
+    """``runtime.start`` with a launch mistake, or a bad value of one of the package's
+    environment variables, reported as an input error (one line, exit 2)."""
     try:
-        return runtime.start()
-    except runtime.LaunchError as exc:
+        comm = runtime.start()  # $MPDA_MALLOC
+        from mpda_dist import kernel, programs  # (JAX's environment is set now)
+
+        programs.compile_threads()  # $MPDA_COMPILE_THREADS
+        if os.environ.get(kernel.FORM_ENV, "").strip():
+            kernel.default_form()
+        return comm
+    except (runtime.LaunchError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(EXIT_INPUT) from None
 

@@ -210,6 +210,24 @@ def test_unwritable_output_directory_fails_before_solving(tmp_path):
     assert "missing" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "var,value,needle",
+    [
+        ("MPDA_MALLOC", "jemalloc", "expected keep or system"),
+        ("MPDA_KERNEL_FORM", "bogus", "expected one of strips, pads, fused"),
+        ("MPDA_COMPILE_THREADS", "abc", "expected a whole number of threads"),
+    ],
+)
+def test_a_bad_environment_variable_is_an_input_error(tmp_path, monkeypatch, var, value, needle):
+    """One line naming the variable and exit 2 at start-up, not a traceback later."""
+    monkeypatch.setenv(var, value)
+    out = tmp_path / "o.h5"
+    proc = mpda("run", "-o", str(out), *SMALL)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {var}={value!r}: {needle}" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_a_failed_write_is_a_clean_error_and_leaves_nothing(tmp_path, monkeypatch):
     """Disk full while writing: exit code 2 naming the file, no file and no temporary."""
     import errno
