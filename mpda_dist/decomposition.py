@@ -52,6 +52,12 @@ def check_grid(grid: tuple[int, int], size: int, interior: tuple[int, int]) -> N
         )
     n, m = interior
     if n // py < MIN_BLOCK or m // px < MIN_BLOCK:
+        if py * px == 1:
+            raise DecompositionError(
+                f"grid interior {m}x{n} (x by y) is too small for message passing: it needs "
+                f"at least {MIN_BLOCK} interior nodes per side (grid.nx and grid.ny of "
+                f"{MIN_BLOCK + 2} or more); use a finer grid or solver.method: exact"
+            )
         raise DecompositionError(
             f"grid interior {m}x{n} (x by y) is too small for a {px}x{py} process grid: "
             f"blocks need at least {MIN_BLOCK} nodes per side; use fewer ranks or a finer grid"

@@ -146,3 +146,21 @@ def test_freezing_precisions_keeps_the_answer():
     assert on.status == off.status == CONVERGED
     assert on.levels[-1].precision_iterations > 0 and off.levels[-1].precision_iterations == 0
     assert rel_rmse(on.anomaly, exact) <= 1e-8 and rel_rmse(off.anomaly, exact) <= 1e-8
+
+
+@pytest.mark.parametrize(
+    "grid,size,interior,needle",
+    [
+        ((1, 1), 1, (62, 3), "too small for message passing: it needs at least 4 interior"),
+        ((1, 2), 2, (62, 6), "too small for a 2x1 process grid: blocks need at least 4 nodes"),
+        ((2, 1), 1, (62, 8), "has 2 blocks but the job has 1 MPI ranks"),
+    ],
+)
+def test_check_grid_says_what_to_change(grid, size, interior, needle):
+    """One rank gets no advice to use fewer ranks; several do."""
+    from mpda_dist.decomposition import DecompositionError, check_grid
+
+    check_grid((1, 1), 1, (4, 4))  # the smallest that fits
+    check_grid((1, 2), 2, (62, 8))
+    with pytest.raises(DecompositionError, match=needle):
+        check_grid(grid, size, interior)
