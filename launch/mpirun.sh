@@ -71,7 +71,8 @@ environment:
   JEMALLOC_LIB       path of libjemalloc.so to preload with --jemalloc
 
 exit status: that of the launcher, i.e. mpda's: 0 ok, 2 input or config error,
-3 diverged, 4 not converged, 1 unexpected error; 2 for a usage error of this script.
+3 diverged, 4 not converged, 5 interrupted by a signal after writing a checkpoint,
+1 unexpected error; 2 for a usage error of this script.
 
 examples:
   $prog -n 2 -- configs/small.yaml -o small.h5
