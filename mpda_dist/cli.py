@@ -47,6 +47,13 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _file_name(text: str) -> str:
+    """An ``-o`` value: a file name, not empty (an empty one silently meant the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty file name")
+    return text
+
+
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
@@ -100,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         default=None,
+        type=_file_name,
         metavar="OUT.h5",
         help="output HDF5 file (default: output.file from the config)",
     )
@@ -125,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("config", metavar="CONFIG", help="YAML config file")
     sim.add_argument(
-        "-o", "--output", required=True, metavar="PROBLEM.h5", help="problem file to write"
+        "-o",
+        "--output",
+        required=True,
+        type=_file_name,
+        metavar="PROBLEM.h5",
+        help="problem file to write",
     )
     _add_set(sim)
 
@@ -142,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("file", metavar="OUT.h5", help="an analysis file written by 'mpda run'")
     pl.add_argument(
-        "-o", "--output", default="map.png", metavar="MAP.png", help="image to write (map.png)"
+        "-o",
+        "--output",
+        default="map.png",
+        type=_file_name,
+        metavar="MAP.png",
+        help="image to write (map.png)",
     )
     pl.add_argument("--dpi", type=int, default=120, help="resolution of the image (120)")
 

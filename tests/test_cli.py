@@ -251,3 +251,14 @@ def test_a_failed_write_is_a_clean_error_and_leaves_nothing(tmp_path, monkeypatc
         driver.execute(MPI.COMM_SELF, cfg, str(out))
     assert e.value.code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["run"], ["simulate"], ["plot", "x.h5"]])
+def test_an_empty_output_name_is_a_usage_error(command, capsys):
+    """``-o ""`` once meant the config's output.file without a word."""
+    from mpda_dist import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args([*command, "-o", ""])
+    assert exit_.value.code == 2
+    assert "argument -o/--output: empty file name" in capsys.readouterr().err
