@@ -10,7 +10,10 @@ caches to time a cold start, e.g.
 
 (with ``JAX_COMPILATION_CACHE_DIR`` and ``MPDA_PROGRAM_CACHE_DIR`` unset).  For A/B
 comparisons run a copy of this script inside each checkout, alternately; on a commit
-without ``programs.wait_report`` it prints the wall time alone.
+without ``programs.wait_report`` it prints the wall time alone.  Last comes the compile
+report: the programs' tracing-and-lowering and compiling seconds, summed over threads.
+With ``MPDA_COMPILE_THREADS=1`` nothing overlaps, and the tracing sum is what a
+many-core host still does one program at a time (``programs._TRACING``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"waited {total:.2f} s for programs in {count} calls; longest:")
         for name, sec, where in longest:
             print(f"  {name:24s} {sec:6.2f} s  ({where})")
+    rows = programs.compile_report(10_000)
+    lowered, compiled = sum(r[3] for r in rows), sum(r[4] for r in rows)
+    print(
+        f"{sum(r[1] for r in rows)} programs: tracing and lowering {lowered:.2f} s, "
+        f"compiling {compiled:.2f} s (summed over threads); most tracing:"
+    )
+    for name, count, _, low, comp in sorted(rows, key=lambda r: -r[3])[:5]:
+        print(f"  {name:24s} {count:3d} programs, trace+lower {low:5.2f} s, compile {comp:6.2f} s")
     print(f"machine: {C.machine_line(C.machine_info())}; ranks {comm.size}")
     print(f"command: {C.command_line()}")
     return 0
