@@ -364,10 +364,18 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
             EXIT_INTERRUPTED,
         )
     if status == DIVERGED:
+        hint = "try a smaller solver.damping or another solver.c"
+        if cfg.observations.operator == "bilinear":
+            # a row's four corners are coupled almost as a rank-one block when its noise
+            # is small against the prior: not walk-summable (README, observations)
+            hint = (
+                "bilinear observations with a small noise couple their cell's corners too "
+                "strongly for message passing with these settings: try solver.c: 100 (or "
+                "-2 with solver.damping: 0.7), or solver.method: cg"
+            )
         raise RunError(
             f"the solver diverged at level {len(level_results)} "
-            f"(residual {level_results[-1].residual:.3e}); try a smaller solver.damping or "
-            f"another solver.c; no output was written",
+            f"(residual {level_results[-1].residual:.3e}); {hint}; no output was written",
             EXIT_DIVERGED,
         )
     if status == CAPPED:

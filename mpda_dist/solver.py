@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import jax
@@ -93,6 +93,9 @@ class LevelResult:
     correction_seconds: float = 0.0  # in this level's corrections (part of solve_seconds)
     precision_iterations: int = 0  # a-only iterations before a was frozen (not in iterations)
     unfrozen_at: int = 0  # iteration where a stalled residual made a move again (0: never)
+    # iterations of a first try that diverged on lagged halos, before the level was solved
+    # again with exchanges at every iteration (0: no second try)
+    retried_after: int = 0
     extrapolations: int = 0  # checks whose mean moved to the Anderson mix (anderson.py)
 
     def summary(self) -> dict[str, Any]:
@@ -484,11 +487,8 @@ def solve(
             if has_resume:
                 start = _scatter_resume(hier, resume, i, dtype)
                 a0, b0 = jax.device_put(start.a), jax.device_put(start.b)
-            elif i == 0:
-                a0 = zeros((12,) + decomp.shape, dtype)
-                b0 = on_device(np.full((12,) + decomp.shape, 1e-8, dtype))
             else:
-                a0, b0 = hier.start(i, mean)
+                a0, b0 = _first_messages(hier, i, mean, dtype)
             correct = None
             if i > 0 and s.cycle == "fas":
 
@@ -515,19 +515,35 @@ def solve(
                         acc,
                     )
 
-            a, b, bp, g = solve_level(
-                decomp,
-                op,
-                a0,
-                b0,
-                s,
-                res,
-                start=start,
-                saver=saver,
-                requests=requests,
-                correct=correct,
-                programs=hier.programs,
+            extra = dict(
+                start=start, saver=saver, requests=requests, correct=correct, programs=hier.programs
             )
+
+            # Lagged halos (exchanges every k > 1 iterations, or async ones that may be a
+            # step old) can make message passing diverge where exchanging at every
+            # iteration converges: strong couplings across a block border or the
+            # sphere's seam (a bilinear row there, c < 0 on the sphere with several
+            # ranks).  Such a level is solved once more from its start, in lockstep.
+            safe = _lockstep(s) if decomp.has_neighbours and not has_resume else None
+            warm = _warm_states(hier, i) if safe is not None else None
+            a, b, bp, g = solve_level(decomp, op, a0, b0, s, res, **extra)
+            if res.status == DIVERGED and safe is not None:
+                if rank == 0:
+                    log.warning(
+                        "level %d/%d diverged with halos exchanged every %d iteration(s)%s: "
+                        "solving it again from its start with exchanges at every iteration "
+                        "(set solver.exchange.every: 1 and mode: sync to skip the first try)",
+                        i + 1,
+                        nlev,
+                        s.every,
+                        " (async)" if s.mode != "sync" else "",
+                    )
+                _restore_warm_states(hier, warm)
+                a0, b0 = _first_messages(hier, i, mean, dtype)  # (the first were donated)
+                tried = res
+                res = level_result(i)
+                res.retried_after = tried.iterations
+                a, b, bp, g = solve_level(decomp, op, a0, b0, safe, res, **extra)
             res.compile_seconds = programs.seconds - waited
             sm.a, sm.b, sm.bp, sm.g = a, b, (bp if s.momentum else zeros((0,), dtype)), g
             mean = sm.mean(op)
@@ -599,6 +615,37 @@ def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0, froze
         )  # fmt: skip
         checkpoint.write(path, state, config_text)
         log.info("checkpoint: level %d, iteration %d -> %s", i + 1, it, path)
+
+
+def _first_messages(hier: Any, i: int, below: Any, dtype: Any) -> tuple[Any, Any]:
+    """Level ``i``'s starting messages: from the mean ``below`` of the level below, or
+    (a single level) ``a = 0`` and ``b`` a small constant."""
+    if i == 0:
+        shape = (12, *hier.decomps[0].shape)
+        return zeros(shape, dtype), on_device(np.full(shape, 1e-8, dtype))
+    return hier.start(i, below)
+
+
+def _lockstep(s: Settings) -> Settings | None:
+    """``s`` with halos exchanged at every iteration, synchronously; None when ``s``
+    already does that."""
+    if s.every == 1 and (s.mode == "sync" or s.max_staleness == 0):
+        return None
+    return replace(s, every=1, mode="sync")
+
+
+def _warm_states(hier: Any, i: int) -> list[tuple]:
+    """Copies of the coarser message-passing levels' warm messages (which level ``i``'s
+    corrections continue from and update), to start a second try from."""
+    return [
+        tuple(None if x is None else on_device(x) for x in (sm.a, sm.b, sm.bp, sm.g))
+        for sm in hier.smoothers[1:i]
+    ]
+
+
+def _restore_warm_states(hier: Any, warm: list[tuple]) -> None:
+    for sm, (a, b, bp, g) in zip(hier.smoothers[1:], warm, strict=False):
+        sm.a, sm.b, sm.bp, sm.g = a, b, bp, g
 
 
 class ResumeError(ValueError):
