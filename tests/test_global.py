@@ -190,19 +190,24 @@ def test_sphere_baselines_match_exact(sphere_baselines, method):
     _agrees_with_exact(sphere_baselines[method], sphere_baselines["exact"])
 
 
-@pytest.mark.skipif(not MPIEXEC.exists(), reason="mpiexec not in the venv")
-def test_sphere_cg_split_across_the_seam(sphere_baselines, tmp_path):
-    """Two ranks side by side in longitude: each one's halo across 0/360 is the other's."""
-    out = tmp_path / "cg2.h5"
-    sets = [a for kv in BASELINE for a in ("--set", kv)]
-    proc = subprocess.run(
-        [str(MPIEXEC), "-n", "2", str(MPDA), "run", str(GLOBAL), "-o", str(out), *sets]
-        + ["--set", "solver.method=cg", "--set", "decomposition.process_grid=[2,1]"],
+def baseline_on_two_ranks(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``mpda run`` of the baseline globe on 2 ranks side by side in longitude."""
+    sets = [*BASELINE, "decomposition.process_grid=[2,1]", *overrides]
+    return subprocess.run(
+        [str(MPIEXEC), "-n", "2", str(MPDA), "run", str(GLOBAL), "-o", str(out)]
+        + [a for kv in sets for a in ("--set", kv)],
         capture_output=True,
         text=True,
         timeout=240,
         env=dict(os.environ),
     )
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="mpiexec not in the venv")
+def test_sphere_cg_split_across_the_seam(sphere_baselines, tmp_path):
+    """Two ranks side by side in longitude: each one's halo across 0/360 is the other's."""
+    out = tmp_path / "cg2.h5"
+    proc = baseline_on_two_ranks(out, "solver.method=cg")
     assert proc.returncode == 0, proc.stderr
     assert "2 rank(s) as 2 x 1" in proc.stderr
     _agrees_with_exact(out, sphere_baselines["exact"])
@@ -214,15 +219,7 @@ def test_lagged_halos_that_diverge_are_solved_again_in_lockstep(sphere_baselines
     diverge on two ranks (c = -2 on the sphere): the level is solved again from its
     start with exchanges at every iteration, and equals the exact solve."""
     out = tmp_path / "mp2.h5"
-    sets = [a for kv in BASELINE for a in ("--set", kv)]
-    proc = subprocess.run(
-        [str(MPIEXEC), "-n", "2", str(MPDA), "run", str(GLOBAL), "-o", str(out), *sets]
-        + ["--set", "decomposition.process_grid=[2,1]"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=dict(os.environ),
-    )
+    proc = baseline_on_two_ranks(out)
     assert proc.returncode == 0, proc.stderr
     assert "diverged with halos exchanged every 5 iteration(s) (async)" in proc.stderr
     _agrees_with_exact(out, sphere_baselines["exact"])
