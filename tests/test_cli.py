@@ -200,9 +200,8 @@ def test_bilinear_divergence_names_the_cause(tmp_path):
     diverges (the corners' coupling is nearly rank one); the error says what to set."""
     obs = write_obs(tmp_path / "b.h5", x=[0.3], y=[0.3], value=[1.0], noise=[0.01])
     out = tmp_path / "o.h5"
-    sets = ["grid.nx=32", "grid.ny=32", f"observations.file={obs}"]
-    sets += ["observations.operator=bilinear", "solver.multigrid.min_size=16"]
-    proc = mpda("run", "-o", str(out), *[a for kv in sets for a in ("--set", kv)])
+    sets = [f"observations.file={obs}", "observations.operator=bilinear"]
+    proc = mpda("run", "-o", str(out), *SMALL, *[a for kv in sets for a in ("--set", kv)])
     assert proc.returncode == 3, proc.stderr
     assert "bilinear observations with a small noise" in proc.stderr
     assert "solver.c: 100" in proc.stderr and not out.exists()
