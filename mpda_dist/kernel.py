@@ -147,7 +147,7 @@ def _slot_sum(x: Array | Sequence[Array]) -> Array:
 
 def _beliefs(a: Array, b: Array, op: Operator, c: float) -> tuple[Array, Array]:
     """Node precisions ``A_i`` and potentials ``B_i`` (each ``(by, bx)``)."""
-    return op.diag + c * _slot_sum(a), op.rhs + c * _slot_sum(b)
+    return _node_sum(op.diag, a, c), _node_sum(op.rhs, b, c)
 
 
 _BAND = max(max(abs(dy), abs(dx)) for dy, dx in OFFSETS)  # widest border a piece takes
@@ -769,15 +769,15 @@ def initial_cavities(a: Array, b: Array, op: Operator, p: Params) -> Array:
 def marginal_mean(a: Array, b: Array, op: Operator, p: Params) -> tuple[Array, Array]:
     """Posterior mean ``μ = B/A`` and the flat frame of ``μ`` for the neighbours."""
     A, B = _beliefs(a, b, op, p.c)
-    mu = B / A
+    mu = lax.div(B, A)
     return mu, pack_frame(mu)
 
 
 def pack_frame(x: Array, width: int = 2) -> Array:
     by, bx = x.shape
     layout = field_layout(by, bx, width)
-    parts = [x[pc.rows, pc.cols].ravel() for g in layout.outgoing for pc in g]
-    return jnp.concatenate(parts)
+    parts = [_part(x, pc.rows, pc.cols) for g in layout.outgoing for pc in g]
+    return lax.concatenate([lax.reshape(v, (v.size,)) for v in parts], 0)
 
 
 @jit
@@ -796,21 +796,22 @@ def framed(x: Array, frame_flat: Array, width: int) -> Array:
     pos = 0
     for d, group in zip(DIRECTIONS, layout.incoming, strict=True):
         (pc,) = group
-        pieces[d] = frame_flat[pos : pos + pc.size].reshape(pc.shape)
+        pieces[d] = lax.reshape(_part(frame_flat, slice(pos, pos + pc.size)), pc.shape)
         pos += pc.size
-    top = jnp.concatenate([pieces[(-1, -1)], pieces[(-1, 0)], pieces[(-1, 1)]], axis=1)
-    mid = jnp.concatenate([pieces[(0, -1)], x, pieces[(0, 1)]], axis=1)
-    bottom = jnp.concatenate([pieces[(1, -1)], pieces[(1, 0)], pieces[(1, 1)]], axis=1)
-    return jnp.concatenate([top, mid, bottom], axis=0)
+    top = lax.concatenate([pieces[(-1, -1)], pieces[(-1, 0)], pieces[(-1, 1)]], 1)
+    mid = lax.concatenate([pieces[(0, -1)], x, pieces[(0, 1)]], 1)
+    bottom = lax.concatenate([pieces[(1, -1)], pieces[(1, 0)], pieces[(1, 1)]], 1)
+    return lax.concatenate([top, mid, bottom], 0)
 
 
 def apply_operator(x: Array, frame_flat: Array, op: Operator) -> Array:
     """``Q x`` on the block, with ``x`` outside the block given by its 2-wide frame."""
     by, bx = x.shape
     xp = framed(x, frame_flat, 2)
-    out = op.diag * x
+    out = lax.mul(op.diag, x)
     for k, (dy, dx) in enumerate(OFFSETS):
-        out = out + op.weights[k] * xp[2 + dy : 2 + dy + by, 2 + dx : 2 + dx + bx]
+        near = _part(xp, slice(2 + dy, 2 + dy + by), slice(2 + dx, 2 + dx + bx))
+        out = lax.add(out, lax.mul(_part(op.weights, k), near))
     return out
 
 
@@ -823,12 +824,14 @@ def messages_from_mean(m: Array, frame_flat: Array, op: Operator, c: float) -> A
     """
     by, bx = m.shape
     mp = framed(m, frame_flat, 2)
-    return jnp.stack(
-        [
-            -(op.weights[k] / c) * mp[2 + dy : 2 + dy + by, 2 + dx : 2 + dx + bx]
-            for k, (dy, dx) in enumerate(OFFSETS)
-        ]
-    )
+    c = _cast(c, m)
+
+    def slot(k: int) -> Array:
+        dy, dx = OFFSETS[k]
+        near = _part(mp, slice(2 + dy, 2 + dy + by), slice(2 + dx, 2 + dx + bx))
+        return lax.mul(lax.neg(lax.div(_part(op.weights, k), c)), near)
+
+    return _slot_terms(slot)
 
 
 @jit(donate_argnums=(0, 1))
@@ -846,7 +849,7 @@ def shift_messages(
 @jit
 def residual(x: Array, frame_flat: Array, op: Operator) -> Array:
     """``h − Q x`` on the block."""
-    return op.rhs - apply_operator(x, frame_flat, op)
+    return lax.sub(op.rhs, apply_operator(x, frame_flat, op))
 
 
 @jit
@@ -858,7 +861,7 @@ def scaled_residual(mu: Array, frame_flat: Array, op: Operator) -> tuple[Array, 
     observed nodes' ``1/σ_y²`` dominates both norms and the relative residual falls
     below 1e-5 while the mean is still far from the solution.
     """
-    r = (op.rhs - apply_operator(mu, frame_flat, op)) / op.diag
+    r = lax.div(lax.sub(op.rhs, apply_operator(mu, frame_flat, op)), op.diag)
     bad = jnp.logical_not(jnp.all(jnp.isfinite(mu)))
     return r, jnp.stack([jnp.sum(r * r), bad.astype(r.dtype)])
 
