@@ -32,7 +32,8 @@
 # - $MPDA_MPIEXEC_ARGS: extra launcher arguments, split on spaces (e.g. "-f hosts").
 # - Prints the command it runs (on stderr), then replaces itself with it, so the exit code
 #   is the launcher's: mpda's 0 ok, 2 input/config error, 3 diverged, 4 not converged,
-#   1 for an unexpected error (the failing rank aborts the whole job).  This script's own
+#   5 interrupted after writing a checkpoint, 1 for an unexpected error (the failing
+#   rank aborts the whole job).  This script's own
 #   usage errors exit 2.
 set -euo pipefail
 

@@ -204,7 +204,7 @@ def solve_on_root(
     if method not in ROOT_METHODS:
         raise ValueError(f"method {method!r} is not one of {ROOT_METHODS}")
     rank, size = comm.Get_rank(), comm.Get_size()
-    res = LevelResult((level.ny, level.nx), 1, (1, 1))
+    res = LevelResult((level.ny, level.nx), 1, (1, 1), solver=method)
     anomaly = None
     if rank == 0:
         if size > 1:

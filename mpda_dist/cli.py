@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  mpda run\n"
             "  mpiexec -n 4 mpda run configs/demo.yaml -o out.h5 --set solver.dtype=float64\n"
-            "  mpda run configs/small.yaml --set decomposition.process_grid=[2,1]\n"
+            "  mpiexec -n 2 mpda run configs/small.yaml --set decomposition.process_grid=[2,1]\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -540,7 +540,7 @@ def _sphere_exact(
     from mpda_dist.solver import CONVERGED, LevelResult
     from mpda_dist.stencil import build
 
-    res = LevelResult((level.ny, level.nx), 1, (1, 1))
+    res = LevelResult((level.ny, level.nx), 1, (1, 1), solver="exact")
     anomaly = None
     if comm.Get_rank() == 0:
         t0 = time.perf_counter()

@@ -548,7 +548,9 @@ def solve(
             *(jax.device_put(np.asarray(v, dtype)) for v in (st.diag, st.weights, st.rhs))
         )
     )
-    res = LevelResult((level.ny, level.nx), size, (grid[1], grid[0]), observations=len(lobs.iy))
+    res = LevelResult(
+        (level.ny, level.nx), size, (grid[1], grid[0]), observations=len(lobs.iy), solver=method
+    )
     res.setup_seconds = float(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
     if decomp.rank == 0:
         log.info(
