@@ -443,8 +443,10 @@ def command_line() -> str:
     return " ".join([Path(sys.executable).name] + sys.argv)
 
 
-def demo_parser(doc: str, size: int, fraction: float) -> Any:
-    """An argument parser with the demo problem's ``--size`` and ``--fraction``."""
+def demo_parser(doc: str, size: int, fraction: float, min_size: int = 16) -> Any:
+    """An argument parser with the demo problem's ``--size``, ``--fraction`` and
+    ``--min-size`` (16 by default, as the scripts have always used; the configuration's
+    default is 32)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -452,12 +454,19 @@ def demo_parser(doc: str, size: int, fraction: float) -> Any:
     ap.add_argument(
         "--fraction", type=float, default=fraction, help=f"observed share ({fraction:g})"
     )
+    ap.add_argument(
+        "--min-size",
+        type=int,
+        default=min_size,
+        help=f"multigrid's coarsest level: its longest side ({min_size})",
+    )
     return ap
 
 
-def demo_problem(n: int, fraction: float, source: str) -> tuple[Any, list]:
+def demo_problem(n: int, fraction: float, source: str, min_size: int = 16) -> tuple[Any, list]:
     """The demo's problem at ``n``² (Matérn prior ℓ = 0.15, σ = 1.1, noise 1e-3, seed
-    0, ``fraction`` observed): its observations on the nodes and its multigrid levels."""
+    0, ``fraction`` observed): its observations on the nodes and its multigrid levels
+    down to a longest side of ``min_size``."""
     import numpy as np
 
     from mpda_dist import observations as obsmod
@@ -469,7 +478,7 @@ def demo_problem(n: int, fraction: float, source: str) -> tuple[Any, list]:
     truth = prior.sample((n, n), extent, 0.15, 1.1, rng)
     obs = obsmod.synthetic(truth, extent, fraction, 1e-3, rng)
     nodes, _ = obsmod.to_nodes(obs, (n, n), extent, 0.0, source)
-    return nodes, schedule(n, n, 1.0 / (n - 1), 1.0 / (n - 1), 16)
+    return nodes, schedule(n, n, 1.0 / (n - 1), 1.0 / (n - 1), min_size)
 
 
 def print_report(rows: list[dict], extra: str = "") -> None:

@@ -27,8 +27,7 @@ import _common as C  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = C.demo_parser(__doc__, 256, 0.1)
-    ap.add_argument("--min-size", type=int, default=32, help="coarsest level's side (32)")
+    ap = C.demo_parser(__doc__, 256, 0.1, min_size=32)
     ap.add_argument("--top", type=int, default=25, help="longest waits to list (25)")
     args = ap.parse_args(argv)
 
@@ -37,12 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     comm = runtime.start()  # as `mpda run`: JAX's environment and the allocator first
 
     from mpda_dist import programs
-    from mpda_dist.multigrid import schedule
     from mpda_dist.solver import Settings, solve
 
     n = args.size
-    nodes, _ = C.demo_problem(n, args.fraction, "coldwaits.py")
-    levels = schedule(n, n, 1.0 / (n - 1), 1.0 / (n - 1), args.min_size)
+    nodes, levels = C.demo_problem(n, args.fraction, "coldwaits.py", args.min_size)
     s = Settings(dtype="float32", tol=1e-5, momentum=0.5)
     t0 = time.perf_counter()
     res = solve(comm, levels, nodes, 0.15, 1.1, s)

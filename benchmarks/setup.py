@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     n = args.size
     t0 = time.perf_counter()
-    nodes, levels = C.demo_problem(n, args.fraction, "setup.py")
+    nodes, levels = C.demo_problem(n, args.fraction, "setup.py", args.min_size)
     problem_s = time.perf_counter() - t0
     s = Settings(dtype="float32", tol=1e-5, momentum=0.5)
     p = kernel.Params(s.c, s.damping)

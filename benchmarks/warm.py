@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mpda_dist.solver import Settings, solve
 
-    nodes, levels = C.demo_problem(args.size, args.fraction, "warm.py")
+    nodes, levels = C.demo_problem(args.size, args.fraction, "warm.py", args.min_size)
     s = Settings(dtype="float32", tol=1e-5, momentum=0.5, every=args.every)
     rows = []
     for r in range(args.runs):
