@@ -79,7 +79,9 @@ class State:
 
 
 def write(path: str, state: State, config_text: str) -> None:
-    with io.atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    coarse = [x for c in state.coarse for x in c]
+    size = io.nbytes(state.a, state.b, state.b_prev, *(state.history or ()), *coarse)
+    with io.h5_output(path, size) as f:
         f.attrs["format"] = FORMAT
         f.attrs["config"] = config_text
         f.attrs["level"] = state.level

@@ -276,7 +276,14 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
     from mpda_dist import __version__, diagnostics, io, sphere
     from mpda_dist.config import dump_config
     from mpda_dist.multigrid import schedule, sphere_schedule
-    from mpda_dist.solver import CAPPED, DIVERGED, INTERRUPTED, ResumeError, solve
+    from mpda_dist.solver import (
+        CAPPED,
+        DIVERGED,
+        INTERRUPTED,
+        CheckpointError,
+        ResumeError,
+        solve,
+    )
 
     t0 = time.perf_counter()
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -351,6 +358,12 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
                 )
             except ResumeError as exc:  # raised on every rank
                 raise RunError(f"{resume}: {exc}", EXIT_INPUT) from None
+            except CheckpointError as exc:  # raised on every rank
+                raise RunError(
+                    f"interrupted by {requests.signal_name or 'a signal on another rank'}, "
+                    f"and the checkpoint failed: {exc}; no output was written",
+                    EXIT_INPUT,
+                ) from None
             level_results, anomaly = result.levels, result.anomaly
         else:
             level_results, anomaly = _reference_solve(comm, cfg, levels[-1], nodes)

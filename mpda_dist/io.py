@@ -17,8 +17,10 @@ or ``group="observations"`` those groups, as they are.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,6 +33,7 @@ __all__ = [
     "InputError",
     "atomic_output",
     "check_writable",
+    "h5_output",
     "read_field",
     "read_observations",
     "read_truth",
@@ -232,6 +235,50 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def nbytes(*arrays: Any) -> int:
+    """The bytes of ``arrays`` (``None`` counts 0), for :func:`h5_output`."""
+    return sum(0 if a is None else np.asarray(a).nbytes for a in arrays)
+
+
+IN_MEMORY_LIMIT = 1 << 30
+"""Files up to this size are built in memory and written by Python (:func:`h5_output`)."""
+
+
+@contextlib.contextmanager
+def h5_output(path: str | os.PathLike[str], nbytes: int) -> Iterator[h5py.File]:
+    """An HDF5 file for writing that appears at ``path`` only when complete
+    (:func:`atomic_output`); ``nbytes``: the size of the data the caller will write.
+
+    A write that fails (a full disk, a quota, an I/O error) is an ``OSError`` naming
+    ``path``, with nothing left behind.  HDF5 must not meet that failure itself: h5py
+    then reports it from its clean-up, and the process later crashes in HDF5 when the
+    file's objects are freed (a segmentation fault, with h5py 3.16 and HDF5 2.0).  So
+    the space is checked first, and a file of up to :data:`IN_MEMORY_LIMIT` is built
+    in memory and written by Python (twice its size in memory for a moment); a larger
+    one is written by HDF5 directly, protected only by the check."""
+    final = Path(path)
+    need = int(nbytes * 1.02) + (1 << 18)  # the data, its metadata and a margin
+    free = shutil.disk_usage(final.parent).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC, f"needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free", path
+        )
+    with atomic_output(final) as tmp:
+        if need > IN_MEMORY_LIMIT:
+            with h5py.File(tmp, "w") as f:
+                yield f
+            return
+        f = h5py.File(str(tmp), "w", driver="core", backing_store=False)
+        try:
+            yield f
+            f.flush()
+            image = f.id.get_file_image()
+        finally:
+            f.close()
+        with open(tmp, "wb") as fh:
+            fh.write(image)
+
+
 def _attr_value(key: str, value: Any) -> Any:
     """Convert a value to something HDF5 and netCDF readers both understand."""
     if isinstance(value, str):
@@ -395,7 +442,7 @@ def write_analysis(
             col_attrs[k].update(extra)
     converted = {k: _attr_value(k, v) for k, v in attrs.items()}
 
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    with h5_output(path, nbytes(xs, ys, *fields.values(), *obs.values())) as f:
         f.attrs["Conventions"] = "CF-1.8"
         f.attrs.update(converted)
         groups = {"": f, "analysis": f.create_group("analysis")}
@@ -447,7 +494,7 @@ def write_problem(
     }
     obs = _obs_arrays(observations)
     converted = {k: _attr_value(k, v) for k, v in (attrs or {}).items()}
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    with h5_output(path, nbytes(xs, ys, *fields.values(), *obs.values())) as f:
         f.attrs.update(converted)
         for key, data in obs.items():
             f.create_dataset(key, data=data)

@@ -131,7 +131,9 @@ def solve_level(
 
     ``start`` (a :class:`checkpoint.State`) continues a level from a checkpoint;
     ``saver(it, a, b, b_prev, best, delta0, frozen, history)`` is called on every rank when the
-    global reduction says a checkpoint is due (``requests``: this rank's triggers).
+    global reduction says a checkpoint is due (``requests``: this rank's triggers); it
+    returns why the checkpoint could not be written (None: written), and a stop
+    requested by a signal then raises :class:`CheckpointError`.
     ``correct(mean, residual)`` (multigrid, :mod:`mpda_dist.cycle`) returns a field to
     add to the mean at every check that does not stop: the ``b`` messages shift by it.
     ``programs``: the compiled programs shared with the other levels (None: this
@@ -293,11 +295,14 @@ def solve_level(
         if correct is not None:
             res.corrections += 1
             res.correction_seconds += time.perf_counter() - tc
+        unsaved = None
         if tot[4] > 0 and saver is not None:
-            saver(it, a, b, bp if s.momentum else None, best, delta0, g is not None, acc)
+            unsaved = saver(it, a, b, bp if s.momentum else None, best, delta0, g is not None, acc)
             if requests is not None:
                 requests.last = time.monotonic()
         if tot[5] > 0:
+            if unsaved:
+                raise CheckpointError(unsaved)
             res.status = INTERRUPTED
             break
         if decomp.rank == 0 and time.perf_counter() - last_beat > s.heartbeat_seconds:
@@ -499,7 +504,7 @@ def solve(
             if checkpoint_path is not None:
 
                 def saver(it, a, b, bp, best, delta0, frozen, acc, i=i):
-                    _save(
+                    return _save(
                         hier,
                         checkpoint_path,
                         config_text,
@@ -591,12 +596,16 @@ def _log_level(rank: int, i: int, nlev: int, hier: Any, res: LevelResult) -> Non
     )
 
 
-def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0, frozen, acc) -> None:
+def _save(
+    hier, path, config_text, results, i, it, a, b, bp, best, delta0, frozen, acc
+) -> str | None:
     """Gather this level's messages and every coarser MP level's warm state; rank 0
-    writes the checkpoint."""
+    writes the checkpoint.  Returns, on every rank, why it could not be written (None:
+    written)."""
     from mpda_dist import checkpoint
 
     d = hier.decomps[i]
+    error = None
     ga, gb = d.gather(np.asarray(a)), d.gather(np.asarray(b))
     gp = d.gather(np.asarray(bp)) if bp is not None else None
     hist = None
@@ -613,8 +622,13 @@ def _save(hier, path, config_text, results, i, it, a, b, bp, best, delta0, froze
             i, it, ga, gb, gp, best, delta0, done, coarse, len(hier.levels), frozen,
             hist, acc.count if hist is not None else 0, acc.last if acc is not None else math.inf,
         )  # fmt: skip
-        checkpoint.write(path, state, config_text)
-        log.info("checkpoint: level %d, iteration %d -> %s", i + 1, it, path)
+        try:
+            checkpoint.write(path, state, config_text)
+            log.info("checkpoint: level %d, iteration %d -> %s", i + 1, it, path)
+        except OSError as exc:  # a full disk, a quota: not worth ending a solve for
+            error = f"cannot write {path} ({exc})"
+            log.warning("checkpoint: %s; the solve goes on", error)
+    return d.comm.bcast(error, root=0)
 
 
 def _first_messages(hier: Any, i: int, below: Any, dtype: Any) -> tuple[Any, Any]:
@@ -650,6 +664,11 @@ def _restore_warm_states(hier: Any, warm: list[tuple]) -> None:
 
 class ResumeError(ValueError):
     """A checkpoint that cannot continue this run (raised on every rank alike)."""
+
+
+class CheckpointError(OSError):
+    """A signal asked for a checkpoint and a stop, and the checkpoint could not be
+    written (raised on every rank alike)."""
 
 
 def _resume_mismatch(resume: Any, hier: Any) -> str | None:

@@ -120,3 +120,48 @@ def test_checkpoint_file_that_cannot_be_written_is_refused_up_front(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "checkpoint.file: nodir/ck.h5: output directory 'nodir' does not exist" in proc.stderr
     assert "level 1/" not in proc.stderr + proc.stdout  # nothing was solved
+
+
+def _solve_with_checkpoints(tmp_path, monkeypatch, requests):
+    """A small solve whose checkpoints cannot be written (the disk reads as full)."""
+    import shutil
+
+    from _problems import problem
+    from mpi4py import MPI
+
+    from mpda_dist import io
+    from mpda_dist.solver import Settings, solve
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda _: usage._replace(free=0))
+    _, nodes, levels, exact = problem(40, 40, 0.1)
+    s = Settings(dtype="float32", tol=1e-5)
+    path = str(tmp_path / "ck.h5")
+    res = solve(MPI.COMM_WORLD, levels, nodes, 0.15, 1.1, s, checkpoint_path=path, requests=requests)
+    return res, exact
+
+
+def test_a_checkpoint_that_fails_on_the_timer_does_not_stop_the_solve(
+    tmp_path, monkeypatch, caplog
+):
+    from mpda_dist.checkpoint import Requests
+    from mpda_dist.solver import CONVERGED
+
+    res, exact = _solve_with_checkpoints(tmp_path, monkeypatch, Requests(every_seconds=1e-9))
+    assert res.status == CONVERGED
+    assert "checkpoint: cannot write" in caplog.text and "needs about" in caplog.text
+    assert np.sqrt(np.mean((res.anomaly - exact) ** 2)) < 1e-4 * np.sqrt(np.mean(exact**2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_that_fails_on_a_signal_is_an_error(tmp_path, monkeypatch):
+    """Exit 5 says a checkpoint was written: when it was not, the stop is an error
+    naming the file (the driver makes it exit 2)."""
+    import pytest
+
+    from mpda_dist.checkpoint import Requests
+    from mpda_dist.solver import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"cannot write .*ck\.h5 .*needs about"):
+        _solve_with_checkpoints(tmp_path, monkeypatch, Requests(signal_name="SIGTERM"))
+    assert list(tmp_path.iterdir()) == []

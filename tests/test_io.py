@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import h5py
@@ -345,6 +348,58 @@ def analysis_inputs() -> dict:
             "levels": {"0": {"status": "converged"}},
         },
     )
+
+
+_FAILING_WRITE = """
+import resource, sys
+import numpy as np
+from mpda_dist import checkpoint, io
+n = 96
+x = np.linspace(0, 1, n)
+field = np.random.default_rng(0).normal(size=(n, n))
+obs = {k: np.ones(300) for k in ("x", "y", "value", "noise")}
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # writes past 50 kB fail
+for what in ("analysis", "checkpoint"):
+    try:
+        if what == "analysis":
+            io.write_analysis(sys.argv[1] + "/a.h5", x=x, y=x, mean=field, background=field,
+                              observations=obs, attrs={})
+        else:
+            a = np.zeros((12, n, n))
+            checkpoint.write(sys.argv[1] + "/c.h5", checkpoint.State(0, 0, a, a, None), "")
+    except OSError as exc:
+        print(what, "OSError", exc.errno)
+"""
+
+
+def test_a_failed_write_is_an_os_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """A write that fails half-way (here the file-size limit; a full disk or a quota
+    alike) is an OSError that the driver turns into exit 2.  Written by HDF5 directly,
+    h5py raised RuntimeError from the close, and freeing the file's objects afterwards
+    could crash the process in HDF5 (a segmentation fault)."""
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_FAILING_WRITE), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[:2] == ["analysis OSError 27", "checkpoint OSError 27"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_enough_space_is_refused_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from mpda_dist import io
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda _: usage._replace(free=100_000))
+    with pytest.raises(OSError, match=r"needs about 0\.3 MiB, 0\.1 MiB free"):
+        write_analysis(tmp_path / "out.h5", **analysis_inputs())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_analysis_layout(tmp_path: Path) -> None:
