@@ -29,30 +29,21 @@ __all__ = ["column_attrs", "observation_diagnostics", "summary_line"]
 
 
 def observation_diagnostics(
-    report: QCReport,
-    mean: np.ndarray,
-    *,
-    operator: str = "nearest",
-    background: np.ndarray | float | None = None,
+    report: QCReport, mean: np.ndarray
 ) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
     """Per-observation columns and summary statistics.
 
-    ``mean`` is the analysis on the whole grid ``(ny, nx)``, y first.  ``operator`` is
-    the observation operator the analysis used (``nearest`` or ``bilinear``); with
-    ``bilinear``, ``background`` (the ``(ny, nx)`` field or a constant) is needed,
-    since quality control's ``report.hfb`` is the background at the nearest node.
-    Returns ``columns`` (``hfb``, ``hmu``: float64 ``(n,)``, NaN where the location is
-    invalid) and ``summary`` (``n_used`` and the statistics of the module docstring;
-    NaN when nothing was used).
+    ``mean`` is the analysis on the whole grid ``(ny, nx)``, y first; ``H`` is the
+    observation operator of quality control and of the analysis (``report.operator``:
+    ``nearest`` or ``bilinear``), and ``report.hfb`` already ``H f_b``.  Returns
+    ``columns`` (``hfb``, ``hmu``: float64 ``(n,)``, NaN where the location is invalid)
+    and ``summary`` (``n_used`` and the statistics of the module docstring; NaN when
+    nothing was used).
     """
     located = report.iy >= 0
+    hfb = report.hfb
     hmu = np.full(len(report.flag), np.nan)
-    if operator == "nearest":
-        hfb = report.hfb
-        hmu[located] = mean[report.iy[located], report.ix[located]]
-    elif operator == "bilinear":
-        if background is None:
-            raise ValueError("observation_diagnostics: operator 'bilinear' needs background")
+    if report.operator == "bilinear":
         obs = report.obs
         iy, ix, w = bilinear_nodes(
             obs.x[located],
@@ -61,12 +52,9 @@ def observation_diagnostics(
             report.extent,
             report.periodic_x,
         )
-        bg = np.broadcast_to(np.asarray(background, dtype=np.float64), mean.shape)
-        hfb = np.full(len(report.flag), np.nan)
-        hfb[located] = apply_bilinear(bg, iy, ix, w)
         hmu[located] = apply_bilinear(mean, iy, ix, w)
     else:
-        raise ValueError(f"operator = {operator!r}; choose nearest or bilinear")
+        hmu[located] = mean[report.iy[located], report.ix[located]]
     u = report.used
     y, sigma = report.value_used[u], report.noise_used[u]
     omb, oma = y - hfb[u], y - hmu[u]

@@ -197,6 +197,8 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
         gross_error_k=cfg.qc.gross_error_k,
         periodic_x=on_sphere,
         y0=y0,
+        operator=cfg.observations.operator,
+        dtype=cfg.solver.dtype,
     )
     # Observations are read and checked on rank 0 alone, so these counts are already
     # the totals over all ranks: there is nothing to sum.
@@ -213,7 +215,7 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
     if cfg.observations.operator == "bilinear":
         u = report.used
         iy, ix, w = obsmod.bilinear_nodes(obs.x[u], obs.y[u] - y0, shape, extent, on_sphere)
-        innovation = report.value_used[u] - obsmod.apply_bilinear(background, iy, ix, w)
+        innovation = report.value_used[u] - report.hfb[u]  # H f_b through the bilinear H
         nodes = obsmod.BilinearObservations(iy, ix, w, innovation, 1.0 / report.noise_used[u] ** 2)
     else:
         nodes = report.nodes()
@@ -447,9 +449,7 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
             summary += f", coverage {100 * problem.coverage[0]:.1f}% of the nodes"
         report = problem.qc
         operator = cfg.observations.operator  # H of the analysis, for O-B and O-A too
-        columns, stats = diagnostics.observation_diagnostics(
-            report, mean, operator=operator, background=problem.background
-        )
+        columns, stats = diagnostics.observation_diagnostics(report, mean)
         log.info("diagnostics: %s", diagnostics.summary_line(stats))
         attrs |= _qc_attrs(cfg, problem)
         attrs |= {k: v for k, v in stats.items() if k != "n_used"}

@@ -89,6 +89,11 @@ def _open_h5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
 
 def _read_numeric(f: h5py.File, name: str, ndim: int) -> np.ndarray:
     """Read dataset ``name`` as float64, checking it is real-valued with ``ndim`` dims."""
+    return _values(f, _numeric(f, name, ndim))
+
+
+def _numeric(f: h5py.File, name: str, ndim: int) -> h5py.Dataset:
+    """Dataset ``name``, checked to be real-valued with ``ndim`` dims (not read)."""
     if name not in f:
         raise InputError(f"{f.filename}: missing dataset '{name}'")
     ds = f[name]
@@ -111,10 +116,20 @@ def _read_numeric(f: h5py.File, name: str, ndim: int) -> np.ndarray:
             f"{f.filename}: dataset '{name}' claims shape {ds.shape} but stores only "
             f"{ds.id.get_storage_size()} bytes; the file looks damaged"
         )
+    return ds
+
+
+def _values(f: h5py.File, ds: h5py.Dataset) -> np.ndarray:
+    """A dataset checked by :func:`_numeric`, read as float64."""
     try:
         return np.asarray(ds[()], dtype=np.float64)
     except _H5_FAILURES as exc:  # data blocks missing from a truncated or damaged file
-        raise InputError(f"{f.filename}: dataset '{name}' cannot be read ({exc})") from None
+        raise InputError(f"{f.filename}: dataset '{ds.name}' cannot be read ({exc})") from None
+    except MemoryError:
+        raise InputError(
+            f"{f.filename}: dataset '{ds.name}' has shape {ds.shape}: too large to read "
+            f"into memory ({ds.size * 8 / 2**30:.1f} GiB as float64)"
+        ) from None
 
 
 def read_observations(
@@ -129,11 +144,18 @@ def read_observations(
     reports rows.
     """
     with _open_h5(path) as f:
-        obs = {k: _read_numeric(f, k, 1) for k in ("x", "y", "value")}
+        names = ("x", "y", "value", "noise") if "noise" in f else ("x", "y", "value")
+        sets = {k: _numeric(f, k, 1) for k in names}
+        # lengths first: a damaged or odd file may claim a huge dataset beside small ones
+        lengths = {k: ds.shape[0] for k, ds in sets.items()}
+        if len(set(lengths.values())) != 1:
+            listed = ", ".join(f"{k} has {m}" for k, m in lengths.items())
+            raise InputError(f"{f.filename}: observation datasets differ in length: {listed}")
+        obs = {k: _values(f, ds) for k, ds in sets.items()}
         n = obs["x"].shape[0]
-        if "noise" in f:
-            obs["noise"] = _read_numeric(f, "noise", 1)
-        elif "noise" in f.attrs:
+        if "noise" in obs:
+            return obs
+        if "noise" in f.attrs:
             attr = np.asarray(f.attrs["noise"])
             if attr.size != 1 or attr.dtype.kind not in "iuf":
                 raise InputError(
@@ -148,10 +170,6 @@ def read_observations(
                 f"{f.filename}: missing dataset 'noise' (and no scalar root attribute "
                 "'noise'; set observations.noise in the config to give one value for all)"
             )
-        lengths = {k: v.shape[0] for k, v in obs.items()}
-        if len(set(lengths.values())) != 1:
-            listed = ", ".join(f"{k} has {m}" for k, m in lengths.items())
-            raise InputError(f"{f.filename}: observation datasets differ in length: {listed}")
     return obs
 
 
@@ -173,16 +191,16 @@ def read_field(spec: str, shape: tuple[int, int]) -> np.ndarray:
     InputError that says what was expected.
     """
     path, dataset = split_field_spec(spec)
-    with _open_h5(path) as f:
-        field = _read_numeric(f, dataset, 2)
     expected = tuple(int(s) for s in shape)
-    if field.shape != expected:
-        hint = " (transposed? fields are stored y first)" if field.shape == expected[::-1] else ""
-        raise InputError(
-            f"{path}: dataset '{dataset}' has shape {field.shape}; expected "
-            f"(ny, nx) = {expected}{hint}"
-        )
-    return field
+    with _open_h5(path) as f:
+        ds = _numeric(f, dataset, 2)
+        if ds.shape != expected:  # before reading: the shape may be huge
+            hint = " (transposed? fields are stored y first)" if ds.shape == expected[::-1] else ""
+            raise InputError(
+                f"{path}: dataset '{dataset}' has shape {ds.shape}; expected "
+                f"(ny, nx) = {expected}{hint}"
+            )
+        return _values(f, ds)
 
 
 def read_truth(path: str | os.PathLike[str]) -> np.ndarray | None:

@@ -12,8 +12,8 @@ code   name                    meaning                                          
 2      outside_domain          outside ``[0, Lx] × [0, Ly]`` (1e-9 relative     yes
                                tolerance)
 3      value_invalid           ``value`` is NaN or ±inf, or                     yes
-                               ``|y − H f_b|/σ² > 1e300``
-4      noise_invalid           ``noise`` ≤ 0, NaN, ±inf, or ``1/σ² > 1e300``    yes
+                               ``|y − H f_b|/σ² > M``
+4      noise_invalid           ``noise`` ≤ 0, NaN, ±inf, or ``1/σ² > M``        yes
 5      on_boundary             nearest node on the boundary, which is held at   no
                                the background (Dirichlet): cannot be used
 6      gross_error             ``|y − H f_b| > k·σ`` (``qc.gross_error_k = k``,  yes
@@ -24,6 +24,10 @@ code   name                    meaning                                          
 8      duplicate_rejected      same location as row ``duplicate_of``, which is  no
                                kept; this row is not used (``reject``)
 =====  ======================  ===============================================  ======
+
+``M`` is the bound of the solver's dtype (:data:`MAX_PRECISION`): 1e300 in float64,
+1e30 in float32.  ``H f_b`` is the background through the run's observation operator
+(at the nearest node, or interpolated bilinearly).
 
 "error" rows are what ``qc.on_error: fail`` stops on (naming the first such row);
 boundary rows and duplicates are resolved by policy and never fail a run.  A duplicate
@@ -43,7 +47,14 @@ from typing import Literal
 
 import numpy as np
 
-from mpda_dist.observations import NodeObservations, ObservationError, Observations, nearest_nodes
+from mpda_dist.observations import (
+    NodeObservations,
+    ObservationError,
+    Observations,
+    apply_bilinear,
+    bilinear_nodes,
+    nearest_nodes,
+)
 
 __all__ = [
     "ERROR_FLAGS",
@@ -59,8 +70,8 @@ FLAGS: dict[int, tuple[str, str]] = {
     OK: ("ok", "assimilated"),
     COORD: ("coordinate_not_finite", "x or y is NaN or inf"),
     OUTSIDE: ("outside_domain", "outside the domain [0, Lx] x [0, Ly]"),
-    VALUE: ("value_invalid", "value is NaN or inf, or |value - H f_b|/noise^2 > 1e300"),
-    NOISE: ("noise_invalid", "noise <= 0, NaN or inf, or 1/noise^2 > 1e300"),
+    VALUE: ("value_invalid", "value is NaN or inf, or |value - H f_b|/noise^2 > M"),
+    NOISE: ("noise_invalid", "noise <= 0, NaN or inf, or 1/noise^2 > M"),
     BOUNDARY: ("on_boundary", "nearest node on the boundary (held at the background)"),
     GROSS: ("gross_error", "|value - H f_b| > qc.gross_error_k * noise"),
     MERGED: ("duplicate_merged", "same location as row duplicate_of; merged into it"),
@@ -68,9 +79,10 @@ FLAGS: dict[int, tuple[str, str]] = {
 }
 ERROR_FLAGS = (COORD, OUTSIDE, VALUE, NOISE, GROSS)
 _LOCATION_TOL = 1e-9  # relative to the domain size: "inside" and "same location"
-# Bound on 1/σ² and on |y − H f_b|/σ²: far beyond any real observation, and far enough
-# below the float64 maximum (1.8e308) that sums over many rows at one node stay finite.
-MAX_PRECISION = 1e300
+# Bound M on 1/σ² and on |y − H f_b|/σ² per solver dtype: far beyond any real
+# observation, and far enough below the dtype's maximum (1.8e308, 3.4e38) that sums over
+# many rows at one node stay finite.  Above 3.4e38 a float32 solve met an inf diagonal.
+MAX_PRECISION = {"float64": 1e300, "float32": 1e30}
 
 
 def flag_attrs() -> dict[str, object]:
@@ -88,8 +100,8 @@ class QCReport:
 
     ``flag`` (int8, codes of :data:`FLAGS`), ``duplicate_of`` (int64, the kept row of a
     duplicate group, −1 otherwise), ``iy, ix`` (int64 full-grid indices of the nearest
-    node, −1 where the location is invalid), ``hfb`` (background at that node, NaN where
-    the location is invalid), ``value_used``/``noise_used`` (what was assimilated: the
+    node, −1 where the location is invalid), ``hfb`` (``H f_b`` through ``operator``,
+    NaN where the location is invalid), ``value_used``/``noise_used`` (what was assimilated: the
     merged values for the kept row of a merged group; NaN for rows not used).
     """
 
@@ -106,6 +118,8 @@ class QCReport:
     gross_error_k: float | None = None
     periodic_x: bool = False  # the sphere: x is longitude, y latitude from y0
     y0: float = 0.0
+    operator: str = "nearest"  # H of hfb: "nearest" or "bilinear"
+    max_precision: float = MAX_PRECISION["float64"]
 
     @property
     def used(self) -> np.ndarray:
@@ -122,7 +136,10 @@ class QCReport:
         return np.flatnonzero(np.isin(self.flag, ERROR_FLAGS))
 
     def nodes(self) -> NodeObservations:
-        """The used observations at their nodes, as the solver takes them."""
+        """The used observations at their nodes, as the solver takes them (the
+        nearest-node operator)."""
+        if self.operator != "nearest":
+            raise ValueError(f"QCReport.nodes: operator {self.operator!r}, not nearest")
         u = self.used
         precision = 1.0 / self.noise_used[u] ** 2
         return NodeObservations(self.iy[u], self.ix[u], self.value_used[u] - self.hfb[u], precision)
@@ -153,10 +170,13 @@ class QCReport:
                 return f"value[{row}] = {value!r} is not finite"
             return (
                 f"value[{row}] = {value!r} with noise {noise!r}: "
-                "|value - H f_b|/noise^2 exceeds 1e300"
+                f"|value - H f_b|/noise^2 exceeds {self.max_precision:g}"
             )
         if code == NOISE:
-            return f"noise[{row}] = {noise!r} must be a finite number > 0 with 1/noise^2 <= 1e300"
+            return (
+                f"noise[{row}] = {noise!r} must be a finite number > 0 with 1/noise^2 <= "
+                f"{self.max_precision:g}"
+            )
         if code == GROSS:
             dep = abs(value - float(self.hfb[row]))
             return (
@@ -199,6 +219,8 @@ def quality_control(
     gross_error_k: float | None = None,
     periodic_x: bool = False,
     y0: float = 0.0,
+    operator: Literal["nearest", "bilinear"] = "nearest",
+    dtype: Literal["float32", "float64"] = "float64",
 ) -> QCReport:
     """Flag every observation (see the module table) and map the usable ones to nodes.
 
@@ -207,7 +229,10 @@ def quality_control(
     first row with an error flag raises :class:`ObservationError` naming ``source``,
     the row and the reason; with ``"flag"`` such rows are only flagged.  On the sphere
     (``periodic_x``) ``x`` is longitude, any finite value (taken modulo ``Lx = 360``),
-    ``y`` latitude must lie in ``[y0, y0 + Ly]`` and every column is interior.  Raises
+    ``y`` latitude must lie in ``[y0, y0 + Ly]`` and every column is interior.
+    ``operator`` is the observation operator of ``H f_b`` (the gross-error check and the
+    merging of duplicates use it); ``dtype`` the solver's, which bounds the precisions
+    (:data:`MAX_PRECISION`).  Raises
     ObservationError too when no row is usable.  Never warns: inputs may hold any
     float64 values, NaN and inf included.
     """
@@ -215,6 +240,9 @@ def quality_control(
         raise ValueError(f"on_error = {on_error!r}; choose flag or fail")
     if duplicates not in ("merge", "reject"):
         raise ValueError(f"duplicates = {duplicates!r}; choose merge or reject")
+    if operator not in ("nearest", "bilinear"):
+        raise ValueError(f"operator = {operator!r}; choose nearest or bilinear")
+    bound = MAX_PRECISION[dtype]
     n = len(obs)
     x, y, value, noise = (np.asarray(a, dtype=np.float64) for a in _columns(obs))
     lx, ly = (float(e) for e in extent)
@@ -227,22 +255,26 @@ def quality_control(
         mark(COORD, ~(np.isfinite(x) & np.isfinite(y)))
         inside_x = np.ones(n, dtype=bool) if periodic_x else _inside(x, lx)
         mark(OUTSIDE, ~(inside_x & _inside(y - y0, ly)))
+        located = flag == OK  # hfb for every valid location, whatever its value or noise
         mark(VALUE, ~np.isfinite(value))
         precision = 1.0 / noise**2
-        mark(NOISE, ~(np.isfinite(noise) & (noise > 0) & (precision <= MAX_PRECISION)))
+        mark(NOISE, ~(np.isfinite(noise) & (noise > 0) & (precision <= bound)))
 
-        located = flag == OK
         iy = np.full(n, -1, dtype=np.int64)
         ix = np.full(n, -1, dtype=np.int64)
         iy[located], ix[located] = nearest_nodes(
             x[located], y[located] - y0, shape, extent, periodic_x
         )
         hfb = np.full(n, np.nan)
-        if isinstance(background, np.ndarray):
+        if operator == "bilinear":
+            by, bx, w = bilinear_nodes(x[located], y[located] - y0, shape, extent, periodic_x)
+            field = np.broadcast_to(np.asarray(background, dtype=np.float64), shape)
+            hfb[located] = apply_bilinear(field, by, bx, w)
+        elif isinstance(background, np.ndarray):
             hfb[located] = background[iy[located], ix[located]]
         else:
             hfb[located] = float(background)
-        mark(VALUE, ~(np.abs(value - hfb) * precision <= MAX_PRECISION) & located)
+        mark(VALUE, ~(np.abs(value - hfb) * precision <= bound) & located)
         ny, nx = shape
         x0 = 0 if periodic_x else 1
         interior = (iy >= 1) & (iy <= ny - 2) & (ix >= x0) & (ix <= nx - 1 - x0)
@@ -272,6 +304,8 @@ def quality_control(
         gross_error_k,
         periodic_x,
         y0,
+        operator,
+        bound,
     )
     errors = report.errors()
     if on_error == "fail" and errors.size:
@@ -333,7 +367,7 @@ def _resolve_duplicates(
     flag[dup] = MERGED if policy == "merge" else REJECTED
     if policy != "merge":
         return
-    # In departures from H f_b (one location, one node): every w·d is <= MAX_PRECISION,
+    # In departures from H f_b (one location, one H f_b): every w·d is <= the bound,
     # so the group sums stay finite where Σ w·y might overflow.
     w = 1.0 / noise_used[rows] ** 2
     wsum = np.bincount(group, weights=w)

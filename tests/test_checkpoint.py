@@ -137,7 +137,9 @@ def _solve_with_checkpoints(tmp_path, monkeypatch, requests):
     _, nodes, levels, exact = problem(40, 40, 0.1)
     s = Settings(dtype="float32", tol=1e-5)
     path = str(tmp_path / "ck.h5")
-    res = solve(MPI.COMM_WORLD, levels, nodes, 0.15, 1.1, s, checkpoint_path=path, requests=requests)
+    res = solve(
+        MPI.COMM_WORLD, levels, nodes, 0.15, 1.1, s, checkpoint_path=path, requests=requests
+    )
     return res, exact
 
 

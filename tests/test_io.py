@@ -222,6 +222,21 @@ def test_length_mismatch(tmp_path: Path) -> None:
         read_observations(path)
 
 
+def test_lengths_are_compared_before_reading(tmp_path: Path) -> None:
+    """A 4 kB file may declare a dataset of 2³⁴ values that it never wrote: reading it
+    first asked for 128 GiB (a MemoryError and a traceback, review helper)."""
+    path = make_obs_file(tmp_path / "o.h5", **{k: v[:3] for k, v in obs(3).items() if k != "x"})
+    with h5py.File(path, "a") as f:
+        f.create_dataset("x", shape=(2**34,), dtype="f8")
+    assert path.stat().st_size < 100_000
+    with pytest.raises(InputError, match=r"differ in length: x has 17179869184, y has 3"):
+        read_observations(path)
+    with h5py.File(path, "a") as f:
+        f.create_dataset("background", shape=(2**20, 2**14), dtype="f8")
+    with pytest.raises(InputError, match=r"has shape \(1048576, 16384\); expected"):
+        read_field(str(path), (NY, NX))
+
+
 def test_noise_attribute_must_be_one_number(tmp_path: Path) -> None:
     o = obs(3)
     del o["noise"]

@@ -125,6 +125,42 @@ def test_gross_error_check_is_off_by_default_and_uses_k_sigma():
         run(rows, background=bg, gross_error_k=3.0, on_error="fail")
 
 
+def test_gross_error_check_uses_the_run_s_operator():
+    """With the bilinear H, H f_b is the background interpolated in the cell: a row
+    exactly on a linear background's interpolant passes, at 0.45 dx from a node.  The
+    check used the nearest node's background (0.45 dx × slope 10 = 0.45 away: flagged
+    at k σ = 5 × 0.05, review helper)."""
+    xs = np.linspace(0.0, EXTENT[0], SHAPE[1])
+    bg = np.broadcast_to(10.0 * xs, SHAPE).copy()
+    rows = [(0.5, 0.5, 5.0, 0.05), (0.545, 0.5, 5.45, 0.05), (0.745, 0.3, 7.45 + 0.3, 0.05)]
+    nearest = run(rows, background=bg, gross_error_k=5.0)
+    assert nearest.flag.tolist() == [0, NAMES["gross_error"], NAMES["gross_error"]]
+    r = run(rows, background=bg, gross_error_k=5.0, operator="bilinear")
+    np.testing.assert_allclose(r.hfb, [5.0, 5.45, 7.45], rtol=1e-12)
+    assert r.flag.tolist() == [0, 0, NAMES["gross_error"]]
+    with pytest.raises(ValueError, match="not nearest"):
+        r.nodes()  # the bilinear operator's rows are not node observations
+
+
+def test_precision_bound_follows_the_solver_dtype():
+    """1/σ² = 1e40 fits a float64 solve but is inf in a float32 one (which then
+    diverged on an inf diagonal, review helper)."""
+    rows = [GOOD, (0.7, 0.5, 1.0, 1e-20)]
+    assert run(rows).flag.tolist() == [0, 0]
+    r = run(rows, dtype="float32")
+    assert r.flag.tolist() == [0, NAMES["noise_invalid"]]
+    assert "1/noise^2 <= 1e+30" in r.reason(1)
+
+
+def test_hfb_is_given_for_every_valid_location():
+    """README: hfb is NaN where the location is invalid, not where value or noise is."""
+    rows = [GOOD, (0.7, 0.5, np.inf, 0.1), (0.7, 0.4, 1.0, 0.0), (np.nan, 0.5, 1.0, 0.1)]
+    r = run(rows, background=2.0)
+    assert r.flag.tolist() == [0, NAMES["value_invalid"], NAMES["noise_invalid"], 1]
+    assert r.hfb[:3].tolist() == [2.0, 2.0, 2.0] and np.isnan(r.hfb[3])
+    assert r.iy.tolist() == [5, 5, 4, -1]
+
+
 def test_no_usable_observation_is_an_error_naming_the_file():
     with pytest.raises(ObservationError, match=r"^obs.h5: no usable observation .*0 used"):
         run([(0.0, 0.5, 1.0, 0.1), (np.nan, 0.5, 1.0, 0.1)])
