@@ -37,6 +37,7 @@ from mpda_dist._schema import (
     type_name,
     validate,
 )
+from mpda_dist.multigrid import MIN_SIZE
 
 __all__ = [
     "Config",
@@ -178,7 +179,7 @@ class MultigridConfig(Section):
     only starts each level from the one below.  ``smoothing``: iterations per visit
     of a coarser level inside a correction."""
 
-    min_size: int = opt(32, ge=5)
+    min_size: int = opt(MIN_SIZE, ge=5)
     enabled: bool = True
     cycle: Literal["fas", "nested"] = "fas"
     smoothing: int = opt(20, ge=1)

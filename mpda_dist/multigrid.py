@@ -85,7 +85,14 @@ class Level:
         return out
 
 
-def hierarchy(target: Level, min_size: int = 32, enabled: bool = True) -> list[Level]:
+MIN_SIZE = 64
+"""The default longest side of the coarsest level, solved exactly (a sparse
+factorisation: 30 ms at 64² on a 2-core CPU).  32 until 0.1.0's last changes: one more
+level of message passing, 15 more programs to compile (a cold 256² solve 23–27 instead
+of 12–17 s; warm solves the same; benchmarks/RESULTS.md §20)."""
+
+
+def hierarchy(target: Level, min_size: int = MIN_SIZE, enabled: bool = True) -> list[Level]:
     """Levels from coarsest to ``target``, halving while the longest side > ``min_size``."""
     levels = [target]
     while enabled and max(levels[-1].ny, levels[-1].nx) > min_size:
@@ -97,14 +104,18 @@ def hierarchy(target: Level, min_size: int = 32, enabled: bool = True) -> list[L
 
 
 def schedule(
-    ny: int, nx: int, dy: float, dx: float, min_size: int = 32, enabled: bool = True
+    ny: int, nx: int, dy: float, dx: float, min_size: int = MIN_SIZE, enabled: bool = True
 ) -> list[Level]:
     """Rectangle levels from coarsest to the target (:func:`hierarchy`)."""
     return hierarchy(Level(ny, nx, 1, dy, dx), min_size, enabled)
 
 
 def sphere_schedule(
-    ny: int, nx: int, lat_range: tuple[float, float], min_size: int = 32, enabled: bool = True
+    ny: int,
+    nx: int,
+    lat_range: tuple[float, float],
+    min_size: int = MIN_SIZE,
+    enabled: bool = True,
 ) -> list[Level]:
     """Sphere levels from coarsest to the target (:func:`hierarchy`)."""
     lo, hi = (float(v) for v in lat_range)

@@ -50,7 +50,7 @@ def test_dataclass_defaults() -> None:
         "float32",
     )
     assert (s.tol, s.check_every, s.max_iterations) == (None, 10, 10000)
-    assert (s.multigrid.min_size, s.multigrid.enabled) == (32, True)
+    assert (s.multigrid.min_size, s.multigrid.enabled) == (64, True)
     assert (s.exchange.mode, s.exchange.every, s.exchange.max_staleness) == ("async", 1, 1)
     assert cfg.decomposition == DecompositionConfig("auto")
     assert cfg.output.file == "analysis.h5"
@@ -158,7 +158,7 @@ def test_config_to_dict_is_plain() -> None:
     d = config_to_dict(Config())
     assert d["grid"]["extent"] == [1.0, 1.0]
     assert d["solver"]["multigrid"] == {
-        "min_size": 32,
+        "min_size": 64,
         "enabled": True,
         "cycle": "fas",
         "smoothing": 20,
