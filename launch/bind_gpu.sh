@@ -66,6 +66,11 @@ if [[ -z "$local_size" && -n "${SLURM_LOCALID:-}" ]]; then
     local_size=$(slurm_tasks_on_node)
 fi
 
+if [[ -n "${CUDA_VISIBLE_DEVICES+set}" && -z "$CUDA_VISIBLE_DEVICES" ]]; then
+    # The user hid every GPU (CUDA_VISIBLE_DEVICES set and empty): leave it so.
+    [[ "${MPDA_BIND_VERBOSE:-0}" == 1 ]] && printf 'bind_gpu.sh: CUDA_VISIBLE_DEVICES is empty\n' >&2
+    exec "$@"
+fi
 gpus=()
 if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
     IFS=, read -ra gpus <<<"$CUDA_VISIBLE_DEVICES"
@@ -108,7 +113,8 @@ if [[ "$local_size" =~ ^[1-9][0-9]*$ ]]; then
     # Local ranks r with r mod node_gpus == this one's share its GPU.
     share=$(((local_size - local_rank % node_gpus + node_gpus - 1) / node_gpus))
     ((share >= 1)) || share=1
-    if [[ -z "${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" ]]; then
+    # the user's share under either name (jaxlib refuses both at once)
+    if [[ -z "${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" && -z "${XLA_CLIENT_MEM_FRACTION:-}" ]]; then
         XLA_PYTHON_CLIENT_MEM_FRACTION=$(awk -v s="$share" 'BEGIN { printf "%.3f", 0.9 / s }')
         export XLA_PYTHON_CLIENT_MEM_FRACTION
     fi

@@ -196,7 +196,10 @@ fi
 # MPICH/hydra and Open MPI spell binding differently; anything else gets hydra's spelling
 # (Intel MPI's launcher is hydra too).
 vendor=hydra
-if "$mpiexec" --version 2>&1 | grep -qiE 'open ?mpi|openrte|prrte'; then
+# (the text first: `grep -q` stops reading at a match, and under pipefail the launcher's
+# SIGPIPE would make the test fail)
+version_text=$("$mpiexec" --version 2>&1 || true)
+if grep -qiE 'open ?mpi|openrte|prrte' <<<"$version_text"; then
     vendor=openmpi
 fi
 
@@ -222,9 +225,9 @@ if ((jemalloc)); then
         [[ -f "$JEMALLOC_LIB" ]] || die "JEMALLOC_LIB=$JEMALLOC_LIB does not exist"
         lib=$JEMALLOC_LIB
     else
-        if command -v ldconfig >/dev/null 2>&1; then
-            lib=$(ldconfig -p 2>/dev/null | awk '/libjemalloc\.so\.2 /{print $NF; exit}')
-        fi
+        # ldconfig may be off PATH (/sbin), and awk reads to the end: no SIGPIPE under pipefail
+        lib=$({ ldconfig -p || /sbin/ldconfig -p || true; } 2>/dev/null |
+            awk '/libjemalloc\.so\.2 / && !found {print $NF; found = 1}')
         if [[ -z "$lib" ]]; then
             for cand in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
                 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 \

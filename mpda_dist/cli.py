@@ -193,17 +193,23 @@ def _plot(path: str, output: str, dpi: int) -> int:
     from mpda_dist.plot import PlotError, plot
 
     try:
-        plot(path, output, dpi)
+        written = plot(path, output, dpi)
     except PlotError as exc:
         print(f"mpda: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {output}")
+    print(f"wrote {written}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``mpda`` console script; exits with the command's status."""
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "simulate"):
+        # Threads and JAX's environment before anything imports numpy or JAX (the
+        # driver does): OpenBLAS reads its thread count when numpy loads.
+        from mpda_dist import runtime
+
+        runtime.start_checked()
     if args.command == "run":
         from mpda_dist.driver import run_from_cli
 

@@ -37,7 +37,6 @@ from mpda_dist._schema import (
     type_name,
     validate,
 )
-from mpda_dist.multigrid import MIN_SIZE
 
 __all__ = [
     "Config",
@@ -169,6 +168,13 @@ class QCConfig(Section):
     on_error: Literal["flag", "fail"] = "flag"
     duplicates: Literal["merge", "reject"] = "merge"
     gross_error_k: float | None = opt(None, gt=0.0)
+
+
+MIN_SIZE = 64
+"""The default longest side of the coarsest level, solved exactly (a sparse
+factorisation: 30 ms at 64² on a 2-core CPU).  32 until 0.1.0's last changes: one more
+level of message passing, 15 more programs to compile (a cold 256² solve 23–27 instead
+of 12–17 s; warm solves the same; benchmarks/RESULTS.md §20)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -597,15 +597,15 @@ def _guard(comm: Any, fn: Callable[[], int]) -> int:
 def _start() -> Any:
     """``runtime.start`` with a launch mistake, or a bad value of one of the package's
     environment variables, reported as an input error (one line, exit 2)."""
+    comm = runtime.start_checked()  # (the command has started it; $MPDA_MALLOC)
     try:
-        comm = runtime.start()  # $MPDA_MALLOC
         from mpda_dist import kernel, programs  # (JAX's environment is set now)
 
         programs.compile_threads()  # $MPDA_COMPILE_THREADS
         if os.environ.get(kernel.FORM_ENV, "").strip():
             kernel.default_form()
         return comm
-    except (runtime.LaunchError, ValueError) as exc:
+    except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(EXIT_INPUT) from None
 

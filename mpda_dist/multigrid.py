@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpda_dist.config import MIN_SIZE
+
 
 @dataclass(frozen=True)
 class Level:
@@ -83,13 +85,6 @@ class Level:
         if min(out.interior) < 4:  # a block needs 4 nodes per side (decomposition)
             return None
         return out
-
-
-MIN_SIZE = 64
-"""The default longest side of the coarsest level, solved exactly (a sparse
-factorisation: 30 ms at 64² on a 2-core CPU).  32 until 0.1.0's last changes: one more
-level of message passing, 15 more programs to compile (a cold 256² solve 23–27 instead
-of 12–17 s; warm solves the same; benchmarks/RESULTS.md §20)."""
 
 
 def hierarchy(target: Level, min_size: int = MIN_SIZE, enabled: bool = True) -> list[Level]:

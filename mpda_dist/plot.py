@@ -41,11 +41,15 @@ def _read(path: str) -> dict[str, Any]:
             return out
     except OSError as exc:
         raise PlotError(f"{path}: cannot read ({exc})") from None
+    except (KeyError, TypeError, ValueError) as exc:  # a group for a dataset, no /grid, ...
+        if isinstance(exc, PlotError):
+            raise
+        raise PlotError(f"{path}: not laid out as an 'mpda run' output ({exc})") from None
 
 
 def _check_output(output: str, dpi: int) -> None:
-    """The image can be written: a known format (by suffix; none is PNG), a positive
-    resolution, a writable directory."""
+    """The image can be written: a known format (by suffix), a positive resolution, a
+    writable directory."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     from mpda_dist import io
@@ -63,7 +67,10 @@ def _check_output(output: str, dpi: int) -> None:
 
 
 def plot(path: str, output: str, dpi: int = 120) -> str:
-    """Write the maps of analysis file ``path`` to ``output`` (PNG, PDF, ... by suffix)."""
+    """Write the maps of analysis file ``path`` to ``output`` (PNG, PDF, ... by suffix;
+    without one, ``.png`` is added, as matplotlib would).  Returns the file written."""
+    if not os.path.splitext(output)[1].lstrip("."):
+        output = output.rstrip(".") + ".png"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,6 +120,10 @@ def plot(path: str, output: str, dpi: int = 120) -> str:
         sub += f": RMSE analysis {ra:.4g}, background {rb:.4g}"
     fig.suptitle(sub)
     fig.tight_layout()
-    fig.savefig(output, dpi=dpi)
-    plt.close(fig)
+    try:
+        fig.savefig(output, dpi=dpi)
+    except MemoryError:
+        raise PlotError(f"{output}: too large to draw at --dpi {dpi}") from None
+    finally:
+        plt.close(fig)
     return output

@@ -559,18 +559,22 @@ THREADS_ENV = "MPDA_COMPILE_THREADS"
 def compile_threads() -> int:
     """Threads that compile programs ahead of use: ``$MPDA_COMPILE_THREADS`` (1: none),
     else the rank's share of the cores (``OMP_NUM_THREADS``, set by
-    :func:`mpda_dist.runtime.configure_jax_env`), else every core; by default at least
+    :func:`mpda_dist.runtime.configure_jax_env`; its first count where it is an OpenMP
+    list, and ignored where it is not a count), else every usable core; by default at least
     2, so that ranks sharing a node and a program cache split the compiling
     (:meth:`Store.claim`): a cold 2-rank ``make run`` on 2 cores took 16 s with 2
     threads a rank and 20–22 s with 1 (RESULTS §16)."""
-    for var, least in ((THREADS_ENV, 1), ("OMP_NUM_THREADS", 2)):
-        value = os.environ.get(var, "").strip()
-        if value:
-            try:
-                return max(least, int(value))
-            except ValueError:
-                raise ValueError(f"{var}={value!r}: expected a whole number of threads") from None
-    return max(2, os.cpu_count() or 1)
+    from mpda_dist.runtime import usable_cores, user_threads
+
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(
+                f"{THREADS_ENV}={value!r}: expected a whole number of threads"
+            ) from None
+    return max(2, user_threads() or len(usable_cores()))
 
 
 class Programs:

@@ -24,27 +24,54 @@ class LaunchError(RuntimeError):
     """The job was started in a way that cannot work (e.g. plain ``srun`` copies)."""
 
 
+# GPU memory share: the name jaxlib reads now, and the older one it still accepts
+MEM_FRACTION_VARS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
 def _setdefault_env(name: str, value: str) -> None:
     if name not in os.environ:
         os.environ[name] = value
 
 
-def configure_jax_env(local_size: int, cores: int | None = None) -> None:
+def usable_cores() -> frozenset[int]:
+    """The CPUs this process may run on (its affinity: a launcher's binding, a cgroup),
+    or all of them where the platform does not say."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return frozenset(range(os.cpu_count() or 1))
+
+
+def user_threads() -> int | None:
+    """The thread count in ``$OMP_NUM_THREADS`` if the user set one (the first of an
+    OpenMP list such as ``4,2``), else None; a value that is not a count is ignored."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    try:
+        return max(1, int(value)) if value else None
+    except ValueError:
+        return None
+
+
+def configure_jax_env(local_size: int, threads: int | None = None) -> None:
     """Threads and GPU memory per rank when ``local_size`` ranks share a node.
 
-    Never overrides a variable (or an XLA flag) the user set.
+    ``threads``: this rank's share of the cores (:func:`start` counts the ranks that
+    share this rank's affinity), overridden by a count the user set in
+    ``$OMP_NUM_THREADS``; by default the usable cores over ``local_size``.  Never
+    overrides a variable (or an XLA flag) the user set.
     """
-    cores = cores or os.cpu_count() or 1
-    threads = max(1, cores // max(1, local_size))
+    threads = user_threads() or threads or max(1, len(usable_cores()) // max(1, local_size))
     flags = os.environ.get("XLA_FLAGS", "")
     if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
         os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         _setdefault_env(var, str(threads))
     if local_size > 1:
-        # Ranks may share one GPU: no preallocation, and an even share of its memory.
+        # Ranks may share one GPU: no preallocation, and an even share of its memory,
+        # unless the user gave a share under either name (jaxlib refuses both at once).
         _setdefault_env("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        _setdefault_env("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / local_size:.3f}")
+        if not any(os.environ.get(v) for v in MEM_FRACTION_VARS):
+            os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / local_size:.3f}"
     _setdefault_env("TF_CPP_MIN_LOG_LEVEL", "2")
     # Kernels are compiled per block shape (seconds each); a persistent cache makes every
     # later run with the same shapes start at once.  Every program is cached, the small
@@ -142,20 +169,42 @@ def check_launch(world_size: int) -> None:
         )
 
 
+_COMM: Any = None
+
+
 def start() -> Any:
-    """Initialise MPI and the environment; returns ``COMM_WORLD``."""
+    """Initialise MPI and the environment; returns ``COMM_WORLD``.  A second call
+    returns the same communicator."""
+    global _COMM
+    if _COMM is not None:
+        return _COMM
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     install_abort_hook(comm)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local_size, local_rank = local.Get_size(), local.Get_rank()
+    # A launcher that binds each rank to its own cores gives every rank another
+    # affinity; unbound ranks share one: divide the cores among the ranks that share.
+    mine = usable_cores()
+    sharing = sum(cpus == mine for cpus in local.allgather(mine))
     local.Free()
-    configure_jax_env(local_size)
+    configure_jax_env(local_size, max(1, len(mine) // max(1, sharing)))
     configure_malloc()
-    os.environ.setdefault("MPDA_LOCAL_RANK", str(local_rank))
+    os.environ["MPDA_LOCAL_RANK"] = str(local_rank)  # this launch's, never an inherited one
     check_launch(comm.Get_size())
+    _COMM = comm
     return comm
+
+
+def start_checked() -> Any:
+    """:func:`start` for a command: a launch mistake or a bad value of one of the
+    package's environment variables is one line on stderr and exit 2 (an input error)."""
+    try:
+        return start()
+    except (LaunchError, ValueError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
 
 
 def select_device(local_rank: int) -> Any:

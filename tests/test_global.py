@@ -86,6 +86,34 @@ def test_plot_names_a_bad_file(tmp_path):
     assert proc.returncode == 2 and "bad.h5" in proc.stderr
 
 
+def test_plot_without_a_suffix_names_the_png_it_wrote(global_runs, tmp_path, monkeypatch, capsys):
+    """matplotlib adds .png to a name without a suffix: the message said the bare name
+    (review helper).  In-process, like the test below."""
+    from mpda_dist import cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plot", str(global_runs["mp"]), "-o", "mapfile"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == "wrote mapfile.png"
+    assert [p.name for p in tmp_path.iterdir()] == ["mapfile.png"]
+
+
+def test_plot_names_a_file_of_another_layout(tmp_path):
+    """/analysis/mean without /grid, or a group where a dataset belongs: exit 2 naming
+    the file, not a KeyError or TypeError traceback (review helper)."""
+    from mpda_dist.plot import PlotError, _read
+
+    for name, build in (
+        ("nogrid.h5", lambda f: f.create_dataset("analysis/mean", data=np.zeros((3, 3)))),
+        ("group.h5", lambda f: f.create_group("analysis/mean")),
+    ):
+        with h5py.File(tmp_path / name, "w") as f:
+            build(f)
+        with pytest.raises(PlotError, match=name):
+            _read(str(tmp_path / name))
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

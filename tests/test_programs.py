@@ -363,6 +363,10 @@ def test_compile_threads_come_from_the_environment(monkeypatch):
     assert programs.compile_threads() == 4
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a rank with one core still prefetches
     assert programs.compile_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "6,2")  # OpenMP's nesting list: the first count
+    assert programs.compile_threads() == 6
+    monkeypatch.setenv("OMP_NUM_THREADS", "dynamic")  # not ours to refuse: ignored
+    assert programs.compile_threads() >= 2
 
 
 def test_a_program_that_jax_cache_loaded_is_not_stored(tmp_path):

@@ -1,4 +1,5 @@
-"""Process start-up: the C allocator keeps freed memory (``runtime.configure_malloc``)."""
+"""Process start-up: the C allocator keeps freed memory (``runtime.configure_malloc``);
+threads and GPU memory per rank (``runtime.configure_jax_env``)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,62 @@ def test_malloc_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv(runtime.MALLOC_ENV, "jemalloc")
     with pytest.raises(ValueError, match="MPDA_MALLOC='jemalloc': expected keep or system"):
         runtime.configure_malloc()
+
+
+_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "XLA_FLAGS",
+    "XLA_PYTHON_CLIENT_PREALLOCATE",
+    *runtime.MEM_FRACTION_VARS,
+)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in _ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_threads_are_the_rank_share_unless_the_user_gave_a_count(clean_env):
+    runtime.configure_jax_env(2, threads=3)
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3" and "XLA_FLAGS" not in os.environ
+    for var in _ENV_VARS:
+        clean_env.delenv(var, raising=False)
+    # The user's OMP_NUM_THREADS (the first of an OpenMP list) is the count for the
+    # other libraries and for XLA's Eigen pool too (review helper: they got 2).
+    clean_env.setenv("OMP_NUM_THREADS", "1,4")
+    runtime.configure_jax_env(1, threads=2)
+    assert os.environ["OPENBLAS_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1"
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=false"
+    assert os.environ["OMP_NUM_THREADS"] == "1,4"
+
+
+def test_the_usable_cores_are_the_affinity():
+    if hasattr(os, "sched_getaffinity"):
+        assert runtime.usable_cores() == frozenset(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("user", runtime.MEM_FRACTION_VARS)
+def test_a_gpu_memory_share_the_user_set_is_kept_under_either_name(clean_env, user):
+    """jaxlib refuses both names at once: setting the older one beside the user's
+    newer one stopped a GPU run (review helper)."""
+    clean_env.setenv(user, "0.3")
+    runtime.configure_jax_env(4, threads=1)
+    assert [os.environ.get(v) for v in runtime.MEM_FRACTION_VARS].count("0.3") == 1
+    assert [v for v in runtime.MEM_FRACTION_VARS if v in os.environ] == [user]
+    for var in runtime.MEM_FRACTION_VARS:
+        clean_env.delenv(var, raising=False)
+    runtime.configure_jax_env(4, threads=1)
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
+
+
+def test_the_command_line_imports_neither_numpy_nor_jax():
+    """``mpda run`` sets the thread counts before numpy loads: OpenBLAS reads its count
+    once, when numpy is imported (review helper: ranks kept 2 threads each)."""
+    code = "import sys, mpda_dist.cli; print(sorted({'numpy', 'jax'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
