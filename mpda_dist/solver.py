@@ -190,6 +190,11 @@ def solve_level(
         acc.restore(*(start.history or (None, None)), start.history_count, start.history_last)
     if start is not None:
         it, best, delta0 = start.iteration, start.best, start.delta0
+    # Checks every `check` iterations from where this run took the level up: a
+    # checkpoint of another rank count (another `chunk`) or `check_every` need not sit
+    # on a multiple of this run's `check`, and then no check would ever come (no
+    # stopping rule, corrections or signals until max_iterations).
+    it0 = it
     last_beat = time.perf_counter()
     while True:
         n = min(chunk, s.max_iterations - it)
@@ -210,7 +215,7 @@ def solve_level(
             new = mex.poll(pending)
             if new is not None:
                 halo = new
-        if it % check and it < s.max_iterations:
+        if (it - it0) % check and it < s.max_iterations:
             continue
         t0 = time.perf_counter()
         mean = jit(kernel.marginal_mean, a, b, op, p)
@@ -529,7 +534,7 @@ def solve(
             # iteration converges: strong couplings across a block border or the
             # sphere's seam (a bilinear row there, c < 0 on the sphere with several
             # ranks).  Such a level is solved once more from its start, in lockstep.
-            safe = _lockstep(s) if decomp.has_neighbours and not has_resume else None
+            safe = _lockstep(s) if decomp.has_neighbours else None
             warm = _warm_states(hier, i) if safe is not None else None
             a, b, bp, g = solve_level(decomp, op, a0, b0, s, res, **extra)
             if res.status == DIVERGED and safe is not None:
@@ -544,7 +549,10 @@ def solve(
                         " (async)" if s.mode != "sync" else "",
                     )
                 _restore_warm_states(hier, warm)
-                a0, b0 = _first_messages(hier, i, mean, dtype)  # (the first were donated)
+                if has_resume:  # from the checkpoint again (maybe one of a second try)
+                    a0, b0 = jax.device_put(start.a), jax.device_put(start.b)
+                else:
+                    a0, b0 = _first_messages(hier, i, mean, dtype)  # (the first were donated)
                 tried = res
                 res = level_result(i)
                 res.retried_after = tried.iterations
