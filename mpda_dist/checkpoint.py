@@ -76,6 +76,7 @@ class State:
     history: tuple[np.ndarray, np.ndarray] | None = None
     history_count: int = 0
     history_last: float = math.inf  # the residual at the last check (restarts the history)
+    config: str = ""  # the run's config as YAML (read back; write takes it apart)
 
 
 def write(path: str, state: State, config_text: str) -> None:
@@ -133,6 +134,7 @@ def read(path: str) -> State:
                 ),
                 history_count=int(f.attrs.get("history_count", 0)),
                 history_last=float(f.attrs.get("history_last", math.inf)),
+                config=str(f.attrs.get("config", "")),
             )
     except (OSError, KeyError, ValueError) as exc:
         if isinstance(exc, io.InputError):

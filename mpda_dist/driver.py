@@ -234,6 +234,43 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
     )
 
 
+# What a checkpoint's messages belong to: the problem and the messages' parametrisation.
+_RESUME_KEYS = ("grid", "prior", "observations", "qc", "solver.c")
+
+
+def _config_changes(stored: str, cfg: Any) -> list[str]:
+    """The keys of :data:`_RESUME_KEYS` (flattened, dotted) whose values differ between
+    a checkpoint's stored config (YAML; empty: not compared) and ``cfg``."""
+    import yaml
+
+    from mpda_dist.config import config_to_dict
+
+    if not stored.strip():
+        return []
+    try:
+        old = yaml.safe_load(stored)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(old, dict):
+        return []
+    new = config_to_dict(cfg)
+
+    def flat(d: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+
+    changed = []
+    for key in _RESUME_KEYS:
+        a, b = old, new
+        for part in key.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        fa, fb = flat(a, key), flat(b, key)
+        changed += sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+    return changed
+
+
 def settings_from(cfg: Any) -> Any:
     from mpda_dist.solver import Settings
 
@@ -335,7 +372,19 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
     if resume is not None:
         if cfg.solver.method != "mp":
             raise RunError("--resume continues message passing; solver.method must be mp")
-        state = on_root(comm, lambda: checkpoint.read(resume))
+
+        def read_checkpoint() -> Any:
+            state = checkpoint.read(resume)
+            changed = _config_changes(state.config, cfg)
+            if changed:
+                raise RunError(
+                    f"{resume}: written for another problem ({', '.join(changed)} differ); "
+                    "resume with the config of the interrupted run",
+                    EXIT_INPUT,
+                )
+            return state
+
+        state = on_root(comm, read_checkpoint)
         if rank == 0:
             log.info(
                 "resuming %s: level %d, iteration %d", resume, state.level + 1, state.iteration

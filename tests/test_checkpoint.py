@@ -194,3 +194,31 @@ def test_a_resume_with_another_check_interval_still_checks(tmp_path):
     assert res.status == CONVERGED
     assert res.levels[1].iterations < 1000  # the resumed level (it ran to 3000 before)
     assert np.sqrt(np.mean((res.anomaly - exact) ** 2)) < 1e-3 * np.sqrt(np.mean(exact**2))
+
+
+def test_resume_with_another_problem_is_a_clear_error(tmp_path):
+    """The checkpoint holds its config: another problem (here another observation draw)
+    is exit 2 naming the keys, not a false divergence at the first check (exit 3,
+    review helper).  A new tolerance or checkpoint file is fine."""
+    from mpda_dist import checkpoint
+    from mpda_dist.config import dump_config, load_config
+    from mpda_dist.driver import _config_changes
+
+    written = load_config(str(SMALL), overrides=[a for a in ARGS if a != "--set"])
+    msgs = np.zeros((12, 38, 38))
+    ckpt = tmp_path / "ck.h5"
+    checkpoint.write(
+        str(ckpt), checkpoint.State(1, 100, msgs, msgs, None, levels=2), dump_config(written)
+    )
+    same = load_config(
+        str(SMALL), overrides=[*(a for a in ARGS if a != "--set"), "solver.tol=1e-6"]
+    )
+    assert _config_changes(dump_config(written), same) == []
+    proc = mpda(
+        tmp_path, "-o", "o.h5", "--resume", str(ckpt), "--set", "observations.synthetic.seed=7"
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        f"{ckpt}: written for another problem (observations.synthetic.seed differ)" in proc.stderr
+    )
+    assert not (tmp_path / "o.h5").exists()
