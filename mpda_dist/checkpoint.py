@@ -43,6 +43,14 @@ class Requests:
         for sig in SIGNALS:
             signal.signal(sig, handler)
 
+    def uninstall(self) -> None:
+        """After the last check: a signal now can no longer stop the solve at a
+        checkpoint, and the run is about to finish, so it is ignored (MPI's shutdown
+        could otherwise let it end the job with the signal's status after the analysis
+        was written)."""
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def flags(self, is_root: bool) -> tuple[float, float]:
         """``(checkpoint due, interrupted)`` as numbers for the global reduction."""
         due = (

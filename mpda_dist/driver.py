@@ -418,6 +418,7 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
             level_results, anomaly = result.levels, result.anomaly
         else:
             level_results, anomaly = _reference_solve(comm, cfg, levels[-1], nodes)
+    requests.uninstall()  # the solve is over: a late signal would only end the job badly
     status = level_results[-1].status
     if status == INTERRUPTED:
         raise RunError(
