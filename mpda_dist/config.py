@@ -67,6 +67,11 @@ BUNDLED_DEMO = "bundled demo config (mpda_dist/configs/demo.yaml)"
 DEFAULT_TOL: dict[str, float] = {"float32": 1e-5, "float64": 1e-10}
 
 
+MAX_SIDE = 1 << 20
+"""Points per grid side at most: a million a side is already 8 TB per field in float64;
+a larger value failed later with numpy's message, naming no key."""
+
+
 @dataclass(frozen=True, slots=True)
 class GridConfig(Section):
     """Grid of ``nx x ny`` points including the boundary, spanning ``extent = (Lx, Ly)``.
@@ -76,8 +81,8 @@ class GridConfig(Section):
     ``lat_range`` (degrees, inclusive; the two clip rows are held at the background);
     ``extent`` is not used there."""
 
-    nx: int = opt(256, ge=5)
-    ny: int = opt(256, ge=5)
+    nx: int = opt(256, ge=5, le=MAX_SIDE)
+    ny: int = opt(256, ge=5, le=MAX_SIDE)
     extent: tuple[float, float] = opt((1.0, 1.0), gt=0.0)
     domain: Literal["rectangle", "sphere"] = "rectangle"
     lat_range: tuple[float, float] = opt((-80.0, 80.0), gt=-90.0, lt=90.0)
