@@ -285,6 +285,23 @@ class Config(Section):
     checkpoint: CheckpointConfig = opt(factory=CheckpointConfig)
     logging: LoggingConfig = opt(factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        validate(self)
+        # Options of one section that need another's: checked here, so `mpda config`
+        # refuses what `run` and `simulate` would.
+        if self.grid.domain != "sphere":
+            if self.prior.background == "climatology":
+                raise ConfigError(
+                    "prior.background = 'climatology' needs grid.domain: sphere",
+                    key="prior.background",
+                )
+            syn = self.observations.synthetic
+            if syn is not None and syn.tracks is not None:
+                raise ConfigError(
+                    "observations.synthetic.tracks (satellite swaths) needs grid.domain: sphere",
+                    key="observations.synthetic.tracks",
+                )
+
 
 register_sections(Config)
 

@@ -122,9 +122,7 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
     lat_range = tuple(cfg.grid.lat_range) if on_sphere else None
     extent, y0 = grid_geometry(cfg)
     bg = cfg.prior.background
-    if bg == "climatology":
-        if not on_sphere:
-            raise RunError("prior.background = 'climatology' needs grid.domain: sphere")
+    if bg == "climatology":  # sphere only (checked by Config)
         background = globe.climatology(*shape, lat_range)
     elif isinstance(bg, str):
         background = io.read_field(bg, shape)
@@ -142,9 +140,10 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
         source = str(cfg.observations.file)
         d = io.read_observations(source, default_noise=cfg.observations.noise)
         obs = obsmod.Observations(d["x"], d["y"], d["value"], d["noise"])
-        truth = io.read_truth(source)
-        if truth is not None and truth.shape != shape:
-            truth = None
+        try:
+            truth = io.read_truth(source, grid_coordinates(cfg))
+        except io.OtherGrid as exc:
+            log.warning("%s: no RMSE against the file's truth", exc)
     else:
         syn = cfg.observations.synthetic
         source = "observations.synthetic"
@@ -174,11 +173,7 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
                 100 * cover[1],
             )
             obs = globe.observe(truth, lat_range, mask, syn.noise, rng)
-        else:
-            if syn.tracks is not None:
-                raise RunError(
-                    "observations.synthetic.tracks (satellite swaths) needs grid.domain: sphere"
-                )
+        else:  # tracks are sphere only (checked by Config)
             anomaly = prior.sample(shape, extent, ell, amp, rng)
             truth = background + anomaly
             obs = obsmod.synthetic(truth, extent, syn.fraction, syn.noise, rng)
@@ -694,7 +689,10 @@ def simulate_from_cli(config_path: str | None, output: str, overrides: Sequence[
 
         def write() -> None:
             io.check_writable(output)
-            p = build_problem(cfg)
+            # The file holds the noise the values were drawn with; observations.noise,
+            # an assumed error, is applied when the file is solved.
+            drawn = replace(cfg, observations=replace(cfg.observations, noise=None))
+            p = build_problem(drawn)
             obs = p.observations
             gx, gy = grid_coordinates(cfg)
             io.write_problem(

@@ -51,6 +51,11 @@ def ground_track(
     return np.mod(lon, 360.0), lat
 
 
+MAX_TRACK_POINTS = 10**7
+"""Track points of all satellites together at most (a quarter swath apart): the
+default 4 satellites over 3 h at 0.14° take about 10⁵; ten million is 240 MB."""
+
+
 def satellite_swaths(
     shape: tuple[int, int],
     lat_range: tuple[float, float],
@@ -73,7 +78,15 @@ def satellite_swaths(
     # the nearest point is the cross-track distance to within a few percent.
     step_km = min(swath_km / 4.0, 2 * math.pi * r / nx)
     speed = 2 * math.pi * r / (period_minutes * 60.0)  # ground speed, km/s
-    t = np.arange(0.0, window_hours * 3600.0, step_km / speed)
+    dt = step_km / speed
+    count = satellites * window_hours * 3600.0 / dt
+    if count > MAX_TRACK_POINTS:
+        raise ValueError(
+            f"observations.synthetic.tracks: {satellites} satellites over window_hours = "
+            f"{window_hours:g} with swath_km = {swath_km:g} need {count:.3g} track points "
+            f"(at most {MAX_TRACK_POINTS:.0e}); give a shorter window or a wider swath"
+        )
+    t = np.arange(0.0, window_hours * 3600.0, dt)
     rng = rng or np.random.default_rng(0)
     points = []
     for s in range(satellites):
@@ -123,6 +136,8 @@ def random_mask(shape: tuple[int, int], fraction: float, rng: np.random.Generato
 
 
 def coverage(mask: np.ndarray, lat_range: tuple[float, float]) -> tuple[float, float]:
-    """Share of the grid's nodes observed, and the same weighted by area (cos lat)."""
-    w = np.broadcast_to(sphere.area_weights(mask.shape[0], lat_range)[:, None], mask.shape)
-    return float(mask.mean()), float(np.sum(w * mask) / np.sum(w))
+    """Share of the observable nodes (the interior rows: the clip rows never are)
+    observed, and the same weighted by area (cos lat)."""
+    w = sphere.area_weights(mask.shape[0], lat_range)[1:-1, None]
+    inner = mask[1:-1]
+    return float(inner.mean()), float(np.sum(w * inner) / np.sum(np.broadcast_to(w, inner.shape)))

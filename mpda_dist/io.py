@@ -37,6 +37,7 @@ __all__ = [
     "read_field",
     "read_observations",
     "read_truth",
+    "OtherGrid",
     "split_field_spec",
     "write_analysis",
     "write_problem",
@@ -203,12 +204,46 @@ def read_field(spec: str, shape: tuple[int, int]) -> np.ndarray:
         return _values(f, ds)
 
 
-def read_truth(path: str | os.PathLike[str]) -> np.ndarray | None:
-    """The ``/truth`` field ``(ny, nx)`` of a problem or analysis file, or None."""
+class OtherGrid(InputError):
+    """A file's ``/truth`` is on another grid than the run's."""
+
+
+def read_truth(
+    path: str | os.PathLike[str], grid: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray | None:
+    """The ``/truth`` field ``(ny, nx)`` of a problem or analysis file, or None.
+
+    With ``grid`` (the run's ``x`` and ``y`` coordinates), a truth of another shape, or
+    a file whose ``/grid/{x,y}`` are other coordinates, is :class:`OtherGrid` saying
+    which (checked before the field is read)."""
     with _open_h5(path) as f:
         if "truth" not in f:
             return None
-        return _read_numeric(f, "truth", 2)
+        ds = _numeric(f, "truth", 2)
+        if grid is not None:
+            _same_grid(f, ds.shape, grid)
+        return _values(f, ds)
+
+
+def _same_grid(f: h5py.File, shape: tuple[int, ...], grid: tuple[np.ndarray, np.ndarray]) -> None:
+    ours = dict(zip("xy", grid, strict=True))
+    want = (ours["y"].size, ours["x"].size)
+    if tuple(shape) != want:
+        raise OtherGrid(
+            f"{f.filename}: /truth has (ny, nx) = {tuple(shape)}, the run's grid {want}"
+        )
+    for name in "xy":
+        key = f"grid/{name}"
+        if key not in f:
+            continue
+        ds = _numeric(f, key, 1)
+        theirs = _values(f, ds) if ds.shape == ours[name].shape else None
+        if theirs is None or not np.allclose(theirs, ours[name], rtol=1e-9, atol=1e-12):
+            span = "" if theirs is None else f" [{theirs.min():g}, {theirs.max():g}]"
+            raise OtherGrid(
+                f"{f.filename}: /{key} has {ds.shape[0]} points{span}; the run's grid has "
+                f"{ours[name].size} [{ours[name].min():g}, {ours[name].max():g}]"
+            )
 
 
 # --------------------------------------------------------------------------------------

@@ -110,6 +110,34 @@ def test_simulate_then_run_consumes_the_file(tmp_path):
         np.testing.assert_array_equal(f["truth"][:], p["truth"][:])
 
 
+def test_simulate_writes_the_drawn_noise_and_a_truth_on_another_grid_is_dropped(tmp_path):
+    """observations.noise is an assumed error for the solve: the problem file keeps the
+    noise the values were drawn with.  Solved on another grid, its truth is not used
+    (it gave a meaningless RMSE)."""
+    prob = tmp_path / "problem.h5"
+    sim = ["--set", "observations.noise=0.5", "--set", "observations.synthetic.noise=0.01"]
+    assert mpda("simulate", str(DEMO), "-o", str(prob), *SMALL, *sim).returncode == 0
+    with h5py.File(prob) as p:
+        np.testing.assert_array_equal(p["noise"][:], 0.01)
+    proc = mpda(
+        "run",
+        *SMALL,
+        "--set",
+        "grid.extent=[2.0,1.0]",
+        "--set",
+        f"observations.file={prob}",
+        "--set",
+        "solver.method=exact",
+        "-o",
+        str(tmp_path / "a.h5"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "/grid/x has 40 points [0, 1]; the run's grid has 40 [0, 2]" in proc.stderr
+    assert "no RMSE against the file's truth" in proc.stderr
+    with h5py.File(tmp_path / "a.h5") as f:
+        assert "truth" not in f
+
+
 def test_exact_method_matches_mp(tmp_path):
     outs = {}
     for method in ("exact", "mp"):

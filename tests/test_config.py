@@ -365,6 +365,20 @@ def test_both_observation_sources(tmp_path: Path) -> None:
     assert "both 'synthetic' and 'file' are given; choose exactly one" in msg
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("prior: {background: climatology}", "prior.background"),
+        ("observations: {synthetic: {tracks: {}}}", "observations.synthetic.tracks"),
+    ],
+)
+def test_sphere_only_options_on_a_rectangle(tmp_path: Path, text: str, key: str) -> None:
+    """`mpda config` refuses what run and simulate would (they used to check it later)."""
+    msg = error_of(tmp_path, text)
+    assert key in msg and "needs grid.domain: sphere" in msg, msg
+    load_config(write(tmp_path, text + "\ngrid: {domain: sphere}"))  # fine on the sphere
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match=rf"^{path}: no such config file$"):

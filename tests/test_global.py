@@ -398,6 +398,21 @@ def test_satellite_coverage_is_about_eight_percent():
     assert 0.05 < nodes < 0.11 and 0.04 < area < 0.1, (nodes, area)
 
 
+def test_coverage_counts_the_observable_nodes():
+    """Every interior node observed is full coverage: the clip rows never are."""
+    mask = np.zeros((5, 8), dtype=bool)
+    mask[1:-1] = True
+    assert globe.coverage(mask, (-80.0, 80.0)) == (1.0, 1.0)
+
+
+def test_too_many_track_points_is_an_input_error():
+    """A huge window (or a tiny swath) used to allocate terabytes."""
+    with pytest.raises(ValueError, match="observations.synthetic.tracks: 4 satellites over"):
+        globe.satellite_swaths((33, 64), (-80.0, 80.0), 4, 120.0, 1e9)
+    with pytest.raises(ValueError, match="swath_km = 1e-12 need"):
+        globe.satellite_swaths((33, 64), (-80.0, 80.0), 4, 1e-12, 3.0)
+
+
 def test_a_stalled_frozen_level_unfreezes_and_converges(tmp_path):
     """float32 with c < 0 (the sphere configs): without Anderson mixing, the frozen
     gains' rounding leaves the residual on a floor above 1e-5 (measured 2.6e-5 here);

@@ -15,6 +15,7 @@ import pytest
 
 from mpda_dist.io import (
     InputError,
+    OtherGrid,
     atomic_output,
     check_writable,
     read_field,
@@ -531,3 +532,12 @@ def test_problem_file_is_an_observation_file(tmp_path: Path) -> None:
         np.testing.assert_array_equal(f["grid/x"][()], x)
         np.testing.assert_array_equal(f["grid/y"][()], y)
         assert f.attrs["seed"] == 3
+    # the truth is the run's only on the same grid: shape and coordinates
+    np.testing.assert_array_equal(read_truth(path, (x, y)), truth)
+    other = r"/grid/x has 7 points \[0, 2\]; the run's grid has 7 \[0, 1\]"
+    with pytest.raises(OtherGrid, match=other):
+        read_truth(path, (x / 2, y))
+    with pytest.raises(
+        OtherGrid, match=r"/truth has \(ny, nx\) = \(5, 7\), the run's grid \(5, 6\)"
+    ):
+        read_truth(path, (x[:6], y))
