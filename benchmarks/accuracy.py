@@ -4,9 +4,10 @@ For each grid size and observation fraction: a synthetic problem from the bundle
 config (``load_config(None, overrides)``: Matérn prior ℓ = 0.15, σ = 1.1, point
 observations with noise 1e-3, seed 0) built by ``driver.build_problem``; MP runs through
 ``solver.solve`` on ``COMM_WORLD`` (one rank) with the demo's solver settings
-(``driver.settings_from``: c = 10, damping 0.6, momentum 0.5, multigrid down to 32,
-residual stopping) at ``--dtype`` (float32) and ``--tol`` (1e-5); the exact answer is a
-sparse direct solve of ``Q μ = h`` in float64 (``_common.exact_anomaly``).
+(``driver.settings_from``: c = 10, damping 0.6, momentum 0.5, multigrid down to the
+configuration's ``min_size``, 64, residual stopping) at ``--dtype`` (float32) and
+``--tol`` (1e-5); the exact answer is a sparse direct solve of ``Q μ = h`` in float64
+(``_common.exact_anomaly``).
 
 Reported: RMSE against the truth (interior nodes) of MP and of the exact solution, the
 relative difference ``rms(μ_MP − μ_exact) / rms(μ_exact)`` (anomalies), iterations per

@@ -6,7 +6,8 @@ waiting for programs), counting the programs JAX traced and XLA compiled, and th
 programs loaded from mpda_dist's program cache (``mpda_dist/programs.py``):
 
   cold, 1 thread    empty caches, MPDA_COMPILE_THREADS=1 (no background compiles)
-  cold, N threads   empty caches, N compile threads (default: every core)
+  cold, N threads   empty caches, N compile threads (default: every core; no such row
+                    when N is 1)
   JAX cache only    a later process: JAX's persistent cache filled by the line above,
                     the program cache off (MPDA_PROGRAM_CACHE_DIR empty), as before
                     the program cache existed
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     cases: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="mpda-coldstart-") as tmp:
         for r in range(args.repeats):
-            for threads in (1, args.threads):
+            # once each: with --threads 1 a second "cold" run in the same caches is warm
+            for threads in sorted({1, args.threads}):
                 caches = Path(tmp) / f"r{r}t{threads}"
                 env = dict(
                     base,

@@ -3,8 +3,8 @@ waits of its own calls (``programs.wait_report``), longest first.
 
 The problem is the demo's (Matérn prior ℓ = 0.15, σ = 1.1, noise 1e-3, seed 0) at
 ``--size``² with ``--fraction`` observed, float32, residual rule 1e-5, momentum 0.5,
-multigrid down to ``--min-size`` (32, the configuration default).  Run it with empty
-caches to time a cold start, e.g.
+multigrid down to ``--min-size`` (32 by default, as in RESULTS; the configuration's
+default is 64).  Run it with empty caches to time a cold start, e.g.
 
     XDG_CACHE_HOME=$(mktemp -d) python benchmarks/coldwaits.py --size 1024
 

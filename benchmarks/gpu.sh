@@ -39,7 +39,8 @@
 # other (RESULTS §17), =all makes the kernel stage time the coupled
 # update and the strips form too (default frozen: the frozen update, pads against fused).
 # Results: $OUT/gpu_results.csv (+ .json metadata, + gpu_log.txt) when OUT is set,
-# else ./gpu_results.csv.
+# else ./gpu_results.csv.  Every stage runs and the report is printed whatever happens;
+# the exit status is 1 when a stage (or the report) FAILED or hit its TIMEOUT, else 0.
 #
 #   bash benchmarks/gpu.sh            # on the GPU machine
 #   bash benchmarks/gpu.sh --quick    # small sizes: a smoke test on a CPU
@@ -81,7 +82,10 @@ exec > >(tee "$LOG") 2>&1
 
 remaining() { echo $((BUDGET - ($(date +%s) - START))); }
 
-# stage NAME LIMIT CMD...: run CMD under timeout min(LIMIT, time left); never fails the script
+BAD="" # the stages that failed or timed out: the exit status at the end
+
+# stage NAME LIMIT CMD...: run CMD under timeout min(LIMIT, time left); never stops the
+# script (a failure or timeout is noted in BAD)
 stage() {
     local name=$1 limit=$2
     shift 2
@@ -101,8 +105,10 @@ stage() {
     local rc=$?
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
         echo "TIMEOUT stage $name after ${t} s (its rows so far, if any, are in the CSV)"
+        BAD="$BAD $name (TIMEOUT)"
     elif [ $rc -ne 0 ]; then
         echo "FAILED stage $name (exit $rc)"
+        BAD="$BAD $name (FAILED, exit $rc)"
     fi
     echo "=== stage $name took $(($(date +%s) - t0)) s ==="
     return 0
@@ -199,6 +205,10 @@ for pid in $EXACT_PIDS; do kill "$pid" 2>/dev/null; done
 [ -f "$EXACT_DIR/exact.log" ] && { echo; echo "--- exact stage log:"; cat "$EXACT_DIR/exact.log"; }
 echo
 echo "=== report ($(($(date +%s) - START)) s since start) ==="
-timeout 30 "$PY" benchmarks/gpu_bench.py report --csv "$CSV"
+timeout 30 "$PY" benchmarks/gpu_bench.py report --csv "$CSV" || BAD="$BAD report (exit $?)"
 rm -rf "$EXACT_DIR"
-echo "total $(($(date +%s) - START)) s"
+if [ -n "$BAD" ]; then
+    echo "total $(($(date +%s) - START)) s; exit 1: failed or timed out:$BAD"
+    exit 1
+fi
+echo "total $(($(date +%s) - START)) s; every stage that ran succeeded"

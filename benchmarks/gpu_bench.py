@@ -235,9 +235,13 @@ def stage_kernel(args) -> None:
         kb.make_block = lambda n, dtype, **kw: _fallback_block(n, dtype)
     meta = stage_meta(args)
     iters, reps = (10, 3) if args.quick else (50, 5)
+    cp, fz = kb.VALUES_PER_NODE, kb.VALUES_FROZEN
     meta["note"] = (
-        "bytes/iter = 62 x 4 B x nodes (24 messages in, 24 out, 12 weights, diag, "
-        f"rhs); {iters} iterations per call, median of {reps} calls"
+        "bytes/iter = values per node x 4 B x nodes, per case: coupled "
+        f"{cp} (24 messages in, 24 out, 12 weights, diag, rhs), frozen-a {fz} (12 b in, "
+        "12 out, 12 gains, rhs), each +12 with momentum (b_prev; 'm0.5' in the case): "
+        f"the default frozen-a m0.5 rows {fz + 12}; {iters} iterations per call, "
+        f"median of {reps} calls"
     )
     sink = Sink(args, "kernel", meta)
     mib = 32 if args.quick else 1024

@@ -15,7 +15,7 @@ and truth (seed ``0 … truths−1``): the bundled demo problem (Matérn prior �
 all at ``--dtype`` (float32) except where noted, every iterative method stopping on the
 same Jacobi-scaled relative residual ``‖D⁻¹(h − Qμ)‖/‖D⁻¹h‖ < tol`` (``mp_delta``
 excepted).  MP uses the demo's solver settings (c = 10, damping 0.6, momentum 0.5,
-multigrid down to 32, async exchange).
+multigrid down to the configuration's ``min_size``, 64, async exchange).
 
 Times, in seconds, for each method apart: ``setup_s`` (stencil and, for the rank-0
 methods, assembly and the AMG hierarchy; for MP the rest of the solve call: per-level
@@ -63,14 +63,20 @@ _CHILD = "MPDA_TABLE_CHILD"
 
 
 def _mp_counts(levels, s) -> tuple[int, int]:
-    """MP's global collectives and halo rounds, from the loops in ``solver.solve_level``
-    and ``cycle``: one reduction for ‖D⁻¹h‖ and one per residual/δ check (every
-    ``check_every`` iterations); each coarse-grid correction gathers and scatters the
-    coarsest level once (2 collectives).  Halo rounds: one message round per ``every``
-    iterations (plus the first), one field round per check, and per correction of a
-    level with ``k`` message-passing levels below it ``4 + 6k`` rounds of frames and
-    cavities besides one message round per coarse iteration.
+    """MP's global collectives and halo rounds, from the loops in ``solver.solve_level``,
+    ``solver._freeze`` and ``cycle``: one reduction for ‖D⁻¹h‖ and one per residual/δ
+    check (every ``check_every`` iterations); each coarse-grid correction gathers and
+    scatters the coarsest level once (2 collectives).  Halo rounds: one message round per
+    ``every`` iterations (plus the first), one field round per check, and per correction
+    of a level with ``k`` message-passing levels below it ``4 + 5k`` rounds of frames and
+    cavities besides one message round per coarse iteration.  The frozen-precision phase
+    (``precision_iterations``, not in ``iterations``) makes one reduction and one message
+    round per ``FREEZE_CHUNK`` a-only iterations; an Anderson extrapolation moves the
+    mean with a field and a message round (2), which a correction at the same check
+    makes anyway (counted in its ``4 + 5k``).
     Counted for a distributed run even on one rank, as ``krylov`` counts its exchanges."""
+    from mpda_dist.solver import FREEZE_CHUNK
+
     red = halo = 0
     mp_levels = [lr for lr in levels if lr.solver == "mp"]
     for lr in levels:
@@ -78,8 +84,11 @@ def _mp_counts(levels, s) -> tuple[int, int]:
         halo += lr.cycle_iterations
     for k, lr in enumerate(mp_levels):
         checks = math.ceil(lr.iterations / s.check_every)
-        red += 1 + checks + 2 * lr.corrections
-        halo += 1 + math.ceil(lr.iterations / s.every) + checks + (4 + 6 * k) * lr.corrections
+        frozen = math.ceil(lr.precision_iterations / FREEZE_CHUNK)
+        moves = 0 if lr.corrections else lr.extrapolations
+        red += 1 + checks + frozen + 2 * lr.corrections
+        halo += 1 + math.ceil(lr.iterations / s.every) + checks + frozen
+        halo += (4 + 5 * k) * lr.corrections + 2 * moves
     return red, halo
 
 

@@ -19,6 +19,41 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def setting(base, key: str, text: str):
+    """``text`` as the type of ``base``'s setting ``key``; bools explicitly (``bool('false')``
+    is True): true/1/yes or false/0/no, any case."""
+    if not hasattr(base, key):
+        raise SystemExit(f"no solver setting {key!r}")
+    kind = type(getattr(base, key))
+    if kind is bool:
+        if text.lower() not in TRUE + FALSE:
+            raise SystemExit(f"{key}={text!r}: not a bool (true/false, 1/0, yes/no)")
+        return text.lower() in TRUE
+    try:
+        return kind(text)
+    except ValueError:
+        raise SystemExit(f"{key}={text!r}: not a {kind.__name__}") from None
+
+
+def variant(v: str, base, min_size: int) -> tuple[int, object]:
+    """The coarsest level's side and the settings of variant ``v`` (key=value,...)."""
+    if v == "defaults":
+        return min_size, base
+    try:
+        kv = dict(x.split("=", 1) for x in v.split(","))
+    except ValueError:
+        raise SystemExit(f"variant {v!r}: not key=value[,key=value]") from None
+    ms = kv.pop("min_size", None)
+    try:
+        ms = min_size if ms is None else int(ms)
+    except ValueError:
+        raise SystemExit(f"variant {v!r}: min_size={ms!r}: not an int") from None
+    return ms, dataclasses.replace(base, **{k: setting(base, k, x) for k, x in kv.items()})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -58,20 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     def levels(min_size: int):
         return schedule(n, n, ly / (n - 1), lx / (n - 1), min_size, mg.enabled)
 
+    # every variant parsed before the first runs: a typo stops nothing half-way
+    runs = {v: variant(v, base, mg.min_size) for v in args.variants if v != "3dvar"}
     print(f"{n}² {args.fraction:.0%} truth {args.truth}", flush=True)
     for rep in range(2):
         for v in args.variants:
             if v == "3dvar":
                 r = T.run_method(comm, "3dvar", cfg, nodes, levels(mg.min_size)[-1:], base)
             else:
-                kv = dict(x.split("=", 1) for x in v.split(",")) if v != "defaults" else {}
-                ms = int(kv.pop("min_size", mg.min_size))
-                try:
-                    s = dataclasses.replace(
-                        base, **{k: type(getattr(base, k))(x) for k, x in kv.items()}
-                    )
-                except AttributeError as exc:
-                    raise SystemExit(f"variant {v!r}: no solver setting {exc.name!r}") from None
+                ms, s = runs[v]
                 r = T.run_method(comm, "mp_residual", cfg, nodes, levels(ms), s)
             if rep == 1:
                 print(
