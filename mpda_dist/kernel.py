@@ -490,7 +490,10 @@ FENCE: bool | None = None
 traced, so a change needs ``jax.clear_caches()``."""
 
 # settings read when a program is traced belong to the programs' keys (programs.py)
-key_settings(lambda: (FENCE, FUSED_MIN_UPDATES, fused.settings()))
+# (and the border form from the environment, which a benchmark may change in-process)
+key_settings(
+    lambda: (FENCE, FUSED_MIN_UPDATES, fused.settings(), os.environ.get(FORM_ENV, "").strip())
+)
 
 
 def _fenced(f, like, count: Array):

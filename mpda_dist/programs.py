@@ -16,7 +16,9 @@ cache loaded does not serialize whole (on a CPU its copy fails when run).  Each 
 function is named ``<name>_<source digest>``, so JAX's cache holds a program of this
 version only if the store once did (delete the two caches together).  Files are written
 whole (rename into place), so ranks that compile the same program at once never read
-half of one; a file that does not load is removed and the program compiled again.  The
+half of one; a file that does not read is removed and the program compiled again
+(while JAX's cache holds that program it is not stored again: delete the two caches
+together).  The
 files are pickles: the directory is created private and not used unless it is.  Each
 version of the package adds its own files; delete the directory to reclaim the space.
 
@@ -29,6 +31,7 @@ solve and its visits inside the corrections of finer levels run the same program
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -165,6 +168,7 @@ class Store:
         self.loaded = 0
         self.saved = 0
         self._checked = False
+        self._held: dict[Path, int] = {}  # the locks this process holds: their files
 
     @classmethod
     def from_env(cls) -> Store:
@@ -224,53 +228,71 @@ class Store:
 
         try:
             payload, in_tree, out_tree = pickle.loads(zlib.decompress(path.read_bytes()))
-            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-        except Exception as exc:  # damaged or stale: compile again
-            log.debug("program cache: %s does not load (%s); compiling", path, exc)
+        except Exception as exc:  # damaged (a truncated write, another format): removed
+            log.debug("program cache: %s does not read (%s); compiling", path, exc)
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
+            return None
+        try:
+            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+        except Exception as exc:  # maybe this process's trouble (device memory): kept
+            log.debug("program cache: %s does not load (%s); compiling", path, exc)
             return None
         self.loaded += 1
         return compiled
 
     # -- Sharing the work between processes (ranks on one node) ------------------------
-    # A process that compiles a program it will store first creates ``<file>.lock``
-    # (host and pid in it).  Another process's background compiles skip a locked
+    # A process that compiles a program it will store first takes an exclusive
+    # ``flock`` on ``<file>.lock``.  Another process's background compiles skip a locked
     # program and go on with the next, so two ranks that need the same programs
-    # compile about half each; a program needed now waits for the file instead.
+    # compile about half each; a program needed now waits for the file instead.  The
+    # kernel lets go of the lock when its process ends, however it ends, so a lock file
+    # left by a killed job (or naming a pid that now belongs to another process) holds
+    # no one up.  Where the file system has no locks, nobody waits: each compiles.
 
     def claim(self, path: Path) -> bool:
-        """Take the lock for ``path``: True unless another live process holds it (a
-        lock that cannot be made at all does not stop anyone)."""
+        """Take the lock for ``path``: True unless another process (or another thread's
+        claim) holds it.  A lock that cannot be made or taken does not stop anyone."""
         lock = _lock_of(path)
         for _ in range(2):
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            except FileExistsError:
-                if not _stale(lock):
-                    return False
-                with contextlib.suppress(OSError):
-                    lock.unlink()
-                continue
+                fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
             except OSError:
                 return True
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{platform.node()} {os.getpid()}")
-            return True
-        return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except OSError:  # no locks on this file system
+                os.close(fd)
+                return True
+            try:  # the holder before may have removed the file we opened: try the new one
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except OSError:
+                same = False
+            if same:
+                with contextlib.suppress(OSError):  # for people: who holds it
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{platform.node()} {os.getpid()}".encode())
+                self._held[path] = fd
+                return True
+            os.close(fd)
+        return True
 
     def release(self, path: Path) -> None:
-        with contextlib.suppress(OSError):
-            _lock_of(path).unlink()
+        fd = self._held.pop(path, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                _lock_of(path).unlink()
+            os.close(fd)
 
     def wait(self, path: Path, limit: float) -> Any:
         """While another process holds the lock for ``path`` (at most ``limit`` s): the
         program once it is stored, or None when the lock goes without it."""
         lock = _lock_of(path)
         deadline = time.monotonic() + limit
-        while time.monotonic() < deadline and not path.is_file():
-            if not lock.exists() or _stale(lock):
-                break
+        while time.monotonic() < deadline and not path.is_file() and _held(lock):
             time.sleep(0.02)
         return self.load(path)
 
@@ -297,30 +319,28 @@ class Store:
 
 
 LOCK_WAIT = 300.0  # seconds a needed program waits for another process's compile
-LOCK_STALE = 600.0  # age after which a lock from another host no longer counts
 
 
 def _lock_of(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def _stale(lock: Path) -> bool:
-    """A lock whose process is gone: on this host, its pid no longer runs; elsewhere,
-    it is older than ``LOCK_STALE``."""
+def _held(lock: Path) -> bool:
+    """Whether some process holds ``lock`` now (False when it is gone, or when the file
+    system cannot tell)."""
     try:
-        host, pid = lock.read_text().split()
-        age = time.time() - lock.stat().st_mtime
-    except (OSError, ValueError):
-        return False  # gone, or still being written
-    if host == platform.node():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
         return False
-    return age > LOCK_STALE
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # and with it the shared lock just taken
+    return False
 
 
 _STORE: Store | None = None

@@ -217,9 +217,12 @@ def test_a_program_another_process_compiles_is_skipped_then_loaded(tmp_path):
         programs.set_store(None)
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
-    """A lock whose process no longer runs (same host) does not hold anyone up; a lock
-    that goes without a stored file leaves the waiter to compile."""
+@pytest.mark.parametrize("left", ["dead pid", "live pid", "empty"])
+def test_a_lock_file_left_behind_holds_no_one_up(tmp_path, left):
+    """A lock file whose process ended (killed mid-compile) does not hold anyone up,
+    whatever it says: a pid that runs again (here pid 1) or nothing at all used to
+    make every later run wait LOCK_WAIT (300 s) per program.  A lock that goes without
+    a stored file leaves the waiter to compile."""
     import platform as pf
 
     st = programs.Store(tmp_path)
@@ -230,10 +233,42 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
         text=True,
         check=True,
     )
-    programs._lock_of(path).write_text(f"{pf.node()} {int(dead.stdout)}")
+    text = {"dead pid": f"{pf.node()} {int(dead.stdout)}", "live pid": f"{pf.node()} 1"}
+    programs._lock_of(path).write_text(text.get(left, ""))
+    t0 = time.monotonic()
+    assert st.wait(path, 5.0) is None  # no holder, no file: compile it yourself
+    assert time.monotonic() - t0 < 2.0
     assert st.claim(path)
     st.release(path)
-    assert st.wait(path, 5.0) is None  # no lock, no file: compile it yourself
+    assert not programs._lock_of(path).exists()
+
+
+def test_a_lock_another_process_holds_is_respected_until_it_ends(tmp_path):
+    """The lock is the kernel's (flock): held while its process runs, let go when it
+    is killed."""
+    st = programs.Store(tmp_path)
+    path = tmp_path / "prog-y.pkl"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(programs._lock_of(path)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not st.claim(path)
+        t0 = time.monotonic()
+        assert st.wait(path, 0.5) is None and time.monotonic() - t0 >= 0.5  # waited
+    finally:
+        holder.kill()
+        holder.wait()
+    assert st.claim(path)
+    st.release(path)
 
 
 def test_a_damaged_program_file_is_compiled_again_and_removed(tmp_path):
