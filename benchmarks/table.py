@@ -98,6 +98,7 @@ def run_method(comm, method: str, cfg, problem_nodes, levels, s) -> dict:
 
     from mpda_dist import krylov
     from mpda_dist.baselines import solve_on_root
+    from mpda_dist.config import DEFAULT_DELTA_TOL
     from mpda_dist.solver import solve
 
     lscale, amp = cfg.prior.lengthscale, cfg.prior.amplitude
@@ -139,8 +140,10 @@ def run_method(comm, method: str, cfg, problem_nodes, levels, s) -> dict:
             dtype=s.dtype,
         )
     else:
-        stopping = "delta" if method == "mp_delta" else "residual"
-        ms = dataclasses.replace(s, stopping=stopping)
+        if method == "mp_delta":  # the paper's rule and ratio
+            ms = dataclasses.replace(s, stopping="delta", tol=DEFAULT_DELTA_TOL)
+        else:
+            ms = s
         with jax.enable_x64(s.dtype == "float64"):
             result = solve(comm, levels, problem_nodes, lscale, amp, ms)
         lv = result.levels

@@ -65,6 +65,8 @@ BUNDLED_DEMO = "bundled demo config (mpda_dist/configs/demo.yaml)"
 # reachable in float32 arithmetic, so a single default would either stall float32 runs
 # or under-test float64 ones.
 DEFAULT_TOL: dict[str, float] = {"float32": 1e-5, "float64": 1e-10}
+DEFAULT_DELTA_TOL = 1e-4
+"""``stopping: delta``: the paper's ratio δ/δ₀ at which a level stops."""
 
 
 MAX_SIDE = 1 << 20
@@ -211,7 +213,8 @@ class SolverConfig(Section):
     """Solver options.  ``c`` and ``damping`` are the re-weighted BP weight and learning
     rate; ``momentum`` a heavy-ball term on the ``b`` messages (0 turns it off; it
     vanishes at the fixed point); ``tol`` is the Jacobi-scaled relative residual (or
-    delta ratio) at which to stop, None for the dtype's default (see ``effective_tol``)."""
+    ratio δ/δ₀ of ``stopping: delta``) at which to stop, None for the default (see
+    ``effective_tol``)."""
 
     method: Literal["mp", "exact", "cg", "3dvar", "amg_cg"] = "mp"
     c: float = opt(10.0, nonzero=True)
@@ -231,8 +234,13 @@ class SolverConfig(Section):
     exchange: ExchangeConfig = opt(factory=ExchangeConfig)
 
     def effective_tol(self) -> float:
-        """The stopping tolerance in force: ``tol``, or 1e-5 (float32) / 1e-10 (float64)."""
-        return self.tol if self.tol is not None else DEFAULT_TOL[self.dtype]
+        """The stopping tolerance in force: ``tol``, or 1e-5 (float32) / 1e-10 (float64);
+        with ``method: mp`` and ``stopping: delta``, the ratio δ/δ₀, 1e-4 by default."""
+        if self.tol is not None:
+            return self.tol
+        if self.method == "mp" and self.stopping == "delta":
+            return DEFAULT_DELTA_TOL
+        return DEFAULT_TOL[self.dtype]
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,11 +30,28 @@ from mpda_dist.programs import Programs, add, on_device, zeros
 log = logging.getLogger("mpda_dist")
 
 CONVERGED, CAPPED, DIVERGED = "converged", "max_iterations", "diverged"
-STALL = 5  # δ rule: checks without a 10 % fall of δ that count as converged
+STALL = 5  # δ rule: checks without a new low of δ (1 % under the last) that count as converged
 FREEZE_CAP = 2000  # most a-only iterations before falling back to the coupled update
 UNFREEZE_AFTER = 10  # checks without a 10 % fall of the residual before a moves again
 FREEZE_CHUNK = 10  # a-only iterations per call while the precisions converge
 INTERRUPTED = "interrupted"  # a signal asked for a checkpoint and a stop
+
+
+@dataclass
+class Stall:
+    """Checks in a row since ``value`` last fell below ``fall`` times its value at the
+    previous such fall: a slow but steady fall resets it now and then, a floor never."""
+
+    fall: float
+    ref: float = math.inf
+    checks: int = 0
+
+    def update(self, value: float) -> int:
+        if value < self.fall * self.ref:
+            self.ref, self.checks = value, 0
+        else:
+            self.checks += 1
+        return self.checks
 
 
 @dataclass(frozen=True)
@@ -184,7 +201,8 @@ def solve_level(
             decomp, mex, op, a, b, halo, p, jit, already=done_before
         )
     it, best, delta0 = 0, math.inf, None
-    dmin, stall, since_best = math.inf, 0, 0
+    # a residual with no 10 % fall in UNFREEZE_AFTER checks; a δ with no new low
+    resid_stall, delta_stall = Stall(0.9), Stall(0.99)
     acc = anderson.Extrapolation(s.anderson, (by, bx), npdt) if s.anderson else None
     if acc is not None and start is not None:
         acc.restore(*(start.history or (None, None)), start.history_count, start.history_last)
@@ -242,12 +260,9 @@ def solve_level(
         if tot[1] > 0 or not math.isfinite(rel) or rel > s.divergence_factor * best:
             res.status = DIVERGED
             break
-        if rel < 0.9 * best:
-            since_best = 0
-        else:
-            since_best += 1
+        stalled = resid_stall.update(rel) >= UNFREEZE_AFTER
         best = min(best, rel)
-        if g is not None and since_best >= UNFREEZE_AFTER:
+        if g is not None and stalled:
             # Safety net: a frozen a that is not quite at its fixed point leaves the
             # residual on a floor; the coupled update moves a again.
             g = None
@@ -260,14 +275,12 @@ def solve_level(
             done = rel < s.tol
         else:
             delta0 = delta if delta0 is None else delta0
-            # The paper's rule, δ ≤ 1e-4 δ₀; and a stop when δ has not fallen by 10 %
-            # over STALL checks: a level that starts close to its answer (from the one
-            # below) has δ₀ so small that 1e-4 δ₀ lies under the dtype's rounding floor.
-            if delta < 0.9 * dmin:
-                dmin, stall = delta, 0
-            else:
-                stall += 1
-            done = it > check and (delta <= 1e-4 * delta0 or stall >= STALL)
+            # The paper's rule, δ ≤ tol δ₀ (tol 1e-4); and a stop when δ has reached no
+            # new low in STALL checks: a level that starts close to its answer (from the
+            # one below) has δ₀ so small that tol δ₀ lies under the dtype's rounding
+            # floor, where δ wanders.  A δ that falls, however slowly, goes on.
+            stall = delta_stall.update(delta)
+            done = it > check and (delta <= s.tol * delta0 or stall >= STALL)
         if done:
             res.status = CONVERGED
             break

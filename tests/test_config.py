@@ -95,6 +95,9 @@ def test_empty_file_and_partial_sections_take_defaults(tmp_path: Path) -> None:
 def test_effective_tol_follows_dtype(dtype: str, tol: float) -> None:
     assert SolverConfig(dtype=dtype).effective_tol() == tol
     assert SolverConfig(dtype=dtype, tol=1e-3).effective_tol() == 1e-3
+    # the δ rule's ratio (the paper's 1e-4) for message passing; not for a baseline
+    assert SolverConfig(dtype=dtype, stopping="delta").effective_tol() == 1e-4
+    assert SolverConfig(dtype=dtype, stopping="delta", method="cg").effective_tol() == tol
 
 
 def test_int_accepted_for_float_and_lists_become_tuples(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 from _problems import problem, rel_rmse
 from mpi4py import MPI
 
-from mpda_dist.solver import CONVERGED, DIVERGED, Settings, solve
+from mpda_dist.solver import CONVERGED, DIVERGED, STALL, UNFREEZE_AFTER, Settings, Stall, solve
 
 
 def run(levels, nodes, **kw):
@@ -83,11 +83,30 @@ def test_multigrid_reaches_the_single_level_fixed_point():
 
 def test_delta_rule_stops_early_and_is_less_accurate():
     _, nodes, levels, exact = problem(24, 32, 0.05)
-    delta = run(levels[-1:], nodes, dtype="float64", stopping="delta", momentum=0.0)
+    delta = run(levels[-1:], nodes, dtype="float64", stopping="delta", momentum=0.0, tol=1e-4)
     resid = run(levels[-1:], nodes, dtype="float64", tol=1e-12, momentum=0.0)
     assert delta.status == CONVERGED
     assert delta.levels[-1].iterations < resid.levels[-1].iterations
     assert rel_rmse(resid.anomaly, exact) < rel_rmse(delta.anomaly, exact)
+    # solver.tol is the rule's ratio δ/δ₀ (it was ignored: always 1e-4)
+    loose = run(levels[-1:], nodes, dtype="float64", stopping="delta", momentum=0.0, tol=1e-2)
+    assert loose.status == CONVERGED
+    assert loose.levels[-1].iterations < delta.levels[-1].iterations
+
+
+def test_stall_counts_checks_without_a_fall_from_the_last_fall():
+    """The stall counters (the unfreeze safety net: 10 % over 10 checks; the δ rule: a
+    new low, 1 %, within 5 checks) do not fire on a slow steady fall.  The residual's
+    used to compare each check with the one before, so 2 % per check counted as
+    stalled after 10 checks (it unfroze at a residual far above the floor)."""
+    steady = Stall(0.9)
+    assert max(steady.update(0.98**k) for k in range(200)) < UNFREEZE_AFTER
+    slow = Stall(0.99)  # δ falling 1.6 % per check: no stop
+    assert max(slow.update(0.984**k) for k in range(200)) == 0
+    floor = Stall(0.99)  # δ wandering on a floor: stops
+    rng = np.random.default_rng(0)
+    counts = [floor.update(1e-7 * (1 + 0.05 * rng.standard_normal())) for _ in range(60)]
+    assert max(counts) >= STALL
 
 
 def test_diverging_setting_is_reported():
