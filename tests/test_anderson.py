@@ -78,7 +78,7 @@ def _run(levels, nodes, depth):
 
 
 def test_mixing_cuts_the_iterations_and_keeps_the_answer():
-    _, nodes, levels, exact = problem(130, 130, 0.05, seed=2)
+    _, nodes, levels, exact = problem(66, 66, 0.05, seed=2)
     mixed, plain = _run(levels, nodes, 2), _run(levels, nodes, 0)
     assert mixed.status == plain.status == CONVERGED
     assert mixed.levels[-1].extrapolations > 0 and plain.levels[-1].extrapolations == 0
