@@ -672,16 +672,17 @@ def _lockstep(s: Settings) -> Settings | None:
 
 def _warm_states(hier: Any, i: int) -> list[tuple]:
     """Copies of the coarser message-passing levels' warm messages (which level ``i``'s
-    corrections continue from and update), to start a second try from."""
+    corrections continue from and update) and iteration counts, to start a second try
+    from (the first try's iterations are not reported as the levels' work)."""
     return [
-        tuple(None if x is None else on_device(x) for x in (sm.a, sm.b, sm.bp, sm.g))
+        (*(None if x is None else on_device(x) for x in (sm.a, sm.b, sm.bp, sm.g)), sm.iterations)
         for sm in hier.smoothers[1:i]
     ]
 
 
 def _restore_warm_states(hier: Any, warm: list[tuple]) -> None:
-    for sm, (a, b, bp, g) in zip(hier.smoothers[1:], warm, strict=False):
-        sm.a, sm.b, sm.bp, sm.g = a, b, bp, g
+    for sm, (a, b, bp, g, n) in zip(hier.smoothers[1:], warm, strict=False):
+        sm.a, sm.b, sm.bp, sm.g, sm.iterations = a, b, bp, g, n
 
 
 class ResumeError(ValueError):
