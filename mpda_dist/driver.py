@@ -314,6 +314,8 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
         CAPPED,
         DIVERGED,
         INTERRUPTED,
+        STAGNANT,
+        STALLED,
         CheckpointError,
         ResumeError,
         solve,
@@ -437,6 +439,15 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
             f"the solver diverged at level {len(level_results)} "
             f"(residual {level_results[-1].residual:.3e}); {hint}; no output was written",
             EXIT_DIVERGED,
+        )
+    if status == STALLED:
+        raise RunError(
+            f"not converged: the residual stalled at {level_results[-1].residual:.3e} > tol "
+            f"{s.tol:.1e} (no 10 % fall in {STAGNANT} checks, after "
+            f"{level_results[-1].iterations} iterations): below what solver.dtype "
+            f"{s.dtype} reaches here; try solver.dtype: float64 or a larger solver.tol; "
+            "no output was written",
+            EXIT_NOT_CONVERGED,
         )
     if status == CAPPED:
         raise RunError(

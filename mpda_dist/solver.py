@@ -30,6 +30,10 @@ from mpda_dist.programs import Programs, add, on_device, zeros
 log = logging.getLogger("mpda_dist")
 
 CONVERGED, CAPPED, DIVERGED = "converged", "max_iterations", "diverged"
+STALLED = "stalled"  # the residual rule: no progress for STAGNANT checks, above tol
+STAGNANT = 30  # checks (and STAGNANT_ITERATIONS iterations) without a 10 % fall
+STAGNANT_ITERATIONS = 500
+STAGNANT_ULPS = 1000  # ... and only below this many units of rounding (float32: 1.2e-4)
 STALL = 5  # δ rule: checks without a new low of δ (1 % under the last) that count as converged
 FREEZE_CAP = 2000  # most a-only iterations before falling back to the coupled update
 UNFREEZE_AFTER = 10  # checks without a 10 % fall of the residual before a moves again
@@ -203,6 +207,7 @@ def solve_level(
     it, best, delta0 = 0, math.inf, None
     # a residual with no 10 % fall in UNFREEZE_AFTER checks; a δ with no new low
     resid_stall, delta_stall = Stall(0.9), Stall(0.99)
+    floor = STAGNANT_ULPS * float(np.finfo(npdt).eps)  # a residual this small may stall
     acc = anderson.Extrapolation(s.anderson, (by, bx), npdt) if s.anderson else None
     if acc is not None and start is not None:
         acc.restore(*(start.history or (None, None)), start.history_count, start.history_last)
@@ -273,6 +278,15 @@ def solve_level(
                 log.info("  residual stalled at %.3e: iterating a and b together again", rel)
         if s.stopping == "residual":
             done = rel < s.tol
+            # No 10 % fall for long, with a moving (the safety net has run), near the
+            # dtype's rounding: its floor lies above tol.  A level gives up instead of
+            # running to max_iterations; the final level's is not converged (exit 4).
+            # (Far above rounding, a level that stops falling may be diverging slowly:
+            # left to the divergence check and the lockstep retry.)
+            stuck = resid_stall.checks * check >= STAGNANT_ITERATIONS and rel < floor
+            if not done and g is None and resid_stall.checks >= STAGNANT and stuck:
+                res.status = STALLED
+                break
         else:
             delta0 = delta if delta0 is None else delta0
             # The paper's rule, δ ≤ tol δ₀ (tol 1e-4); and a stop when δ has reached no

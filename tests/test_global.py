@@ -413,11 +413,11 @@ def test_too_many_track_points_is_an_input_error():
         globe.satellite_swaths((33, 64), (-80.0, 80.0), 4, 1e-12, 3.0)
 
 
-def test_a_stalled_frozen_level_unfreezes_and_converges(tmp_path):
-    """float32 with c < 0 (the sphere configs): without Anderson mixing, the frozen
-    gains' rounding leaves the residual on a floor above 1e-5 (measured 2.6e-5 here);
-    the solver notices, moves a again and converges to the answer of the coupled
-    update.  With the default mixing the frozen level converges too (no floor seen)."""
+def test_frozen_levels_converge_to_the_coupled_answer_on_the_sphere(tmp_path):
+    """float32 with c < 0 (the sphere configs), with and without Anderson mixing: the
+    frozen precisions reach the coupled update's answer.  (Without mixing, the safety
+    net used to move a again here: its count fired on a slow steady fall, taken for a
+    floor; tests/test_solver.py checks the net where float32 really floors.)"""
     runs = {
         "stalls": ("true", "0"),
         "mixed": ("true", "2"),
@@ -432,8 +432,6 @@ def test_a_stalled_frozen_level_unfreezes_and_converges(tmp_path):
             "--set", f"solver.anderson={depth}",
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
-        if name == "stalls":
-            assert "iterating a and b together again" in proc.stderr
         with h5py.File(out) as f:
             rmse[name] = f.attrs["rmse_analysis"]
     for name in ("stalls", "mixed"):

@@ -8,7 +8,16 @@ import pytest
 from _problems import problem, rel_rmse
 from mpi4py import MPI
 
-from mpda_dist.solver import CONVERGED, DIVERGED, STALL, UNFREEZE_AFTER, Settings, Stall, solve
+from mpda_dist.solver import (
+    CONVERGED,
+    DIVERGED,
+    STALL,
+    STALLED,
+    UNFREEZE_AFTER,
+    Settings,
+    Stall,
+    solve,
+)
 
 
 def run(levels, nodes, **kw):
@@ -120,6 +129,17 @@ def test_iteration_cap_is_reported():
     _, nodes, levels, _ = problem(24, 24, 0.05)
     res = run(levels[-1:], nodes, dtype="float64", tol=1e-14, max_iterations=100)
     assert res.status == "max_iterations" and res.levels[-1].iterations == 100
+
+
+def test_a_tolerance_under_the_dtype_floor_stalls_early():
+    """float32 cannot reach 1e-9: after the safety net has moved ``a`` again, a level
+    with no 10 % fall for STAGNANT checks stops as stalled, not at max_iterations
+    (it used to run all 20000)."""
+    _, nodes, levels, _ = problem(24, 24, 0.05)
+    res = run(levels[-1:], nodes, dtype="float32", tol=1e-9, max_iterations=20000)
+    lv = res.levels[-1]
+    assert res.status == STALLED and lv.unfrozen_at > 0, lv
+    assert lv.iterations < 5000 and 1e-9 < lv.residual < 1e-5, lv
 
 
 def test_frozen_precisions_update_equals_the_coupled_update():
