@@ -112,6 +112,7 @@ def worker(args) -> int:
             "solver.anderson=0",
             f"solver.max_iterations={args.iterations}",
             "solver.tol=1.0e-30",
+            "solver.stall_checks=0",  # never stops early, even on a rounding floor
             f"solver.check_every={args.check_every}",
             f"solver.dtype={args.dtype}",
             "logging.heartbeat_seconds=0",

@@ -223,6 +223,9 @@ class SolverConfig(Section):
     stopping: Literal["residual", "delta"] = "residual"
     tol: float | None = opt(None, gt=0.0)
     check_every: int = opt(10, ge=1)
+    # Checks without a 10 % fall of the residual, near the dtype's rounding and above
+    # tol, after which a level stops as stalled (at least 500 iterations; 0: never).
+    stall_checks: int = opt(30, ge=0)
     # Anderson mixing of the last `anderson` + 1 check means (mpda_dist/anderson.py).
     anderson: int = opt(2, ge=0)
     max_iterations: int = opt(10000, ge=1)

@@ -287,6 +287,7 @@ def settings_from(cfg: Any) -> Any:
         cycle=s.multigrid.cycle,
         smoothing=s.multigrid.smoothing,
         anderson=s.anderson,
+        stall_checks=s.stall_checks,
     )
 
 
@@ -314,7 +315,6 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
         CAPPED,
         DIVERGED,
         INTERRUPTED,
-        STAGNANT,
         STALLED,
         CheckpointError,
         ResumeError,
@@ -441,12 +441,13 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
             EXIT_DIVERGED,
         )
     if status == STALLED:
+        fix = "solver.dtype: float64 or " if s.dtype == "float32" else ""
         raise RunError(
             f"not converged: the residual stalled at {level_results[-1].residual:.3e} > tol "
-            f"{s.tol:.1e} (no 10 % fall in {STAGNANT} checks, after "
-            f"{level_results[-1].iterations} iterations): below what solver.dtype "
-            f"{s.dtype} reaches here; try solver.dtype: float64 or a larger solver.tol; "
-            "no output was written",
+            f"{s.tol:.1e} (no 10 % fall in {s.stall_checks} checks, after "
+            f"{level_results[-1].iterations} iterations): below what {s.dtype} reaches "
+            f"here; try {fix}a larger solver.tol (solver.stall_checks: 0 runs on to "
+            "max_iterations); no output was written",
             EXIT_NOT_CONVERGED,
         )
     if status == CAPPED:

@@ -30,9 +30,8 @@ from mpda_dist.programs import Programs, add, on_device, zeros
 log = logging.getLogger("mpda_dist")
 
 CONVERGED, CAPPED, DIVERGED = "converged", "max_iterations", "diverged"
-STALLED = "stalled"  # the residual rule: no progress for STAGNANT checks, above tol
-STAGNANT = 30  # checks (and STAGNANT_ITERATIONS iterations) without a 10 % fall
-STAGNANT_ITERATIONS = 500
+STALLED = "stalled"  # the residual rule: no progress for stall_checks checks, above tol
+STAGNANT_ITERATIONS = 500  # at least this many iterations without a 10 % fall, too
 STAGNANT_ULPS = 1000  # ... and only below this many units of rounding (float32: 1.2e-4)
 STALL = 5  # δ rule: checks without a new low of δ (1 % under the last) that count as converged
 FREEZE_CAP = 2000  # most a-only iterations before falling back to the coupled update
@@ -79,6 +78,7 @@ class Settings:
     cycle: str = "fas"  # "fas": coarse-grid corrections at every check; "nested": starts only
     smoothing: int = 20  # iterations per visit of a coarser level in a correction
     anderson: int = 2  # check means mixed per extrapolation (anderson.py; 0: off)
+    stall_checks: int = 30  # checks without a 10 % fall near rounding: stalled (0: never)
 
 
 @dataclass
@@ -284,7 +284,8 @@ def solve_level(
             # (Far above rounding, a level that stops falling may be diverging slowly:
             # left to the divergence check and the lockstep retry.)
             stuck = resid_stall.checks * check >= STAGNANT_ITERATIONS and rel < floor
-            if not done and g is None and resid_stall.checks >= STAGNANT and stuck:
+            stuck = stuck and 0 < s.stall_checks <= resid_stall.checks
+            if not done and g is None and stuck:
                 res.status = STALLED
                 break
         else:

@@ -28,13 +28,15 @@ BIN = Path(sys.executable).parent
 MPIEXEC, MPDA = BIN / "mpiexec", BIN / "mpda"
 MARKER = "MPDA_FAULT_TEST"
 
-# A run that would go on for ever (tol 1e-30 is never met): every rank is iterating and
-# exchanging messages when the fault comes.  One level, both ranks busy on it.
+# A run that would go on for ever (tol 1e-30 is never met, no stall stop): every rank
+# is iterating and exchanging messages when the fault comes.  One level, both ranks
+# busy on it.
 FOREVER = [
     str(ROOT / "configs" / "small.yaml"),
     *("--set", "grid.nx=40", "--set", "grid.ny=40"),
     *("--set", "solver.multigrid.enabled=false"),
     *("--set", "solver.tol=1e-30", "--set", "solver.max_iterations=1000000000"),
+    *("--set", "solver.stall_checks=0"),
 ]
 START_TIMEOUT = 150  # s until the solve runs (JAX import and compilation included)
 EXIT_BOUND = 15  # s allowed from the fault to the launcher's exit (seen: < 1 s)

@@ -38,10 +38,11 @@ VENV = Path(sys.executable).parent.parent
 MPDA = VENV / "bin" / "mpda"
 CONFIG = "configs/small.yaml"  # relative to the submit directory, as users write it
 SMALL = ["--set", "grid.nx=40", "--set", "grid.ny=40", "--set", "solver.multigrid.min_size=20"]
-# A run that never ends by itself (tol 1e-30 is never met): what a job too big for its
-# time limit looks like.  The iteration cap is the same in every job that resumes.
+# A run that never ends by itself (tol 1e-30 is never met, and no stall stop): what a
+# job too big for its time limit looks like.  The iteration cap is the same in every
+# job that resumes.
 MANY = ["--set", "solver.max_iterations=1000000000"]
-FOREVER = [*MANY, "--set", "solver.tol=1e-30"]
+FOREVER = [*MANY, "--set", "solver.tol=1e-30", "--set", "solver.stall_checks=0"]
 # One node: shared memory is all UCX needs, and a shorter address seems to make the
 # srun MPI_Init failure rarer (20/20 launches vs 19/20 in a loop).
 SRUN = {"LAUNCHER": "srun", "UCX_TLS": "self,sm"}

@@ -133,7 +133,7 @@ def test_iteration_cap_is_reported():
 
 def test_a_tolerance_under_the_dtype_floor_stalls_early():
     """float32 cannot reach 1e-9: after the safety net has moved ``a`` again, a level
-    with no 10 % fall for STAGNANT checks stops as stalled, not at max_iterations
+    with no 10 % fall for solver.stall_checks checks stops as stalled, not at max_iterations
     (it used to run all 20000)."""
     _, nodes, levels, _ = problem(24, 24, 0.05)
     res = run(levels[-1:], nodes, dtype="float32", tol=1e-9, max_iterations=20000)
