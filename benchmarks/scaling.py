@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         "the busy share seen is recorded (default 30; 0: do not wait)",
     )
     ap.add_argument("--csv", default="benchmarks/out/scaling.csv")
-    ap.add_argument("--png", default="benchmarks/out/scaling.png")
+    ap.add_argument("--png", default=None, help="the figure (default: next to --csv, suffix .png)")
     # worker-only
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kind", choices=["strong", "weak"], help=argparse.SUPPRESS)
@@ -659,7 +659,9 @@ def main(argv: list[str] | None = None) -> int:
         notes,
         json_rows=rows + [dict(kind="model", **m) for m in model],
     )
-    png = Path(args.png)
+    # next to the CSV by default: a small run with --csv elsewhere left the committed
+    # figure overwritten
+    png = Path(args.png) if args.png else Path(args.csv).with_suffix(".png")
     png.parent.mkdir(parents=True, exist_ok=True)
     if model:
         plot(rows, model, png)
