@@ -22,9 +22,11 @@ def check(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout
 
 
+# split along y, along x, both (corners); a row of blocks with a middle one is the
+# three-rank test below (4 x 1 added nothing to it but a compile)
 @pytest.mark.parametrize(
     "n,px,py",
-    [(2, 1, 2), (2, 2, 1), (4, 2, 2), (4, 4, 1)],
+    [(2, 1, 2), (2, 2, 1), (4, 2, 2)],
 )
 def test_sync_equals_one_rank(n, px, py):
     check(mpirun(n, "sync_equals_serial", "26", "30", str(px), str(py)))
