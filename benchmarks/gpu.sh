@@ -37,7 +37,8 @@
 # strips serial jaxcache"; they run in that order, and the budget skips what is left)
 # picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
 # other (RESULTS §17), =all makes the kernel stage time the coupled
-# update and the strips form too (default frozen: the frozen update, pads against fused).
+# update and the strips form too (default frozen: the frozen update, pads against fused);
+# GPU_BENCH_KERNEL_SIZES="1024" times those sizes only (default 1024 2048 4096).
 # Results: $OUT/gpu_results.csv (+ .json metadata, + gpu_log.txt) when OUT is set,
 # else ./gpu_results.csv.  Every stage runs and the report is printed whatever happens;
 # the exit status is 1 when a stage (or the report) FAILED or hit its TIMEOUT, else 0.
@@ -159,7 +160,7 @@ else
 fi
 
 stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV" \
-    --cases "${GPU_BENCH_KERNEL_CASES:-frozen}"
+    --cases "${GPU_BENCH_KERNEL_CASES:-frozen}" ${GPU_BENCH_KERNEL_SIZES:+--sizes $GPU_BENCH_KERNEL_SIZES}
 stage solve $L_S "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
     --exact-dir "$EXACT_DIR" --exact-wait 40
 stage pads $L_S env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py solve $QUICK \

@@ -250,7 +250,7 @@ def stage_kernel(args) -> None:
     sink.add([("kernel", "device triad", "bandwidth", tri["triad_gbs"], "GB/s")])
     # the border forms (mpda_dist.kernel.FORMS) and the fused frozen pass: on an H100
     # "pads" is ~5x faster than "strips" (RESULTS §15), on a CPU "strips" ~2x faster
-    sizes = pick("kernel", args.quick)
+    sizes = args.sizes or pick("kernel", args.quick)
     for n, frozen, form, mom, k, fence, knobs in _kernel_cases(args.cases, sizes, iters):
         case = _case_name(n, frozen, form, mom, k, iters, fence, knobs)
         try:
@@ -335,8 +335,8 @@ def _sweep_cases(sizes: list[int], iters: int) -> list[tuple]:
     """``fused`` settings against each other (momentum 0.5, ``iters`` per call): the
     defaults, the settings of §15, stores in slot order, eviction hints at every size;
     at the two smaller sizes also programs down columns of tiles, unaligned rows, rows
-    from a 128-byte line (a lead of 32 values), 4 warps, and two more tiles (with 4
-    and 8 warps)."""
+    from a 128-byte line (a lead of 32 values), 4 warps, and four more tiles (4 × 128
+    and 8 × 64 with 4 warps, 8 × 256 and 4 × 128 with 8)."""
     from mpda_dist.kernel import FUSED
 
     every = [None, OLD, {"store_last": False}, {"hints": True}]
@@ -347,6 +347,8 @@ def _sweep_cases(sizes: list[int], iters: int) -> list[tuple]:
         {"warps": 4},
         {"tile": (4, 128), "warps": 4},
         {"tile": (8, 256), "warps": 8},
+        {"tile": (4, 128), "warps": 8},
+        {"tile": (8, 64), "warps": 4},
     ]
     cases = [(n, True, FUSED, 0.5, iters, None, v) for n in sizes for v in every]
     cases += [(n, True, FUSED, 0.5, iters, None, v) for n in sizes[:2] for v in some]
@@ -859,6 +861,15 @@ def main(argv: list[str] | None = None) -> int:
         help="kernel stage: the frozen update's rows, pads against the hand-written fused "
         "pass (default); sweep: the fused pass's settings against each other; or all: "
         "the coupled update and the strips form too",
+    )
+    ap.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="kernel stage: grid sizes n (n x n) instead of the default "
+        f"{' '.join(map(str, SIZES['kernel'][0]))} (--quick: "
+        f"{' '.join(map(str, SIZES['kernel'][1]))})",
     )
     ap.add_argument("--dir", default="/tmp/mpda_exact", help="exact stage: output folder")
     ap.add_argument("--exact-dir", default=None, help="solve stage: where exact .npz files are")
