@@ -1,6 +1,7 @@
 # mpda_dist developer targets.  Everything runs from the project venv (.venv), which
 # `make venv` creates once and re-installs into whenever pyproject.toml changes.
 #   make run NP=4 ARGS="configs/small.yaml -o out.h5"
+#   make test TEST_WORKERS=0 PYTEST_ARGS="-k io -x"
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
@@ -9,6 +10,9 @@ STAMP  := $(VENV)/.installed-stamp
 NP     ?= 2
 ARGS   ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`: 2 fills the 2-core CI machine (the suite is bound
+# by XLA's compiles, one core each); 0 runs every test in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: venv run test lint format clean
 
@@ -27,7 +31,7 @@ run: venv
 	$(BIN)/mpiexec -n $(NP) $(BIN)/mpda run $(ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

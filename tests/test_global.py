@@ -20,6 +20,8 @@ GLOBAL = Path(__file__).parents[1] / "configs" / "global.yaml"
 GLOBAL_FULL = Path(__file__).parents[1] / "configs" / "global_full.yaml"
 # A small globe: a 4-degree grid, the config's satellite swaths.
 SMALL = ["--set", "grid.nx=90", "--set", "grid.ny=41", "--set", "solver.exchange.every=1"]
+# under pytest-xdist (make test) all on one worker: the module-scoped runs happen once
+pytestmark = pytest.mark.xdist_group("global")
 
 
 def mpda(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ def independent_l(ny: int, nx: int, extent, lengthscale, amplitude) -> sp.csr_ma
     kappa = np.sqrt(2.0) / lengthscale
     q = 4 * np.pi * kappa**2
     s = np.sqrt(dx * dy / (q * amplitude**2))
-    d2 = lambda k, h: sp.diags([1, -2, 1], [-1, 0, 1], shape=(k, k)) / h**2  # noqa: E731
+    d2 = lambda k, h: sp.diags([1.0, -2.0, 1.0], [-1, 0, 1], shape=(k, k)) / h**2  # noqa: E731
     lap = sp.kron(sp.eye(n), d2(m, dx)) + sp.kron(d2(n, dy), sp.eye(m))
     return (s * (kappa**2 * sp.eye(n * m) - lap)).tocsr()
 

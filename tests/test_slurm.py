@@ -52,7 +52,11 @@ ATTEMPTS = 3
 SRUN_ATTEMPTS = 4  # the failure often comes several times in a row under load
 
 REASON = unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+pytestmark = [
+    pytest.mark.skipif(REASON is not None, reason=REASON or ""),
+    # under pytest-xdist (make test) all on one worker: one cluster, one reference job
+    pytest.mark.xdist_group("slurm"),
+]
 
 try:
     import mpda_dist.checkpoint  # noqa: F401
