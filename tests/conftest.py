@@ -12,6 +12,13 @@ os.environ.setdefault(
     os.path.join(tempfile.gettempdir(), f"mpda-tests-jax-{os.getuid()}"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# XLA's backend (LLVM) at optimisation level 0: the suite is bound by compiling, not by
+# running, and this takes its CPU time from about 21 to 16 minutes (benchmarks/RESULTS.md
+# §22).  The HLO passes (fusion, buffer reuse, what the no-copy tests read) are the same.
+# A level the user's XLA_FLAGS sets wins.
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "--xla_backend_optimization_level" not in _FLAGS:
+    os.environ["XLA_FLAGS"] = f"{_FLAGS} --xla_backend_optimization_level=0".strip()
 _OWN_STORE = "MPDA_PROGRAM_CACHE_DIR" not in os.environ
 os.environ.setdefault(
     "MPDA_PROGRAM_CACHE_DIR",
