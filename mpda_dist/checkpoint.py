@@ -144,7 +144,7 @@ def read(path: str) -> State:
                 history_last=float(f.attrs.get("history_last", math.inf)),
                 config=str(f.attrs.get("config", "")),
             )
-    except (OSError, KeyError, ValueError) as exc:
+    except io.H5_FAILURES as exc:  # a damaged file raises any of them
         if isinstance(exc, io.InputError):
             raise
         raise io.InputError(f"{path}: cannot read checkpoint ({exc})") from exc

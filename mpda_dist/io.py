@@ -58,7 +58,7 @@ class InputError(ValueError):
 # What h5py raises on damaged files varies with the damage: OSError for a bad signature
 # or truncation, KeyError/RuntimeError for broken links and heaps, ValueError/TypeError
 # for a garbled datatype message.  All of them mean "this file cannot be read".
-_H5_FAILURES = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+H5_FAILURES = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
 
 @contextlib.contextmanager
@@ -72,7 +72,7 @@ def _open_h5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
         raise InputError(f"{p}: not a regular file")
     try:
         f = h5py.File(p, "r")
-    except _H5_FAILURES as exc:
+    except H5_FAILURES as exc:
         # h5py says "file signature not found" for non-HDF5 and "truncated file" for a
         # copy cut short; both are worth passing on.
         raise InputError(f"{p}: cannot open as HDF5 ({exc})") from None
@@ -81,7 +81,7 @@ def _open_h5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
             yield f
     except InputError:
         raise
-    except _H5_FAILURES as exc:
+    except H5_FAILURES as exc:
         raise InputError(
             f"{p}: cannot be read; the file looks damaged or truncated "
             f"({type(exc).__name__}: {exc})"
@@ -124,7 +124,7 @@ def _values(f: h5py.File, ds: h5py.Dataset) -> np.ndarray:
     """A dataset checked by :func:`_numeric`, read as float64."""
     try:
         return np.asarray(ds[()], dtype=np.float64)
-    except _H5_FAILURES as exc:  # data blocks missing from a truncated or damaged file
+    except H5_FAILURES as exc:  # data blocks missing from a truncated or damaged file
         raise InputError(f"{f.filename}: dataset '{ds.name}' cannot be read ({exc})") from None
     except MemoryError:
         raise InputError(

@@ -274,10 +274,11 @@ def _progress(blk: _Block, res: LevelResult, it: int, rel: float, s: KrylovSetti
 def _stagnated(rel: float, s: KrylovSettings) -> None:
     log.warning(
         "stopped at residual %.3e > tol %.1e: the true residual no longer decreases "
-        "(rounding floor of %s); use solver.dtype=float64 or a larger tol",
+        "(rounding floor of %s); use %sa larger tol",
         rel,
         s.tol,
         s.dtype,
+        "solver.dtype=float64 or " if s.dtype == "float32" else "",
     )
 
 

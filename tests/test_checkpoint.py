@@ -11,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 BIN = Path(sys.executable).parent
 SMALL = Path(__file__).parents[1] / "configs" / "small.yaml"
@@ -97,6 +98,40 @@ def test_resume_from_a_bad_file_is_a_clear_error(tmp_path):
     assert not (tmp_path / "o.h5").exists()
 
 
+@pytest.mark.parametrize("error", [RuntimeError, TypeError])
+def test_a_damaged_checkpoint_is_an_input_error(tmp_path, monkeypatch, error):
+    """h5py raises RuntimeError or TypeError on some damage (broken heaps, a garbled
+    datatype): that is a bad file too, exit 2 naming it, not a crash (review helper)."""
+    from mpda_dist import checkpoint, io
+
+    def damaged(*_args, **_kwargs):
+        raise error("damaged")
+
+    monkeypatch.setattr(checkpoint.h5py, "File", damaged)
+    with pytest.raises(io.InputError, match="c.h5: cannot read checkpoint"):
+        checkpoint.read(str(tmp_path / "c.h5"))
+
+
+def test_a_signal_ends_a_baseline_run(tmp_path):
+    """The baselines cannot checkpoint; SIGTERM ends them at once with no output.  It
+    used to be caught for message passing's checkpoint and never looked at, so a cg run
+    went on to the end (review helper)."""
+    cmd = [str(BIN / "mpda"), "run", str(SMALL), "-o", "o.h5"]
+    cmd += ["--set", "solver.method=cg", "--set", "solver.tol=1e-300"]
+    cmd += ["--set", "solver.max_iterations=10000000", "--set", "solver.dtype=float64"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.monotonic() + 120
+        while "cg on" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, log.read_text()
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    assert rc == -signal.SIGTERM, log.read_text()
+    assert not (tmp_path / "o.h5").exists()
+
+
 def test_resume_on_another_grid_is_a_clear_error(tmp_path):
     """A checkpoint of a 40 x 40 run (levels 20 and 40) given to a 36 x 36 one: exit 2
     naming the file and the shapes, not a divergence or a traceback."""
@@ -159,7 +194,6 @@ def test_a_checkpoint_that_fails_on_the_timer_does_not_stop_the_solve(
 def test_a_checkpoint_that_fails_on_a_signal_is_an_error(tmp_path, monkeypatch):
     """Exit 5 says a checkpoint was written: when it was not, the stop is an error
     naming the file (the driver makes it exit 2)."""
-    import pytest
 
     from mpda_dist.checkpoint import Requests
     from mpda_dist.solver import CheckpointError
