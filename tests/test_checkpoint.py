@@ -36,6 +36,16 @@ def mpda(tmp: Path, *args: str, ranks: int = 1) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp)
 
 
+def _start_and_wait_for(cmd, fh, log: Path, text: str, cwd: Path) -> subprocess.Popen:
+    """Start ``cmd`` with its output in ``fh`` (the file ``log``) and wait until the
+    output holds ``text`` (at most 120 s)."""
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
+    deadline = time.monotonic() + 120
+    while text not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc
+
+
 def test_signal_checkpoint_and_resume_equal_an_uninterrupted_run(tmp_path):
     full = mpda(tmp_path, "-o", "full.h5")
     assert full.returncode == 0, full.stderr
@@ -56,10 +66,7 @@ def test_signal_checkpoint_and_resume_equal_an_uninterrupted_run(tmp_path):
     ]
     log = tmp_path / "log.txt"
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
-        deadline = time.monotonic() + 120
-        while "level 2/2:" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        proc = _start_and_wait_for(cmd, fh, log, "level 2/2:", tmp_path)
         # SIGUSR1 to one rank only: the reduction tells the other one.
         ranks = subprocess.run(
             ["pgrep", "-f", f"checkpoint.file={ckpt}"], capture_output=True, text=True
@@ -121,10 +128,7 @@ def test_a_signal_ends_a_baseline_run(tmp_path):
     cmd += ["--set", "solver.max_iterations=10000000", "--set", "solver.dtype=float64"]
     log = tmp_path / "log.txt"
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
-        deadline = time.monotonic() + 120
-        while "cg on" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        proc = _start_and_wait_for(cmd, fh, log, "cg on", tmp_path)
         assert proc.poll() is None, log.read_text()
         os.kill(proc.pid, signal.SIGTERM)
         rc = proc.wait(timeout=60)
