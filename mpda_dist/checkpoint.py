@@ -36,7 +36,14 @@ class Requests:
     signal_name: str | None = None
     last: float = field(default_factory=time.monotonic)
 
-    def install(self) -> None:
+    def install(self, can_checkpoint: bool = True) -> None:
+        """Catch SIGTERM and SIGUSR1 for a checkpoint at the next check.  A run that
+        cannot checkpoint (the baselines) leaves SIGTERM to end it and ignores SIGUSR1,
+        Slurm's warning before a time limit: it goes on, and may finish in time."""
+        if not can_checkpoint:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            return
+
         def handler(signum: int, _frame: Any) -> None:
             self.signal_name = signal.Signals(signum).name
 

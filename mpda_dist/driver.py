@@ -387,10 +387,9 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
                 "resuming %s: level %d, iteration %d", resume, state.level + 1, state.iteration
             )
     requests = checkpoint.Requests(cfg.checkpoint.every_seconds)
-    if cfg.solver.method == "mp":
-        # The baselines cannot checkpoint: a signal keeps its default action and ends
-        # them (a caught one was never looked at, so the run went on to the end).
-        requests.install()
+    # The baselines cannot checkpoint: a caught SIGTERM was never looked at, and the run
+    # went on to the end.
+    requests.install(can_checkpoint=cfg.solver.method == "mp")
     with jax.enable_x64(s.dtype == "float64"):
         if cfg.solver.method == "mp":
             try:

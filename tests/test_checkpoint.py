@@ -120,15 +120,18 @@ def test_a_damaged_checkpoint_is_an_input_error(tmp_path, monkeypatch, error):
 
 
 def test_a_signal_ends_a_baseline_run(tmp_path):
-    """The baselines cannot checkpoint; SIGTERM ends them at once with no output.  It
-    used to be caught for message passing's checkpoint and never looked at, so a cg run
-    went on to the end (review helper)."""
+    """The baselines cannot checkpoint: SIGUSR1 (Slurm's warning before a time limit)
+    lets them run on, and SIGTERM ends them at once with no output.  SIGTERM used to be
+    caught for message passing's checkpoint and never looked at, so a cg run went on to
+    the end (review helper)."""
     cmd = [str(BIN / "mpda"), "run", str(SMALL), "-o", "o.h5"]
     cmd += ["--set", "solver.method=cg", "--set", "solver.tol=1e-300"]
     cmd += ["--set", "solver.max_iterations=10000000", "--set", "solver.dtype=float64"]
     log = tmp_path / "log.txt"
     with open(log, "w") as fh:
         proc = _start_and_wait_for(cmd, fh, log, "cg on", tmp_path)
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(1.0)
         assert proc.poll() is None, log.read_text()
         os.kill(proc.pid, signal.SIGTERM)
         rc = proc.wait(timeout=60)
