@@ -278,6 +278,11 @@ def test_loop_in_pairs_equals_single_steps(n, delta, frozen):
             _close(whole[4], jnp.stack(want))
 
 
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason="XLA's CPU buffer assignment; on an H100 a single strips update copies "
+    "b (strips is not the GPU form; RESULTS §22)",
+)
 @pytest.mark.parametrize("frozen", [True, False])
 def test_updates_copy_no_message_array(frozen):
     """The compiled update writes the new messages where the donated ones were, for
