@@ -12,10 +12,12 @@ into the solver's periodic reduction, so every rank agrees on the iteration.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,19 @@ from mpda_dist import io
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 FORMAT = "mpda_dist checkpoint 2"
+
+
+@contextlib.contextmanager
+def handlers_kept() -> Iterator[None]:
+    """Within: :class:`Requests` may set the handlers of :data:`SIGNALS`; after, they
+    are what they were (an ignored SIGTERM would otherwise outlive the run in this
+    process, and pass on to every child it starts)."""
+    saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 @dataclass
@@ -40,7 +55,8 @@ class Requests:
         """Catch SIGTERM and SIGUSR1 for a checkpoint at the next check.  A run that
         cannot checkpoint (the baselines) leaves SIGTERM to end it and ignores SIGUSR1,
         Slurm's warning before a time limit: it goes on, and may finish in time."""
-        if not can_checkpoint:
+        if not can_checkpoint:  # SIGTERM as the default, whatever the parent left
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             return
 

@@ -305,7 +305,16 @@ def _rmse(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) -> int:
-    """Run the configured solve on every rank of ``comm``; rank 0 writes ``output``."""
+    """Run the configured solve on every rank of ``comm``; rank 0 writes ``output``.
+    The signal handlers the run sets (:class:`checkpoint.Requests`) are put back as
+    they were when it returns or fails, for a caller in the same process."""
+    from mpda_dist import checkpoint
+
+    with checkpoint.handlers_kept():
+        return _execute(comm, cfg, output, resume)
+
+
+def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int:
     import jax
 
     from mpda_dist import __version__, diagnostics, io, sphere

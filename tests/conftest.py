@@ -7,9 +7,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One compilation cache for this process and the mpiexec subprocesses it starts: the
 # same block shapes recur across tests, and compiling them dominates a CPU test run.
+# One per pytest-xdist worker: JAX writes its entries in place, and another worker could
+# read one half written (a warning and a recompile).  The program store below is shared:
+# it writes whole files and locks.
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
-    os.path.join(tempfile.gettempdir(), f"mpda-tests-jax-{os.getuid()}"),
+    os.path.join(
+        tempfile.gettempdir(),
+        f"mpda-tests-jax-{os.getuid()}{os.environ.get('PYTEST_XDIST_WORKER', '')}",
+    ),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # XLA's backend (LLVM) at optimisation level 0: the suite is bound by compiling, not by
