@@ -453,12 +453,16 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
         )
     if status == STALLED:
         fix = "solver.dtype: float64 or " if s.dtype == "float32" else ""
+        why, off = (
+            (f"no 10 % fall in {s.stall_checks} checks", "; solver.stall_checks: 0 runs on")
+            if cfg.solver.method == "mp"
+            else ("three restarts from the true residual without halving it", "")
+        )
         raise RunError(
             f"not converged: the residual stalled at {level_results[-1].residual:.3e} > tol "
-            f"{s.tol:.1e} (no 10 % fall in {s.stall_checks} checks, after "
-            f"{level_results[-1].iterations} iterations): below what {s.dtype} reaches "
-            f"here; try {fix}a larger solver.tol (solver.stall_checks: 0 runs on to "
-            "max_iterations); no output was written",
+            f"{s.tol:.1e} ({why}, after {level_results[-1].iterations} iterations): below "
+            f"what {s.dtype} reaches here; try {fix}a larger solver.tol{off}; no output "
+            "was written",
             EXIT_NOT_CONVERGED,
         )
     if status == CAPPED:

@@ -17,7 +17,7 @@ the Jacobi-scaled relative residual ``‖D⁻¹(h − Qδ)‖₂ / ‖D⁻¹h‖
 carries; when that says "done" the true residual is computed with one more operator
 application and decides.  If it disagrees (rounding, mostly float32), the recursion is
 restarted from the true residual; three restarts in a row that do not halve it mean the
-dtype's floor is reached, and the solve stops with status ``max_iterations``.
+dtype's floor is reached, and the solve stops with status ``stalled``.
 
 Iterates are started from ``δ = 0``.  Arrays are this rank's block, ``(by, bx)``, y first.
 """
@@ -40,7 +40,7 @@ from mpda_dist.decomposition import Decomposition, auto_grid, check_grid
 from mpda_dist.exchange import HaloExchange, allreduce_sum
 from mpda_dist.halo import field_layout
 from mpda_dist.programs import Programs, jit
-from mpda_dist.solver import CAPPED, CONVERGED, DIVERGED, LevelResult
+from mpda_dist.solver import CAPPED, CONVERGED, DIVERGED, STALLED, LevelResult
 
 log = logging.getLogger("mpda_dist")
 
@@ -260,7 +260,7 @@ class _Verdict:
             return CONVERGED
         self.strikes = self.strikes + 1 if rel > 0.5 * self.best else 0
         self.best = min(self.best, rel)
-        return CAPPED if self.strikes >= _STRIKES else None
+        return STALLED if self.strikes >= _STRIKES else None
 
 
 def _progress(blk: _Block, res: LevelResult, it: int, rel: float, s: KrylovSettings) -> None:
@@ -327,7 +327,7 @@ def cg(
             elif status is None:  # restart from the true residual
                 p, pf = z, pack(z)
                 continue
-            if status == CAPPED and it < s.max_iterations:
+            if status == STALLED:
                 _stagnated(rel, s)
             break
         q, pq = matvec(p, blk.frame(pf), op)
@@ -471,7 +471,7 @@ def var3d(
                 status = CAPPED
             elif status is None:
                 continue  # go on from the true gradient, memory kept
-            if status == CAPPED and it < s.max_iterations:
+            if status == STALLED:
                 _stagnated(rel, s)
             break
         coef = _two_loop(G, order, m)

@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 from mpda_dist import krylov
 from mpda_dist.baselines import amg_cg, assemble, scaled_residual, solve_on_root
-from mpda_dist.solver import CAPPED, CONVERGED
+from mpda_dist.solver import CAPPED, CONVERGED, STALLED
 from mpda_dist.stencil import build
 
 COMM = MPI.COMM_WORLD
@@ -77,6 +77,16 @@ def test_iteration_cap_is_reported(method):
     res, mu = run(method, levels[-1], nodes, max_iterations=7)
     assert res.status == CAPPED and res.iterations == 7 and res.residual > 1e-10
     assert np.all(np.isfinite(mu))
+
+
+@pytest.mark.parametrize("method", krylov.METHODS)
+def test_a_tolerance_under_the_rounding_floor_is_reported_as_stalled(method):
+    """float32 cannot reach 1e-12: the restarts from the true residual stop halving it,
+    and the solve ends as ``stalled`` long before the cap, not as ``max_iterations``
+    (which the driver reported as "solver.max_iterations", a review helper found)."""
+    _, nodes, levels, _ = problem(30, 26, 0.08)
+    res, _ = run(method, levels[-1], nodes, dtype="float32", tol=1e-12)
+    assert res.status == STALLED and res.iterations < 20000 and res.residual > 1e-12
 
 
 @pytest.mark.parametrize("iterations", [1, 4, 25])
