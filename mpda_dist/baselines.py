@@ -120,7 +120,8 @@ def amg_cg(
     """
     import pyamg
 
-    from mpda_dist.solver import CAPPED, CONVERGED, DIVERGED
+    from mpda_dist.krylov import Verdict
+    from mpda_dist.solver import CAPPED, DIVERGED
 
     t0 = time.perf_counter()
     q = (assemble(st) if q is None else q).tocsr()
@@ -139,20 +140,17 @@ def amg_cg(
     rz = float(r @ z)
     it, status = 0, None
     rel = float(np.linalg.norm(r * dinv)) / hn
-    stalls = 0
+    verdict = Verdict(tol)  # the same restarts and stall rule as cg and 3dvar
     while status is None:
         if not math.isfinite(rel):
             status = DIVERGED
         elif rel < tol or it >= max_iterations:
             r = h - q @ x  # the true residual decides
-            rel_true = float(np.linalg.norm(r * dinv)) / hn
-            stalls = stalls + 1 if rel_true >= rel else 0
-            rel = rel_true
-            if rel < tol:
-                status = CONVERGED
-            elif it >= max_iterations or stalls >= 3:
+            rel = float(np.linalg.norm(r * dinv)) / hn
+            status = verdict(rel)
+            if status is None and it >= max_iterations:
                 status = CAPPED
-            else:
+            elif status is None:  # restart from the true residual
                 z = precond @ r
                 p, rz = z.copy(), float(r @ z)
             continue

@@ -245,7 +245,7 @@ def _pack_scaled(xv: jax.Array, sc: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------- shared loop logic
 
 
-class _Verdict:
+class Verdict:
     """Decides on a true residual: converged, keep going, or stagnated (dtype floor)."""
 
     def __init__(self, tol: float) -> None:
@@ -312,7 +312,7 @@ def cg(
     hn2 = zz if zz > 0 else 1.0
     p, pf = z, pack(z)
     it, rel, status = 0, math.sqrt(zz / hn2), None
-    verdict = _Verdict(s.tol)
+    verdict = Verdict(s.tol)
     while status is None:
         if not math.isfinite(rel):
             status = DIVERGED
@@ -458,7 +458,7 @@ def var3d(
     g, gw = refresh(blk.edge)  # δ = 0: g = −sc·h, no halo needed
     hn2 = gw if gw > 0 else 1.0
     it, rel, status = 0, math.sqrt(gw / hn2), None
-    verdict = _Verdict(s.tol)
+    verdict = Verdict(s.tol)
     while status is None:
         if not math.isfinite(rel):
             status = DIVERGED

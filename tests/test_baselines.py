@@ -123,6 +123,15 @@ def test_amg_cg_equals_exact(ny, nx, fraction):
     assert out.iterations < 60 and out.setup_seconds > 0 and out.solve_seconds > 0
 
 
+def test_amg_cg_under_its_rounding_floor_stalls_like_cg():
+    """amg_cg decides on the true residual as cg and 3dvar do (``krylov.Verdict``): a
+    tolerance under float64's floor ends as ``stalled``, before the cap.  It counted
+    every restart as a stall, progress or not, and reported ``max_iterations``."""
+    _, nodes, levels, _ = problem(30, 26, 0.08)
+    out = amg_cg(whole_stencil(levels[-1], nodes), tol=1e-20, max_iterations=5000)
+    assert out.status == STALLED and out.iterations < 5000 and out.residual > 1e-20
+
+
 def test_solve_on_root_reports_each_method():
     _, nodes, levels, exact = problem(30, 26, 0.08)
     for method in ("exact", "amg_cg"):
