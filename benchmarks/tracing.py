@@ -7,7 +7,13 @@ the update programs as one rank runs them on a CPU (``strips``: ``iterate_a`` wi
 updates, ``gains``, ``iterate_b`` with 10 updates and momentum 0.5), the one-update
 ``iterate_b_odd`` that several ranks run (``pads``), and three small ones.  float32.
 
+With ``--gpu`` the programs are lowered for a CUDA GPU, as a GPU run traces them
+(``iterate_a`` as ``pads``, ``iterate_b`` as ``fused``: Pallas's Triton lowering), on
+whatever machine runs the script: the part of a GPU's cold start that holds Python's
+lock, measurable without a GPU.
+
     python benchmarks/tracing.py                      # sides 512 256 128 64
+    python benchmarks/tracing.py --gpu --sizes 1024 512 256 128
 
 For A/B comparisons run a copy of this script inside each checkout, alternately, each in
 a fresh process (JAX keeps what it traced).
@@ -27,13 +33,43 @@ import _common as C  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 256, 128, 64])
+    ap.add_argument("--gpu", action="store_true", help="lower for a CUDA GPU, its forms")
     args = ap.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
 
-    from mpda_dist import kernel
+    from mpda_dist import fused, kernel
     from mpda_dist.halo import field_layout, message_layout
+
+    a_form, b_form = ("pads", "fused") if args.gpu else ("strips", "strips")
+    if args.gpu:
+        fused.INTERPRET = False  # Triton's lowering, not Pallas's interpreter
+
+    class Lowering:
+        """``fn.lower(...)``, for the GPU with ``--gpu``."""
+
+        def __init__(self, fn):
+            self.fn = fn
+
+        def lower(self, *args, **static):
+            if not args_gpu:
+                return self.fn.lower(*args, **static)
+            return self.fn.jitted.trace(*args, **static).lower(lowering_platforms=("cuda",))
+
+    args_gpu = args.gpu
+    k = {
+        name: Lowering(getattr(kernel, name))
+        for name in (
+            "iterate_a",
+            "gains",
+            "iterate_b",
+            "iterate_b_odd",
+            "shift_messages",
+            "marginal_mean",
+            "residual",
+        )
+    }
 
     f32 = jnp.float32
 
@@ -52,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         frozen = dict(momentum=0.5, delta=False)
         upd = (msg, msg, msg, msg, op, halo, p)
         return {
-            "iterate_a": lambda: kernel.iterate_a.lower(msg, msg, op, halo, p, n=10, form="strips"),
-            "gains": lambda: kernel.gains.lower(msg, op, halo, p),
-            "iterate_b": lambda: kernel.iterate_b.lower(*upd, n=10, form="strips", **frozen),
-            "iterate_b_odd (pads, 1)": lambda: kernel.iterate_b_odd.lower(
+            "iterate_a": lambda: k["iterate_a"].lower(msg, msg, op, halo, p, n=10, form=a_form),
+            "gains": lambda: k["gains"].lower(msg, op, halo, p),
+            "iterate_b": lambda: k["iterate_b"].lower(*upd, n=10, form=b_form, **frozen),
+            "iterate_b_odd (pads, 1)": lambda: k["iterate_b_odd"].lower(
                 *upd, n=1, form="pads", **frozen
             ),
-            "shift_messages": lambda: kernel.shift_messages.lower(msg, msg, field, frame, op, p.c),
-            "marginal_mean": lambda: kernel.marginal_mean.lower(msg, msg, op, p),
-            "residual": lambda: kernel.residual.lower(field, frame, op),
+            "shift_messages": lambda: k["shift_messages"].lower(msg, msg, field, frame, op, p.c),
+            "marginal_mean": lambda: k["marginal_mean"].lower(msg, msg, op, p),
+            "residual": lambda: k["residual"].lower(field, frame, op),
         }
 
     seconds: dict[str, float] = {}
@@ -72,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
     total = time.perf_counter() - t_all
     sides = ", ".join(f"{n}²" for n in args.sizes)
-    print(f"tracing and lowering, first time per shape, summed over {sides}:")
+    where = "a CUDA GPU (iterate_a pads, iterate_b fused)" if args.gpu else "this backend"
+    print(f"tracing and lowering for {where}, first time per shape, summed over {sides}:")
     for name, sec in seconds.items():
         print(f"  {name:24s} {sec:6.3f} s")
     print(f"  {'all':24s} {total:6.3f} s")

@@ -26,6 +26,7 @@ Pure: padded arrays in, padded arrays out.  On a CPU it runs in Pallas's interpr
 from __future__ import annotations
 
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +188,8 @@ def step(
         sums = load(rhs_ref, here, stream_hint) + c * total
         _store(so_ref.at[here], sums, inside, interpret)
 
+    if not interpret:
+        _register_dialect_module()
     kwargs = {} if interpret else {"compiler_params": _triton_params()}
     return pl.pallas_call(
         body,
@@ -211,6 +214,26 @@ def _store(ref, value: Array, mask: Array | None, interpret: bool) -> None:
         from jax.experimental.pallas import triton as plgpu
 
         plgpu.store(ref, value, mask=mask)
+
+
+DIALECT_MODULE = "jaxlib.mlir.dialects.tt"
+
+
+def _register_dialect_module() -> None:
+    """Make the Triton dialect's Python module importable under the name that MLIR's
+    bindings look for (``<prefix>.tt``, :data:`DIALECT_MODULE` first).  jaxlib ships it
+    as ``jaxlib.triton.dialect``, so each time the bindings meet a ``tt`` operation or
+    type they tried three imports that fail, and Python caches no failure: 0.1 s of
+    file-system lookups per program, a fifth of the Triton lowering (benchmarks/RESULTS.md
+    §23).  With the module found the bindings remember it; the lowered IR is the same
+    byte for byte (tests/test_kernel.py)."""
+    if DIALECT_MODULE in sys.modules:
+        return
+    try:
+        from jaxlib.triton import dialect
+    except ImportError:  # another jaxlib: leave the bindings as they are
+        return
+    sys.modules[DIALECT_MODULE] = dialect
 
 
 def _triton_params():

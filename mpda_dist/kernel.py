@@ -717,19 +717,23 @@ def framed_messages(x: Array, halo_flat: Array) -> Array:
         """The frame's ``|d|`` rows (columns) past the block on the side of ``d``."""
         return slice(origin + size, origin + size + d) if d > 0 else slice(origin + d, origin)
 
+    def put(out: Array, m: int, piece: Array, r: slice, c: slice) -> Array:
+        """``out[m, r, c] = −piece`` as one ``dynamic_update_slice`` (``.at[].set``
+        traced a scatter, 10 ms each: 0.2 s of each fused program's tracing)."""
+        update = lax.neg(lax.reshape(piece, (1, *piece.shape)))
+        return lax.dynamic_update_slice(out, update, (m, r.start, c.start))
+
     out = fused.pad(x)
     for m in range(NSLOTS):
         k = OPPOSITE[m]
         dy, dx = OFFSETS[k]
         beta = k + NSLOTS
         if dx:
-            out = out.at[m, rows, beyond(dx, bx, lead)].set(-pieces[(beta, "x")])
+            out = put(out, m, pieces[(beta, "x")], rows, beyond(dx, bx, lead))
         if dy:
-            out = out.at[m, beyond(dy, by, top), cols].set(-pieces[(beta, "y")])
+            out = put(out, m, pieces[(beta, "y")], beyond(dy, by, top), cols)
         if dx and dy:
-            out = out.at[m, beyond(dy, by, top), beyond(dx, bx, lead)].set(
-                -pieces[(beta, "corner")]
-            )
+            out = put(out, m, pieces[(beta, "corner")], beyond(dy, by, top), beyond(dx, bx, lead))
     return out
 
 

@@ -247,6 +247,55 @@ def test_fused_pass_lowers_for_a_gpu(monkeypatch, variant):
     assert text.count("xla.gpu.triton") == 1
 
 
+_LOWER_FOR_GPU = """
+import hashlib, re, sys
+import jax, jax.numpy as jnp
+from mpda_dist import fused
+
+tried = []
+class Finder:  # records the imports that Python's finders are asked for
+    def find_spec(self, name, path=None, target=None):
+        tried.append(name)
+sys.meta_path.insert(0, Finder())
+if sys.argv[1] == "as-shipped":
+    fused._register_dialect_module = lambda: None
+fused.INTERPRET = False
+r, c = fused.padded_shape(20, 70)
+msgs, field = (jax.ShapeDtypeStruct(s, jnp.float32) for s in ((12, r, c), (r, c)))
+args = (msgs, msgs, field, field, msgs, field, jax.ShapeDtypeStruct((2,), jnp.float32))
+f = jax.jit(lambda *a: fused.step(*a, block=(20, 70), momentum=0.5))
+text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+ir = re.findall(r'ir = "([^"]*)"', text)
+print(len(ir), hashlib.sha256(ir[0].encode()).hexdigest(), sum(n.endswith(".tt") for n in tried))
+"""
+
+
+def test_triton_dialect_module_registered():
+    """With the Triton dialect's module registered under the name MLIR's bindings look
+    for, lowering the fused pass for a GPU tries no failing ``….tt`` imports (jaxlib as
+    shipped: several per Triton operation), and the Triton IR is the same byte for byte.
+    Each in a fresh process: the bindings remember a module once found."""
+    import subprocess
+    import sys
+
+    def lowered(how: str) -> tuple[int, str, int]:
+        done = subprocess.run(
+            [sys.executable, "-c", _LOWER_FOR_GPU, how],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        count, digest, imports = done.stdout.split()
+        return int(count), digest, int(imports)
+
+    shipped, registered = lowered("as-shipped"), lowered("registered")
+    assert shipped[0] == registered[0] == 1
+    assert registered[1] == shipped[1]  # the same Triton IR
+    assert shipped[2] > 100  # what the registration saves
+    assert registered[2] == 0
+
+
 # every pair of (even/odd count, δ or not, frozen or coupled) once: 4 cases, not 8
 @pytest.mark.parametrize(
     "n,delta,frozen", [(4, False, True), (4, True, False), (5, False, False), (5, True, True)]
