@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, count, _, low, comp in sorted(rows, key=lambda r: -r[3])[:5]:
         print(f"  {name:24s} {count:3d} programs, trace+lower {low:5.2f} s, compile {comp:6.2f} s")
+    try:
+        from mpda_dist import lowering  # not on commits before the helpers
+    except ImportError:
+        lowering = None
+    if lowering is not None:
+        print(lowering.report() or "no lowering helpers")
     print(f"machine: {C.machine_line(C.machine_info())}; ranks {comm.size}")
     print(f"command: {C.command_line()}")
     return 0

@@ -494,12 +494,13 @@ def solve_case(
 
     import jax
 
-    from mpda_dist import driver
+    from mpda_dist import driver, lowering
     from mpda_dist.multigrid import schedule
     from mpda_dist.solver import solve
 
     cfg = _cfg(n, fraction)
     rank = comm.Get_rank()
+    lowering.start()  # as `mpda run` does before it reads its inputs
     t0 = time.perf_counter()
     problem = driver.on_root(comm, lambda: driver.build_problem(cfg))
     nodes = comm.bcast(problem.nodes if rank == 0 else None, root=0)
@@ -795,6 +796,10 @@ def _print_compile_report(comm=None) -> None:
         "calls; longest waits:"
     )
     lines += [f"    {name} {sec:.2f} s ({where})" for name, sec, where in longest]
+    from mpda_dist import lowering
+
+    helpers = lowering.report()
+    lines.append(f"  {helpers}" if helpers else "  no lowering helpers")
     ranks = comm.gather(lines, root=0) if comm is not None else [lines]
     if ranks is not None:
         for r, ls in enumerate(ranks):

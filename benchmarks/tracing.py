@@ -14,6 +14,11 @@ lock, measurable without a GPU.
 
     python benchmarks/tracing.py                      # sides 512 256 128 64
     python benchmarks/tracing.py --gpu --sizes 1024 512 256 128
+    python benchmarks/tracing.py --gpu --sizes 1024 512 256 128 --helpers 2
+
+With ``--helpers N`` the programs go to N helper processes (:mod:`mpda_dist.lowering`),
+N at a time, and the seconds shown are those spent in this process (wrapping each
+program), which is what holds a run's interpreter lock; ``wall`` is for all of them.
 
 For A/B comparisons run a copy of this script inside each checkout, alternately, each in
 a fresh process (JAX keeps what it traced).
@@ -22,18 +27,38 @@ a fresh process (JAX keeps what it traced).
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
+def _helpers(args, fused):
+    """``(Helpers, Target)`` for ``--helpers``, started and warmed up (each imported
+    JAX and the package, as :func:`mpda_dist.lowering.start` has them do while a run
+    reads its inputs), else None."""
+    if not args.helpers:
+        return None
+    from mpda_dist import lowering
+
+    target = lowering.Target("gpu", "cuda", True) if args.gpu else lowering._target()
+    pool = lowering.Helpers(args.helpers)
+    pool.start()
+    for h in list(pool.all):  # a request that fails at once: the helper has started
+        h.ask(pickle.dumps(("warm-up", "mpda_dist.kernel", (), {}, False, (), target)), 120)
+    return pool, target
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 256, 128, 64])
     ap.add_argument("--gpu", action="store_true", help="lower for a CUDA GPU, its forms")
+    ap.add_argument("--helpers", type=int, default=0, help="lower in this many helper processes")
     args = ap.parse_args(argv)
 
     import jax
@@ -43,33 +68,43 @@ def main(argv: list[str] | None = None) -> int:
     from mpda_dist.halo import field_layout, message_layout
 
     a_form, b_form = ("pads", "fused") if args.gpu else ("strips", "strips")
-    if args.gpu:
-        fused.INTERPRET = False  # Triton's lowering, not Pallas's interpreter
+    if args.gpu and not args.helpers:
+        # Triton's lowering, not Pallas's interpreter (a helper traces as for a GPU, and
+        # refuses a program whose settings differ from this process's)
+        fused.INTERPRET = False
+
+    platforms = ("cuda",) if args.gpu else None
+    helpers = _helpers(args, fused)
+    here = threading.Lock()  # the part in this process, one at a time (programs._TRACING)
 
     class Lowering:
-        """``fn.lower(...)``, for the GPU with ``--gpu``."""
+        """``fn.lower(...)`` (for the GPU with ``--gpu``); with ``--helpers`` lowered by a
+        helper process and wrapped here.  Returns the seconds spent in this process."""
 
         def __init__(self, fn):
             self.fn = fn
 
         def lower(self, *args, **static):
-            if not args_gpu:
-                return self.fn.lower(*args, **static)
-            return self.fn.jitted.trace(*args, **static).lower(lowering_platforms=("cuda",))
+            remote = None
+            if helpers is not None:
+                dyn, stat, key = self.fn._key(args, static)
+                remote = helpers[0].lower(self.fn, dyn, stat, key, helpers[1])
+                if remote is None:
+                    raise RuntimeError(
+                        f"{self.fn.name}: the helper could not: {helpers[0].refused}"
+                    )
+            with here:
+                t0 = time.perf_counter()
+                if remote is not None:
+                    remote(platforms)
+                elif platforms is None:
+                    self.fn.lower(*args, **static)
+                else:
+                    self.fn.jitted.trace(*args, **static).lower(lowering_platforms=platforms)
+                return time.perf_counter() - t0
 
-    args_gpu = args.gpu
-    k = {
-        name: Lowering(getattr(kernel, name))
-        for name in (
-            "iterate_a",
-            "gains",
-            "iterate_b",
-            "iterate_b_odd",
-            "shift_messages",
-            "marginal_mean",
-            "residual",
-        )
-    }
+    names = ("iterate_a", "gains", "iterate_b", "iterate_b_odd", "shift_messages")
+    k = {name: Lowering(getattr(kernel, name)) for name in (*names, "marginal_mean", "residual")}
 
     f32 = jnp.float32
 
@@ -100,19 +135,25 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     seconds: dict[str, float] = {}
+    jobs = [(name, lower) for n in args.sizes for name, lower in lowerings(n).items()]
     t_all = time.perf_counter()
-    for n in args.sizes:
-        for name, lower in lowerings(n).items():
-            t0 = time.perf_counter()
-            lower()
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+    with ThreadPoolExecutor(max(1, args.helpers)) as pool:
+        futures = [(name, pool.submit(lower)) for name, lower in jobs]
+        for name, fut in futures:
+            seconds[name] = seconds.get(name, 0.0) + fut.result()
     total = time.perf_counter() - t_all
     sides = ", ".join(f"{n}²" for n in args.sizes)
     where = "a CUDA GPU (iterate_a pads, iterate_b fused)" if args.gpu else "this backend"
     print(f"tracing and lowering for {where}, first time per shape, summed over {sides}:")
+    if helpers is not None:
+        print(f"  ({args.helpers} helper processes trace and lower; seconds in this process)")
     for name, sec in seconds.items():
         print(f"  {name:24s} {sec:6.3f} s")
-    print(f"  {'all':24s} {total:6.3f} s")
+    print(f"  {'all, in this process':24s} {sum(seconds.values()):6.3f} s")
+    print(f"  {'wall':24s} {total:6.3f} s")
+    if helpers is not None:
+        print(f"  {helpers[0].lost} helpers lost, refused: {sorted(helpers[0].refused) or 'none'}")
+        helpers[0].close()
     print(f"machine: {C.machine_line(C.machine_info())}")
     print(f"command: {C.command_line()}")
     return 0

@@ -317,7 +317,7 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
 def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int:
     import jax
 
-    from mpda_dist import __version__, diagnostics, io, sphere
+    from mpda_dist import __version__, diagnostics, io, lowering, sphere
     from mpda_dist.config import dump_config
     from mpda_dist.multigrid import schedule, sphere_schedule
     from mpda_dist.solver import (
@@ -337,6 +337,7 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     if cfg.solver.method == "mp":  # a signal or the timer writes it, hours from now
         on_root(comm, lambda: _check_checkpoint_file(cfg.checkpoint.file))
     rows = runtime.device_table(comm)
+    lowering.start()  # the helpers import JAX while the inputs are read
     if rank == 0:
         log.info("mpda_dist %s on %d rank(s)", __version__, size)
         for r, host, dev in rows[:16]:
@@ -671,9 +672,10 @@ def _start() -> Any:
     environment variables, reported as an input error (one line, exit 2)."""
     comm = runtime.start_checked()  # (the command has started it; $MPDA_MALLOC)
     try:
-        from mpda_dist import kernel, programs  # (JAX's environment is set now)
+        from mpda_dist import kernel, lowering, programs  # (JAX's environment is set now)
 
         programs.compile_threads()  # $MPDA_COMPILE_THREADS
+        lowering.requested()  # $MPDA_LOWER_PROCESSES
         if os.environ.get(kernel.FORM_ENV, "").strip():
             kernel.default_form()
         return comm

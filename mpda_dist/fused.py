@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mpda_dist._offsets import OFFSETS, OPPOSITE
+from mpda_dist.programs import trace_backend
 
 Array = jax.Array
 
@@ -80,9 +81,14 @@ def settings() -> tuple:
     return TILE, WARPS, ALIGNED, ALIGN_LEAD, ALIGN_ROW, STORE_LAST, ALONG_ROWS, HINTS, INTERPRET
 
 
+SUPPORTED: list[bool | None] = [None]  # set in a lowering helper: the requester's answer
+
+
 def supported(device=None) -> bool:
     """Whether the pass builds for ``device`` (default: the first): a CUDA GPU of
     compute capability 8.0 or later, what Pallas's Triton backend supports."""
+    if device is None and SUPPORTED[0] is not None:
+        return SUPPORTED[0]
     device = device if device is not None else jax.devices()[0]
     if device.platform != "gpu" or "cuda" not in str(device.client.platform_version).lower():
         return False
@@ -145,7 +151,7 @@ def step(
     tr, tc = TILE
     grid = (math.ceil(by / tr), math.ceil(bx / tc))
     top, lead = origin()
-    interpret = jax.default_backend() == "cpu" if INTERPRET is None else INTERPRET
+    interpret = trace_backend() == "cpu" if INTERPRET is None else INTERPRET
     whole = by % tr == 0 and bx % tc == 0  # no tile sticks out: no masks
     keep_hint, stream_hint = ("evict_last", "evict_first") if HINTS else (None, None)
 

@@ -25,7 +25,7 @@ from jax import lax
 from mpda_dist import fused
 from mpda_dist._offsets import NSLOTS, OFFSETS, OPPOSITE
 from mpda_dist.halo import DIRECTIONS, Layout, Piece, field_layout, message_layout
-from mpda_dist.programs import Jit, jit, key_settings
+from mpda_dist.programs import Jit, jit, key_settings, trace_backend
 
 Array = jax.Array
 
@@ -248,7 +248,7 @@ def default_form() -> str:
         if form not in (*FORMS, FUSED):
             raise ValueError(f"{FORM_ENV}={form!r}: expected one of {', '.join((*FORMS, FUSED))}")
         return form
-    return "strips" if jax.default_backend() == "cpu" else "pads"
+    return "strips" if trace_backend() == "cpu" else "pads"
 
 
 def frozen_form(form: str | None, n: int) -> str:
@@ -258,7 +258,7 @@ def frozen_form(form: str | None, n: int) -> str:
     GPUs that Pallas's Triton backend does not support: :func:`fused.supported`)."""
     if form or os.environ.get(FORM_ENV, "").strip():
         return form or default_form()
-    backend = jax.default_backend()
+    backend = trace_backend()
     if backend == "cpu":
         return "strips"
     if backend == "gpu" and n >= FUSED_MIN_UPDATES and fused.supported():
@@ -511,7 +511,7 @@ def _fenced(f, like, count: Array):
     On a CPU only: on a GPU each loop trip waits for its condition on the host, and
     XLA's GPU fusion was not measured with or without the fence.  :data:`FENCE`
     (``None``: on a CPU only) lets a benchmark force it either way."""
-    if not (jax.default_backend() == "cpu" if FENCE is None else FENCE):
+    if not (trace_backend() == "cpu" if FENCE is None else FENCE):
         return f()
     return lax.fori_loop(0, 1 + jnp.minimum(count, 0), lambda _, __: f(), like)
 

@@ -61,6 +61,25 @@ _SETTINGS: list[Any] = []
 _SEEN: list[Any] = [None]
 
 
+# The backend that programs are traced for: None, this process's (jax.default_backend);
+# a lowering helper (mpda_dist/lowering.py) sets the requesting process's.
+TRACE_BACKEND: list[str | None] = [None]
+
+
+def trace_backend() -> str:
+    """The backend whose forms a program being traced takes (``cpu``, ``gpu``, …)."""
+    return TRACE_BACKEND[0] or jax.default_backend()
+
+
+# Every Jit by name, for lowering helpers (None where two share a name).
+_REGISTRY: dict[str, Any] = {}
+
+
+def registered(name: str) -> Any:
+    """The :class:`Jit` called ``name`` in this process, or None."""
+    return _REGISTRY.get(name)
+
+
 def key_settings(read: Any) -> Any:
     """Make what ``read()`` returns part of every program's key: module settings that
     are read when a program is traced (the fused pass's tile, the kernel's fence), so
@@ -422,6 +441,7 @@ class Jit:
         )
         self.static = frozenset(static_argnames)
         self.options = (tuple(static_argnames), tuple(donate_argnums))
+        _REGISTRY[self.name] = None if self.name in _REGISTRY else self
         names = list(inspect.signature(fun).parameters)
         self.static_at = {i: n for i, n in enumerate(names) if n in self.static}
         self.programs: dict[Any, Any] = {}
@@ -505,9 +525,13 @@ class Jit:
                     compiled = st.wait(path, LOCK_WAIT)
             t1 = traced = t2 = time.perf_counter()
             if compiled is None:
+                lowered = self._lowered_elsewhere(key, args, static) if background else None
                 with _TRACING if background else contextlib.nullcontext():
                     traced = time.perf_counter()  # the wait for the lock is not counted
-                    lowered = self.jitted.lower(*args, **static)
+                    if lowered is None:
+                        lowered = self.jitted.lower(*args, **static)
+                    else:  # held for the one-call program's lowering in this process
+                        lowered = lowered()
                 t2 = time.perf_counter()
                 if path is None or tuple(read() for read in _SETTINGS) != key[2]:
                     compiled = lowered.compile()  # settings changed meanwhile: not stored
@@ -522,6 +546,14 @@ class Jit:
             if claimed:
                 st.release(path)
             self.pending.pop(key, None)
+
+    def _lowered_elsewhere(self, key: tuple, args: tuple, static: dict) -> Any:
+        """A lowering helper's program (:mod:`mpda_dist.lowering`), as a call that
+        lowers it here, or None (no helpers, or they could not)."""
+        from mpda_dist import lowering
+
+        pool = lowering.helpers()
+        return None if pool is None else pool.lower(self, args, static, key)
 
     def _split(self, args: tuple, static: dict) -> tuple[tuple, dict]:
         static = dict(static)

@@ -1,0 +1,402 @@
+"""Tracing and lowering programs in helper processes, so that a cold start's main
+process does not hold Python's lock for them.
+
+Tracing a program and lowering it to StableHLO runs in Python; XLA's compile does not.
+A cold solve prefetches each level's programs in background threads
+(:meth:`mpda_dist.programs.Programs.prefetch`), but their tracing holds the
+interpreter lock, one program at a time, and the main thread's own Python waits
+behind it: on an H100 4.3 s of a 7.6 s first solve at 1024² (benchmarks/RESULTS.md
+§22).  Here ``$MPDA_LOWER_PROCESSES`` helper processes (JAX on the CPU, no MPI, no
+GPU) trace and lower a background program for the main process's platform with
+:mod:`jax.export` and send it back; the main process wraps it in a one-call program
+(~40 ms of lowering where the program itself took 0.3–0.6 s) and compiles that.
+
+A helper traces with the main process's backend, the fused pass's support and the
+registered settings (:func:`mpda_dist.programs.key_settings`), and refuses a program
+whose settings differ; any failure, a helper that died included, lowers the program in
+the main process as before.  Helpers start at the first background program, one
+import of JAX each (about a second, in parallel with the main process), and end when
+the main process ends (their input closes).
+
+Default: on a CUDA GPU, half the compile threads up to :data:`DEFAULT_MAX`; on a CPU
+none (its ranks usually have a core each, and XLA's CPU compile, not tracing, is most
+of a cold start there).  ``MPDA_LOWER_PROCESSES=0`` turns them off.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import importlib
+import logging
+import os
+import pickle
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, BinaryIO
+
+import jax
+
+from mpda_dist import programs
+
+log = logging.getLogger("mpda_dist")
+
+ENV = "MPDA_LOWER_PROCESSES"
+DEFAULT_MAX = 4
+REPLY_TIMEOUT = 120.0  # seconds a helper may take for one program before it is dropped
+MAX_LOST = 3  # helpers that died or hung before the rest are given up
+# Environment a helper must not inherit: an MPI launcher's wiring (the helper never
+# starts MPI, and MPI_Init with a rank's PMI variables would confuse the launcher).
+_DROP_ENV = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "HYDI_", "MPIR_", "I_MPI_", "MV2_")
+# Triton calls (the fused pass) carry no compatibility promise, which jax.export asks
+# for; the program goes straight back to the same jaxlib, so that does not matter here.
+_CUSTOM_CALLS = ("__gpu$xla.gpu.triton",)
+
+
+def target_platform() -> str | None:
+    """The platform name :mod:`jax.export` lowers for in this process: ``cpu`` or
+    ``cuda``; None for any other backend (no helpers)."""
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu"
+    if backend == "gpu":
+        version = str(jax.devices()[0].client.platform_version).lower()
+        return "cuda" if "cuda" in version else None
+    return None
+
+
+def requested() -> int | None:
+    """``$MPDA_LOWER_PROCESSES`` as a count, None when unset."""
+    value = os.environ.get(ENV, "").strip()
+    if not value:
+        return None
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise ValueError(f"{ENV}={value!r}: expected a whole number of processes") from None
+
+
+def processes() -> int:
+    """Helper processes for this process: ``$MPDA_LOWER_PROCESSES`` if set, else on a
+    CUDA GPU half the compile threads (at most :data:`DEFAULT_MAX`), else 0."""
+    count = requested()
+    if count is not None:
+        return count
+    if target_platform() != "cuda":
+        return 0
+    return min(DEFAULT_MAX, programs.compile_threads() // 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a helper traces for: the requesting process's backend and platform, and
+    whether the fused pass builds there (:func:`mpda_dist.fused.supported`)."""
+
+    backend: str
+    platform: str
+    fused: bool
+
+
+def _target() -> Target | None:
+    from mpda_dist import fused
+
+    platform = target_platform()
+    if platform is None:
+        return None
+    return Target(jax.default_backend(), platform, fused.supported())
+
+
+# -- the main process's side ------------------------------------------------------------
+
+
+def _write(stream: BinaryIO, obj: Any) -> None:
+    """One length-prefixed pickle."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _read(stream: BinaryIO) -> Any:
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError("the other side closed")
+    (size,) = struct.unpack("<Q", head)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the other side closed")
+    return pickle.loads(data)
+
+
+def _helper_env() -> dict[str, str]:
+    """This process's environment for a helper: JAX on the CPU with one thread, no MPI
+    launcher's wiring, no helpers of its own, and this copy of the package first on the
+    path (wherever this process found it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_ENV)}
+    env.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", MPDA_LOWER_PROCESSES="0")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    return env
+
+
+class _Helper:
+    """One helper process and its pipes; used by one thread at a time."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mpda_dist.lowering"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=_helper_env(),
+        )
+
+    def ask(self, request: bytes, timeout: float) -> Any:
+        """Send a pickled request; the reply, or raise (a helper that does not answer
+        within ``timeout`` is killed)."""
+        timer = threading.Timer(timeout, self.proc.kill)
+        timer.start()
+        try:
+            self.proc.stdin.write(struct.pack("<Q", len(request)) + request)
+            self.proc.stdin.flush()
+            return _read(self.proc.stdout)
+        finally:
+            timer.cancel()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Helpers:
+    """A pool of helper processes."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.idle: queue.Queue[_Helper] = queue.Queue()
+        self.all: list[_Helper] = []
+        self.lost = 0  # helpers that died or did not answer in time
+        self.refused: set[str] = set()  # programs a helper could not lower
+        self.lowered = 0
+        self.waited = 0.0
+        self._lock = threading.Lock()
+
+    def _spawn(self) -> _Helper | None:
+        """A new helper, if fewer than ``count`` run (call with the lock held)."""
+        if len(self.all) >= self.count or self.lost >= MAX_LOST:
+            return None
+        try:
+            helper = _Helper()
+        except OSError as exc:
+            log.debug("lowering helper did not start: %s", exc)
+            self.lost = MAX_LOST
+            return None
+        self.all.append(helper)
+        return helper
+
+    def start(self) -> None:
+        """Start every helper now: each imports JAX (about a second) while this
+        process goes on."""
+        with self._lock:
+            while (helper := self._spawn()) is not None:
+                self.idle.put(helper)
+
+    def _take(self) -> _Helper | None:
+        """An idle helper, or a new one while fewer than ``count`` run; None once the
+        helpers are given up (:data:`MAX_LOST`)."""
+        while self.lost < MAX_LOST:
+            with self._lock:
+                if self.idle.empty() and (helper := self._spawn()) is not None:
+                    return helper
+            try:  # a busy one comes back, or a lost one leaves room for a new one
+                return self.idle.get(timeout=0.5)
+            except queue.Empty:
+                continue
+        return None
+
+    def _lose(self, helper: _Helper) -> None:
+        helper.close()
+        with self._lock:
+            self.lost += 1
+            if helper in self.all:
+                self.all.remove(helper)
+
+    def lower(
+        self, fn: programs.Jit, args: tuple, static: dict, key: tuple, target: Target | None = None
+    ) -> Any:
+        """``fn`` lowered for ``args`` (dynamic, by position) and ``static`` by a
+        helper, as a call that lowers a one-call program of it here (a
+        :class:`jax.stages.Lowered`); None when the helper could not (the caller
+        lowers it itself).  ``target``: this process's (benchmarks lower for a GPU on a
+        CPU: pass the target, and call the result with ``platforms=("cuda",)``)."""
+        target = target or _target()
+        if target is None or fn.name in self.refused or programs.registered(fn.name) is not fn:
+            return None  # another backend, or a program a helper cannot find or lower
+        try:
+            request = (fn.name, fn.__module__, _specs(args), static, key[-1], key[2], target)
+            data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            log.debug("%s: its arguments do not pickle (%s); lowered here", fn.name, exc)
+            self.refused.add(fn.name)
+            return None
+        helper = self._take()
+        if helper is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            status, payload = helper.ask(data, REPLY_TIMEOUT)
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            log.debug("lowering helper lost on %s: %s", fn.name, exc)
+            self._lose(helper)
+            return None
+        self.idle.put(helper)
+        if status != "ok":
+            log.debug("lowering helper refused %s: %s", fn.name, payload)
+            self.refused.add(fn.name)
+            return None
+        self.waited += time.perf_counter() - t0
+        self.lowered += 1
+        exported = pickle.loads(payload)
+
+        def lower(platforms: tuple[str, ...] | None = None) -> Any:
+            wrapper = jax.jit(exported.call, donate_argnums=fn.options[1])
+            with jax.enable_x64(key[-1]):
+                if platforms is None:
+                    return wrapper.lower(*args)
+                return wrapper.trace(*args).lower(lowering_platforms=platforms)
+
+        return lower
+
+    def close(self) -> None:
+        """End the helpers (a request in flight fails, and its program is lowered by
+        the caller)."""
+        with self._lock:
+            self.lost = MAX_LOST
+            helpers, self.all = list(self.all), []
+        for helper in helpers:
+            helper.close()
+
+
+def _specs(args: Any) -> Any:
+    """``args`` with every array as a ``jax.ShapeDtypeStruct`` (Python scalars kept)."""
+
+    def spec(x: Any) -> Any:
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=getattr(x, "weak_type", False))
+        return x
+
+    return jax.tree.map(spec, args)
+
+
+_HELPERS: list[Helpers | None] = []
+_HELPERS_LOCK = threading.Lock()
+
+
+def reset() -> None:
+    """End this process's helpers; the next background program reads
+    ``$MPDA_LOWER_PROCESSES`` again (tests)."""
+    with _HELPERS_LOCK:
+        pool = _HELPERS.pop() if _HELPERS else None
+    if pool is not None:
+        pool.close()
+
+
+def start() -> None:
+    """Start this process's helpers now rather than at its first background program
+    (``mpda run`` does, once JAX has its devices)."""
+    pool = helpers()
+    if pool is not None:
+        pool.start()
+
+
+def helpers() -> Helpers | None:
+    """This process's helpers (None: none, :func:`processes` is 0)."""
+    with _HELPERS_LOCK:
+        if not _HELPERS:
+            count = processes()
+            _HELPERS.append(Helpers(count) if count > 0 else None)
+            if _HELPERS[0] is not None:
+                atexit.register(_HELPERS[0].close)
+        return _HELPERS[0]
+
+
+def report() -> str | None:
+    """One line on this process's helpers, or None when it has none."""
+    pool = _HELPERS[0] if _HELPERS else None
+    if pool is None:
+        return None
+    return (
+        f"lowering helpers: {len(pool.all)} of {pool.count} running, {pool.lowered} programs "
+        f"lowered in them ({pool.waited:.2f} s summed over the waiting threads), "
+        f"{len(pool.refused)} refused, {pool.lost} lost"
+    )
+
+
+# -- the helper's side ------------------------------------------------------------------
+
+
+def _export(request: tuple) -> bytes:
+    from jax import export
+
+    from mpda_dist import fused
+
+    name, module, args, static, x64, settings, target = request
+    importlib.import_module(module)
+    fn = programs.registered(name)
+    if fn is None:
+        raise LookupError(f"{name}: no such program in {module} (or more than one)")
+    programs.TRACE_BACKEND[0] = target.backend
+    fused.SUPPORTED[0] = target.fused
+    with jax.enable_x64(x64):
+        if programs._settings() != settings:
+            raise ValueError(f"{name}: settings differ from the requesting process's")
+        checks = [export.DisabledSafetyCheck.custom_call(c) for c in _CUSTOM_CALLS]
+        exported = export.export(fn.jitted, platforms=[target.platform], disabled_checks=checks)(
+            *args, **static
+        )
+    # the exported function's derivative is a closure: not needed, and not picklable
+    if any(f.name == "_get_vjp" for f in dataclasses.fields(exported)):
+        exported = dataclasses.replace(exported, _get_vjp=None)
+    return pickle.dumps(exported)
+
+
+def serve(requests: BinaryIO, replies: BinaryIO) -> None:
+    """Answer lowering requests until ``requests`` closes."""
+    while True:
+        try:
+            request = _read(requests)
+        except EOFError:
+            return
+        try:
+            reply = ("ok", _export(request))
+        except Exception as exc:  # the requesting process lowers the program itself
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        try:
+            _write(replies, reply)
+        except OSError:  # the requesting process is gone
+            return
+
+
+def main() -> None:
+    # Replies go to the real stdout; anything a library prints goes to stderr.
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    # Ctrl-C reaches the whole process group: the helper ends when its input closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import mpi4py
+
+    mpi4py.rc.initialize = mpi4py.rc.finalize = False  # modules import MPI; never start it
+    serve(sys.stdin.buffer, replies)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Programs traced and lowered in helper processes (mpda_dist/lowering.py): the same
+program as one lowered here, the fused pass lowered for a CUDA GPU on this CPU, a solve
+through them, and every way a helper can fail falling back to lowering here."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _problems import problem, rel_rmse
+from mpi4py import MPI
+
+from mpda_dist import kernel, lowering, programs
+from mpda_dist.halo import message_layout
+from mpda_dist.solver import CONVERGED, Settings, solve
+
+F32 = jnp.float32
+
+
+def _update_args(ny: int, nx: int, real: bool = False, seed: int = 0):
+    """Arguments of ``iterate_b`` for a ``ny × nx`` block: shapes, or random arrays."""
+    rng = np.random.default_rng(seed)
+    halo_size = message_layout(ny, nx).in_offsets[-1]
+
+    def arr(*shape, scale=1.0, shift=0.0):
+        if not real:
+            return jax.ShapeDtypeStruct(shape, F32)
+        return jnp.asarray(shift + scale * rng.standard_normal(shape), F32)
+
+    msg = lambda: arr(12, ny, nx, scale=0.05)  # noqa: E731
+    op = kernel.Operator(arr(ny, nx, shift=20.0), arr(12, ny, nx, scale=0.01), arr(ny, nx))
+    halo = arr(halo_size, scale=0.1, shift=6.0)
+    scalar = jax.ShapeDtypeStruct((), F32, weak_type=True)
+    p = kernel.Params(10.0, 0.6) if real else kernel.Params(scalar, scalar)
+    return (msg(), msg(), msg(), msg(), op, halo, p)
+
+
+STATIC = {"n": 3, "momentum": 0.5, "delta": True, "form": "strips"}
+
+
+@pytest.fixture
+def pool():
+    pool = lowering.Helpers(1)
+    yield pool
+    pool.close()
+
+
+def test_a_helper_lowers_the_program_this_process_would(pool):
+    """A frozen update lowered by a helper compiles to a program with the same
+    operations, gives the same numbers bit for bit, and takes the donated inputs."""
+    specs = _update_args(11, 9)
+    _, _, key = kernel.iterate_b._key(specs, STATIC)
+    lower = pool.lower(kernel.iterate_b, specs, STATIC, key)
+    assert lower is not None and pool.lowered == 1 and not pool.refused and pool.lost == 0
+    there = lower().compile()
+    here = kernel.iterate_b.jitted.lower(*specs, **STATIC).compile()
+    a, b = _update_args(11, 9, real=True, seed=1), _update_args(11, 9, real=True, seed=1)
+    got, want = there(*a), here(*b)
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert a[1].is_deleted() and b[1].is_deleted()  # b, donated
+    hlo = [c.as_text().count(" fusion(") for c in (there, here)]
+    assert hlo[0] == hlo[1] > 0, hlo
+
+
+def test_a_gpu_request_lowers_the_fused_pass_for_cuda(pool):
+    """What a GPU process asks of its helpers, asked on this CPU: the frozen update with
+    the fused pass (Pallas's Triton lowering), exported for CUDA, whose one-call wrapper
+    lowers here for CUDA to one Triton kernel call."""
+    specs = _update_args(20, 70)
+    static = {"n": 10, "momentum": 0.5, "delta": False}
+    _, _, key = kernel.iterate_b._key(specs, static)
+    target = lowering.Target(backend="gpu", platform="cuda", fused=True)
+    request = (kernel.iterate_b.name, "mpda_dist.kernel", specs, static, key[-1], key[2], target)
+    helper = pool._take()
+    status, payload = helper.ask(pickle.dumps(request), lowering.REPLY_TIMEOUT)
+    pool.idle.put(helper)
+    assert status == "ok", payload
+    exported = pickle.loads(payload)
+    assert exported.platforms == ("cuda",)
+    wrapper = jax.jit(exported.call, donate_argnums=(0, 1, 2))
+    text = wrapper.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+
+
+def test_a_solve_with_helpers_lowers_its_programs_there(monkeypatch):
+    """A cold solve with one helper and 2 compile threads: every background program is
+    lowered by the helper (none refused, none lost) and the answer is exact's."""
+    monkeypatch.setattr(programs, "_STORE", programs.Store(None))
+    monkeypatch.setenv(programs.THREADS_ENV, "2")
+    monkeypatch.setenv(lowering.ENV, "1")
+    asked = []
+    elsewhere = programs.Jit._lowered_elsewhere
+
+    def recording(self, *a):
+        got = elsewhere(self, *a)
+        asked.append((self.name, got is not None))
+        return got
+
+    monkeypatch.setattr(programs.Jit, "_lowered_elsewhere", recording)
+    lowering.reset()
+    try:
+        _, nodes, levels, exact = problem(37, 29, 0.1, seed=6)  # shapes no other test uses
+        res = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, Settings(dtype="float64"))
+        pool = lowering.helpers()
+        assert res.status == CONVERGED
+        assert rel_rmse(res.anomaly, exact) < 1e-4
+        assert asked and all(ok for _, ok in asked), asked
+        assert pool.lowered == len(asked) and not pool.refused and pool.lost == 0
+    finally:
+        lowering.reset()
+
+
+@programs.jit
+def _not_importable_by_a_helper(x):
+    return 3.0 * x + 1.0
+
+
+def test_a_program_a_helper_cannot_find_is_lowered_here(pool):
+    """A helper imports the program's module by name: this test module is not on its
+    path, so it refuses, the caller lowers the program itself, and the helper is not
+    asked again for it."""
+    x = jax.ShapeDtypeStruct((5,), F32)
+    _, _, key = _not_importable_by_a_helper._key((x,), {})
+    assert pool.lower(_not_importable_by_a_helper, (x,), {}, key) is None
+    assert pool.refused == {_not_importable_by_a_helper.name} and pool.lost == 0
+    assert pool.lower(_not_importable_by_a_helper, (x,), {}, key) is None
+    assert len(pool.all) == 1  # the helper lives on for other programs
+
+
+def test_a_helper_that_does_not_answer_is_dropped(monkeypatch):
+    """A helper that takes longer than ``REPLY_TIMEOUT`` is killed and the program
+    lowered by the caller; after ``MAX_LOST`` such helpers none is started again."""
+    monkeypatch.setattr(lowering, "REPLY_TIMEOUT", 0.01)
+    pool = lowering.Helpers(2)
+    try:
+        specs = _update_args(6, 5)
+        _, _, key = kernel.iterate_b._key(specs, STATIC)
+        for lost in range(1, lowering.MAX_LOST + 1):
+            assert pool.lower(kernel.iterate_b, specs, STATIC, key) is None
+            assert pool.lost == lost and not pool.refused
+        assert pool._take() is None and not pool.all
+    finally:
+        pool.close()
+
+
+def test_through_the_program_cache_a_lost_helper_changes_nothing(monkeypatch):
+    """End to end through :class:`programs.Jit`: a background program whose helper is
+    lost is lowered in this process and computes what the program computes."""
+    monkeypatch.setattr(programs, "_STORE", programs.Store(None))
+    monkeypatch.setattr(lowering, "REPLY_TIMEOUT", 0.01)
+    monkeypatch.setenv(lowering.ENV, "1")
+    lowering.reset()
+    try:
+        x = jnp.arange(7.0, dtype=F32)
+        p = programs.Programs(threads=2)
+        p.prefetch(programs.subtract, x, x + 1)
+        assert np.array_equal(np.asarray(programs.subtract(x, 2 * x)), -np.asarray(x))
+        p.close()
+        assert lowering.helpers().lost == 1
+    finally:
+        lowering.reset()
+
+
+def test_the_helper_environment_and_count(monkeypatch):
+    """Helpers run JAX on the CPU with one thread, never see an MPI launcher's wiring,
+    and start no helpers of their own; the count comes from the environment, else none
+    on a CPU."""
+    monkeypatch.setenv("PMI_RANK", "3")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    monkeypatch.setenv("SOMETHING_ELSE", "kept")
+    env = lowering._helper_env()
+    assert "PMI_RANK" not in env and "OMPI_COMM_WORLD_RANK" not in env
+    assert env["SOMETHING_ELSE"] == "kept"
+    assert env["JAX_PLATFORMS"] == "cpu" and env[lowering.ENV] == "0"
+    package = Path(lowering.__file__).resolve().parent.parent
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(package)
+    monkeypatch.setenv(lowering.ENV, "3")
+    assert lowering.processes() == 3
+    monkeypatch.setenv(lowering.ENV, "many")
+    with pytest.raises(ValueError, match="MPDA_LOWER_PROCESSES='many'"):
+        lowering.requested()
+    monkeypatch.delenv(lowering.ENV)
+    if jax.default_backend() == "cpu":
+        assert lowering.processes() == 0 and lowering.target_platform() == "cpu"
