@@ -16,6 +16,9 @@
 #   strips  1024² at 10 % with MPDA_KERNEL_FORM=strips (first + warm run): the border
 #           form that is 1.6-2.5x faster per iteration on a CPU and 5x slower on an H100
 #           (benchmarks/RESULTS.md §15)
+#   helpers, nohelpers  1024² at 5 %, first run only, each in a fresh process with
+#           empty caches: the cold start with the default lowering helpers
+#           (mpda_dist/lowering.py), then with MPDA_LOWER_PROCESSES=0
 #   serial  1024² at 5 %, first run only, in a fresh process with empty caches and
 #           MPDA_COMPILE_THREADS=1: the cold start without compiling in background
 #           threads (the solve stage's first 5 % run compiles with one per core)
@@ -33,8 +36,9 @@
 #   profile one warm 1024² 10 % solve and 5 calls of 10 frozen updates under JAX's
 #           profiler: per kernel name the count and device time, busy against wall
 #   report  all tables again
-# GPU_BENCH_STAGES (default all: "kernel solve pads cached big padsbig fit mpi profile
-# strips serial jaxcache"; they run in that order, and the budget skips what is left)
+# GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers pads cached big padsbig
+# fit mpi profile strips serial jaxcache"; they run in that order, and the budget skips
+# what is left)
 # picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
 # other (RESULTS §17), =all makes the kernel stage time the coupled
 # update and the strips form too (default frozen: the frozen update, pads against fused);
@@ -75,7 +79,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve pads cached big padsbig fit mpi profile strips serial jaxcache} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers pads cached big padsbig fit mpi profile strips serial jaxcache} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -163,6 +167,14 @@ stage kernel $L_K "$PY" benchmarks/gpu_bench.py kernel $QUICK --csv "$CSV" \
     --cases "${GPU_BENCH_KERNEL_CASES:-frozen}" ${GPU_BENCH_KERNEL_SIZES:+--sizes $GPU_BENCH_KERNEL_SIZES}
 stage solve $L_S "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
     --exact-dir "$EXACT_DIR" --exact-wait 40
+# the cold start with and without lowering helpers, each with empty caches
+COLD_A=$(mktemp -d /tmp/mpda_cold.XXXXXX) COLD_B=$(mktemp -d /tmp/mpda_cold.XXXXXX)
+stage helpers $L_R env XDG_CACHE_HOME="$COLD_A" "$PY" benchmarks/gpu_bench.py solve $QUICK \
+    --csv "$CSV" --fractions 0.05 --runs 1 --label " lowering helpers" --exact-wait 0
+stage nohelpers $L_R env XDG_CACHE_HOME="$COLD_B" MPDA_LOWER_PROCESSES=0 "$PY" \
+    benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 1 \
+    --label " no lowering helpers" --exact-wait 0
+rm -rf "$COLD_A" "$COLD_B"
 stage pads $L_S env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py solve $QUICK \
     --csv "$CSV" --fractions 0.1 0.01 --label " pads" --exact-dir "$EXACT_DIR" --exact-wait 20
 stage cached $L_C "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
