@@ -44,13 +44,14 @@ def _helpers(args, fused):
     reads its inputs), else None."""
     if not args.helpers:
         return None
-    from mpda_dist import lowering
+    from mpda_dist import lowering, programs
 
-    target = lowering.Target("gpu", "cuda", True) if args.gpu else lowering._target()
+    target = lowering.Target("gpu", "cuda", True, "9.0") if args.gpu else lowering._target()
     pool = lowering.Helpers(args.helpers)
     pool.start()
+    digest = programs._source_digest()
     for h in list(pool.all):  # a request that fails at once: the helper has started
-        h.ask(pickle.dumps(("warm-up", "mpda_dist.kernel", (), {}, False, (), target)), 120)
+        h.ask(pickle.dumps(("warm-up", "mpda_dist.kernel", (), {}, False, (), target, digest)), 120)
     return pool, target
 
 

@@ -52,10 +52,23 @@ REPLY_TIMEOUT = 120.0  # seconds a helper may take for one program before it is 
 MAX_LOST = 3  # helpers that died or hung before the rest are given up
 # Environment a helper must not inherit: an MPI launcher's wiring (the helper never
 # starts MPI, and MPI_Init with a rank's PMI variables would confuse the launcher).
-_DROP_ENV = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "HYDI_", "MPIR_", "I_MPI_", "MV2_")
+_DROP_ENV = (
+    "PMI_",
+    "PMIX_",
+    "OMPI_",
+    "PRTE_",
+    "OPAL_",
+    "HYDRA_",
+    "HYDI_",
+    "MPIR_",
+    "MPI_LOCAL",
+    "MPICH_",
+    "I_MPI_",
+    "MV2_",
+)
 # Triton calls (the fused pass) carry no compatibility promise, which jax.export asks
-# for; the program goes straight back to the same jaxlib, so that does not matter here.
-_CUSTOM_CALLS = ("__gpu$xla.gpu.triton",)
+# for; the program goes straight back to the same jaxlib, so that does not matter here
+# (_custom_calls).
 
 
 def target_platform() -> str | None:
@@ -94,12 +107,14 @@ def processes() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What a helper traces for: the requesting process's backend and platform, and
-    whether the fused pass builds there (:func:`mpda_dist.fused.supported`)."""
+    """What a helper traces for: the requesting process's backend and platform, whether
+    the fused pass builds there (:func:`mpda_dist.fused.supported`), and the GPU's
+    compute capability (``"9.0"``; None on a CPU)."""
 
     backend: str
     platform: str
     fused: bool
+    capability: str | None = None
 
 
 def _target() -> Target | None:
@@ -108,24 +123,35 @@ def _target() -> Target | None:
     platform = target_platform()
     if platform is None:
         return None
-    return Target(jax.default_backend(), platform, fused.supported())
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return Target(jax.default_backend(), platform, fused.supported(), capability)
 
 
 # -- the main process's side ------------------------------------------------------------
 
+_MAGIC = b"MPDL"
+_MAX_FRAME = 1 << 30  # a reply larger than this is not one (stray output on the pipe)
+
+
+def _frame(data: bytes) -> bytes:
+    return _MAGIC + struct.pack("<Q", len(data)) + data
+
 
 def _write(stream: BinaryIO, obj: Any) -> None:
-    """One length-prefixed pickle."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("<Q", len(data)) + data)
+    """One framed pickle: a marker, the length, the pickle."""
+    stream.write(_frame(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)))
     stream.flush()
 
 
 def _read(stream: BinaryIO) -> Any:
-    head = stream.read(8)
-    if len(head) < 8:
+    """One framed pickle; EOFError when the other side closed, ValueError when what
+    came is not a frame."""
+    head = stream.read(12)
+    if len(head) < 12:
         raise EOFError("the other side closed")
-    (size,) = struct.unpack("<Q", head)
+    (size,) = struct.unpack("<Q", head[4:])
+    if head[:4] != _MAGIC or size > _MAX_FRAME:
+        raise ValueError(f"not a lowering reply: {head!r}")
     data = stream.read(size)
     if len(data) < size:
         raise EOFError("the other side closed")
@@ -138,21 +164,35 @@ def _helper_env() -> dict[str, str]:
     path (wherever this process found it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_ENV)}
     env.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", MPDA_LOWER_PROCESSES="0")
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
     return env
 
 
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 class _Helper:
-    """One helper process and its pipes; used by one thread at a time."""
+    """One helper process and its pipes; used by one thread at a time.  Replies come
+    on a pipe of their own, not the helper's stdout, which anything may write to."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mpda_dist.lowering"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=_helper_env(),
-        )
+        read_end, write_end = os.pipe()
+        try:
+            # -P: not the current directory first on the path (another copy of the
+            # package may live there), _PACKAGE_ROOT is (_helper_env)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "mpda_dist.lowering", str(write_end)],
+                stdin=subprocess.PIPE,
+                pass_fds=(write_end,),
+                cwd=_PACKAGE_ROOT,
+                env=_helper_env(),
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self.replies = os.fdopen(read_end, "rb")
 
     def ask(self, request: bytes, timeout: float) -> Any:
         """Send a pickled request; the reply, or raise (a helper that does not answer
@@ -160,21 +200,27 @@ class _Helper:
         timer = threading.Timer(timeout, self.proc.kill)
         timer.start()
         try:
-            self.proc.stdin.write(struct.pack("<Q", len(request)) + request)
+            self.proc.stdin.write(_frame(request))
             self.proc.stdin.flush()
-            return _read(self.proc.stdout)
+            return _read(self.replies)
         finally:
             timer.cancel()
 
-    def close(self) -> None:
+    def end(self) -> None:
+        """Close its input: it exits once it has answered what it is doing."""
         try:
             self.proc.stdin.close()
         except OSError:
             pass
+
+    def reap(self, deadline: float) -> None:
+        """Wait for it until ``deadline`` (``time.monotonic()``), then kill it."""
         try:
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        self.replies.close()
 
 
 class Helpers:
@@ -184,15 +230,20 @@ class Helpers:
         self.count = count
         self.idle: queue.Queue[_Helper] = queue.Queue()
         self.all: list[_Helper] = []
-        self.lost = 0  # helpers that died or did not answer in time
+        self.lost = 0  # helpers that died, did not answer in time or answered garbage
         self.refused: set[str] = set()  # programs a helper could not lower
         self.lowered = 0
         self.waited = 0.0
+        self.closed = False
         self._lock = threading.Lock()
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self.lost < MAX_LOST
 
     def _spawn(self) -> _Helper | None:
         """A new helper, if fewer than ``count`` run (call with the lock held)."""
-        if len(self.all) >= self.count or self.lost >= MAX_LOST:
+        if len(self.all) >= self.count or not self.usable:
             return None
         try:
             helper = _Helper()
@@ -212,8 +263,9 @@ class Helpers:
 
     def _take(self) -> _Helper | None:
         """An idle helper, or a new one while fewer than ``count`` run; None once the
-        helpers are given up (:data:`MAX_LOST`)."""
-        while self.lost < MAX_LOST:
+        helpers are given up or closed, or after waiting ``REPLY_TIMEOUT``."""
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while self.usable and time.monotonic() < deadline:
             with self._lock:
                 if self.idle.empty() and (helper := self._spawn()) is not None:
                     return helper
@@ -224,7 +276,9 @@ class Helpers:
         return None
 
     def _lose(self, helper: _Helper) -> None:
-        helper.close()
+        helper.end()
+        helper.proc.kill()
+        helper.reap(time.monotonic() + 5)
         with self._lock:
             self.lost += 1
             if helper in self.all:
@@ -239,13 +293,24 @@ class Helpers:
         lowers it itself).  ``target``: this process's (benchmarks lower for a GPU on a
         CPU: pass the target, and call the result with ``platforms=("cuda",)``)."""
         target = target or _target()
-        if target is None or fn.name in self.refused or programs.registered(fn.name) is not fn:
-            return None  # another backend, or a program a helper cannot find or lower
+        if not self.usable or target is None or fn.name in self.refused:
+            return None
+        if programs.registered(fn.name) is not fn:
+            return None  # a program a helper cannot find by name
         try:
-            request = (fn.name, fn.__module__, _specs(args), static, key[-1], key[2], target)
+            request = (
+                fn.name,
+                fn.__module__,
+                _specs(args),
+                static,
+                key[-1],
+                key[2],
+                target,
+                programs._source_digest(),
+            )
             data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            log.debug("%s: its arguments do not pickle (%s); lowered here", fn.name, exc)
+        except Exception as exc:  # arguments that do not pickle
+            log.debug("%s: its request does not pickle (%s); lowered here", fn.name, exc)
             self.refused.add(fn.name)
             return None
         helper = self._take()
@@ -254,18 +319,28 @@ class Helpers:
         t0 = time.perf_counter()
         try:
             status, payload = helper.ask(data, REPLY_TIMEOUT)
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+        except Exception as exc:  # died, killed on timeout, or not a reply
             log.debug("lowering helper lost on %s: %s", fn.name, exc)
             self._lose(helper)
             return None
         self.idle.put(helper)
+        if status == "stale":  # another version of the package: none of them will do
+            log.warning("lowering helpers disabled: %s", payload)
+            self.lost = MAX_LOST
+            return None
         if status != "ok":
             log.debug("lowering helper refused %s: %s", fn.name, payload)
             self.refused.add(fn.name)
             return None
-        self.waited += time.perf_counter() - t0
-        self.lowered += 1
-        exported = pickle.loads(payload)
+        try:
+            exported = pickle.loads(payload)
+        except Exception as exc:
+            log.debug("%s: the helper's program does not load (%s)", fn.name, exc)
+            self.refused.add(fn.name)
+            return None
+        with self._lock:
+            self.waited += time.perf_counter() - t0
+            self.lowered += 1
 
         def lower(platforms: tuple[str, ...] | None = None) -> Any:
             wrapper = jax.jit(exported.call, donate_argnums=fn.options[1])
@@ -277,13 +352,16 @@ class Helpers:
         return lower
 
     def close(self) -> None:
-        """End the helpers (a request in flight fails, and its program is lowered by
-        the caller)."""
+        """End the helpers: each finishes what it is doing (a request in flight fails,
+        and its program is lowered by the caller); killed after 5 s."""
         with self._lock:
-            self.lost = MAX_LOST
+            self.closed = True
             helpers, self.all = list(self.all), []
         for helper in helpers:
-            helper.close()
+            helper.end()
+        deadline = time.monotonic() + 5
+        for helper in helpers:
+            helper.reap(deadline)
 
 
 def _specs(args: Any) -> Any:
@@ -322,7 +400,11 @@ def helpers() -> Helpers | None:
     """This process's helpers (None: none, :func:`processes` is 0)."""
     with _HELPERS_LOCK:
         if not _HELPERS:
-            count = processes()
+            try:
+                count = processes()
+            except ValueError as exc:  # `mpda run` refuses it at start-up; a library call
+                log.warning("%s; no lowering helpers", exc)
+                count = 0
             _HELPERS.append(Helpers(count) if count > 0 else None)
             if _HELPERS[0] is not None:
                 atexit.register(_HELPERS[0].close)
@@ -344,12 +426,18 @@ def report() -> str | None:
 # -- the helper's side ------------------------------------------------------------------
 
 
+class _Stale(Exception):
+    """The helper's copy of the package is not the requesting process's."""
+
+
 def _export(request: tuple) -> bytes:
     from jax import export
 
-    from mpda_dist import fused
+    from mpda_dist import fused, kernel  # noqa: F401  (kernel registers settings)
 
-    name, module, args, static, x64, settings, target = request
+    name, module, args, static, x64, settings, target, digest = request
+    if digest != programs._source_digest():
+        raise _Stale(f"the helper's mpda_dist ({programs.__file__}) is another version")
     importlib.import_module(module)
     fn = programs.registered(name)
     if fn is None:
@@ -359,7 +447,7 @@ def _export(request: tuple) -> bytes:
     with jax.enable_x64(x64):
         if programs._settings() != settings:
             raise ValueError(f"{name}: settings differ from the requesting process's")
-        checks = [export.DisabledSafetyCheck.custom_call(c) for c in _CUSTOM_CALLS]
+        checks = [export.DisabledSafetyCheck.custom_call(c) for c in _custom_calls(target)]
         exported = export.export(fn.jitted, platforms=[target.platform], disabled_checks=checks)(
             *args, **static
         )
@@ -369,15 +457,28 @@ def _export(request: tuple) -> bytes:
     return pickle.dumps(exported)
 
 
+def _custom_calls(target: Target) -> tuple[str, ...]:
+    """The custom calls a helper's export may hold.  Pallas's Triton kernels: jaxlib up
+    to 0.10.2 hands XLA the Triton IR (``__gpu$xla.gpu.triton``); later ones compile it
+    while lowering, for the GPU they find, which in a helper (no GPU) is compute
+    capability 9.0: those kernels are allowed only when the requester's GPU is one."""
+    calls = ("__gpu$xla.gpu.triton",)
+    if target.capability == "9.0":
+        calls += ("triton_kernel_call_ffi",)
+    return calls
+
+
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
     """Answer lowering requests until ``requests`` closes."""
     while True:
         try:
             request = _read(requests)
-        except EOFError:
+        except (EOFError, ValueError):
             return
         try:
             reply = ("ok", _export(request))
+        except _Stale as exc:
+            reply = ("stale", str(exc))
         except Exception as exc:  # the requesting process lowers the program itself
             reply = ("error", f"{type(exc).__name__}: {exc}")
         try:
@@ -387,15 +488,13 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
 
 
 def main() -> None:
-    # Replies go to the real stdout; anything a library prints goes to stderr.
-    replies = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
     # Ctrl-C reaches the whole process group: the helper ends when its input closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import mpi4py
 
     mpi4py.rc.initialize = mpi4py.rc.finalize = False  # modules import MPI; never start it
-    serve(sys.stdin.buffer, replies)
+    with os.fdopen(int(sys.argv[1]), "wb") as replies:
+        serve(sys.stdin.buffer, replies)
 
 
 if __name__ == "__main__":

@@ -528,10 +528,14 @@ class Jit:
                 lowered = self._lowered_elsewhere(key, args, static) if background else None
                 with _TRACING if background else contextlib.nullcontext():
                     traced = time.perf_counter()  # the wait for the lock is not counted
+                    if lowered is not None:  # held for the one-call program's lowering
+                        try:
+                            lowered = lowered()
+                        except Exception as exc:
+                            log.debug("%s: a helper's program did not lower: %s", self.name, exc)
+                            lowered = None
                     if lowered is None:
                         lowered = self.jitted.lower(*args, **static)
-                    else:  # held for the one-call program's lowering in this process
-                        lowered = lowered()
                 t2 = time.perf_counter()
                 if path is None or tuple(read() for read in _SETTINGS) != key[2]:
                     compiled = lowered.compile()  # settings changed meanwhile: not stored
@@ -552,8 +556,12 @@ class Jit:
         lowers it here, or None (no helpers, or they could not)."""
         from mpda_dist import lowering
 
-        pool = lowering.helpers()
-        return None if pool is None else pool.lower(self, args, static, key)
+        try:
+            pool = lowering.helpers()
+            return None if pool is None else pool.lower(self, args, static, key)
+        except Exception as exc:  # never worse than lowering it here
+            log.debug("%s: lowering helpers failed: %s", self.name, exc)
+            return None
 
     def _split(self, args: tuple, static: dict) -> tuple[tuple, dict]:
         static = dict(static)

@@ -4,6 +4,7 @@ through them, and every way a helper can fail falling back to lowering here."""
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -75,8 +76,9 @@ def test_a_gpu_request_lowers_the_fused_pass_for_cuda(pool):
     specs = _update_args(20, 70)
     static = {"n": 10, "momentum": 0.5, "delta": False}
     _, _, key = kernel.iterate_b._key(specs, static)
-    target = lowering.Target(backend="gpu", platform="cuda", fused=True)
+    target = lowering.Target(backend="gpu", platform="cuda", fused=True, capability="9.0")
     request = (kernel.iterate_b.name, "mpda_dist.kernel", specs, static, key[-1], key[2], target)
+    request += (programs._source_digest(),)
     helper = pool._take()
     status, payload = helper.ask(pickle.dumps(request), lowering.REPLY_TIMEOUT)
     pool.idle.put(helper)
@@ -133,6 +135,66 @@ def test_a_program_a_helper_cannot_find_is_lowered_here(pool):
     assert len(pool.all) == 1  # the helper lives on for other programs
 
 
+def test_a_fresh_helper_lowers_a_program_outside_the_kernel(pool, monkeypatch, tmp_path):
+    """The first request to a new helper may be a program of a module that registers no
+    settings (``programs.subtract``): the helper imports the kernel's first and
+    compares all of them.  And the helper runs this copy of the package, whatever the
+    current directory holds."""
+    fake = tmp_path / "mpda_dist"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('the wrong copy')\n")
+    monkeypatch.chdir(tmp_path)
+    x = jax.ShapeDtypeStruct((6,), F32)
+    _, _, key = programs.subtract._key((x, x), {})
+    lower = pool.lower(programs.subtract, (x, x), {}, key)
+    assert lower is not None and not pool.refused and pool.lost == 0
+    got = lower().compile()(jnp.arange(6.0, dtype=F32), jnp.ones(6, F32))
+    np.testing.assert_array_equal(np.asarray(got), np.arange(6.0) - 1.0)
+
+
+def test_a_helper_of_another_version_disables_the_helpers(pool, monkeypatch):
+    """A helper whose package source differs from this process's answers ``stale``; no
+    helper is asked again."""
+    monkeypatch.setattr(programs, "_source_digest", lambda: "another version")
+    x = jax.ShapeDtypeStruct((6,), F32)
+    _, _, key = programs.subtract._key((x, x), {})
+    assert pool.lower(programs.subtract, (x, x), {}, key) is None
+    assert not pool.usable and not pool.refused
+    assert pool._take() is None
+
+
+def test_a_helper_that_answers_garbage_is_lost_not_leaked(pool, monkeypatch):
+    """Whatever goes wrong while asking (here: a reply that is not one), the helper is
+    ended and counted lost, and the next request starts a new one."""
+
+    def garbage(self, request, timeout):
+        raise MemoryError("a length read from stray output")
+
+    x = jax.ShapeDtypeStruct((6,), F32)
+    _, _, key = programs.subtract._key((x, x), {})
+    with monkeypatch.context() as m:
+        m.setattr(lowering._Helper, "ask", garbage)
+        assert pool.lower(programs.subtract, (x, x), {}, key) is None
+    assert pool.lost == 1 and not pool.all and not pool.refused
+    assert pool.lower(programs.subtract, (x, x), {}, key) is not None
+    assert len(pool.all) == 1
+    with pytest.raises(ValueError, match="not a lowering reply"):
+        lowering._read(io.BytesIO(b"hello from a banner\n"))
+
+
+def test_a_bad_count_in_a_library_call_means_no_helpers(monkeypatch, caplog):
+    """``mpda run`` refuses a bad ``MPDA_LOWER_PROCESSES`` at start-up (test_cli); a
+    library call logs it and lowers everything itself."""
+    monkeypatch.setenv(lowering.ENV, "four")
+    lowering.reset()
+    try:
+        with caplog.at_level("WARNING", logger="mpda_dist"):
+            assert lowering.helpers() is None
+        assert "MPDA_LOWER_PROCESSES='four'" in caplog.text
+    finally:
+        lowering.reset()
+
+
 def test_a_helper_that_does_not_answer_is_dropped(monkeypatch):
     """A helper that takes longer than ``REPLY_TIMEOUT`` is killed and the program
     lowered by the caller; after ``MAX_LOST`` such helpers none is started again."""
@@ -144,7 +206,7 @@ def test_a_helper_that_does_not_answer_is_dropped(monkeypatch):
         for lost in range(1, lowering.MAX_LOST + 1):
             assert pool.lower(kernel.iterate_b, specs, STATIC, key) is None
             assert pool.lost == lost and not pool.refused
-        assert pool._take() is None and not pool.all
+        assert pool._take() is None and not pool.all and not pool.usable
     finally:
         pool.close()
 
@@ -178,6 +240,8 @@ def test_the_helper_environment_and_count(monkeypatch):
     assert "PMI_RANK" not in env and "OMPI_COMM_WORLD_RANK" not in env
     assert env["SOMETHING_ELSE"] == "kept"
     assert env["JAX_PLATFORMS"] == "cpu" and env[lowering.ENV] == "0"
+    monkeypatch.setenv("MPI_LOCALRANKID", "1")
+    assert "MPI_LOCALRANKID" not in lowering._helper_env()
     package = Path(lowering.__file__).resolve().parent.parent
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(package)
     monkeypatch.setenv(lowering.ENV, "3")
