@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'all, in this process':24s} {sum(seconds.values()):6.3f} s")
     print(f"  {'wall':24s} {total:6.3f} s")
     if helpers is not None:
-        print(f"  {helpers[0].lost} helpers lost, refused: {sorted(helpers[0].refused) or 'none'}")
+        refused = sorted(name for name, _ in helpers[0].refused) or "none"
+        print(f"  {helpers[0].lost} helpers lost, refused: {refused}")
         helpers[0].close()
     print(f"machine: {C.machine_line(C.machine_info())}")
     print(f"command: {C.command_line()}")

@@ -25,6 +25,7 @@ Pure: padded arrays in, padded arrays out.  On a CPU it runs in Pallas's interpr
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 
@@ -233,13 +234,19 @@ def _register_dialect_module() -> None:
     file-system lookups per program, a fifth of the Triton lowering (benchmarks/RESULTS.md
     §23).  With the module found the bindings remember it; the lowered IR is the same
     byte for byte (tests/test_kernel.py)."""
-    if DIALECT_MODULE in sys.modules:
+    if DIALECT_MODULE in sys.modules or _REGISTERED[0]:
         return
+    _REGISTERED[0] = True
     try:
+        if importlib.util.find_spec(DIALECT_MODULE) is not None:
+            return  # a jaxlib that ships it under that name: nothing to do
         from jaxlib.triton import dialect
     except ImportError:  # another jaxlib: leave the bindings as they are
         return
     sys.modules[DIALECT_MODULE] = dialect
+
+
+_REGISTERED = [False]
 
 
 def _triton_params():

@@ -14,9 +14,11 @@ GPU) trace and lower a background program for the main process's platform with
 A helper traces with the main process's backend, the fused pass's support and the
 registered settings (:func:`mpda_dist.programs.key_settings`), and refuses a program
 whose settings differ; any failure, a helper that died included, lowers the program in
-the main process as before.  Helpers start at the first background program, one
-import of JAX each (about a second, in parallel with the main process), and end when
-the main process ends (their input closes).
+the main process as before (and that program is not sent again).  ``mpda run`` starts
+the helpers once JAX has its devices (:func:`start`; otherwise the first background
+program does), one import of JAX each: about a CPU-second, while the main process reads
+its inputs, and about 200 MB of host memory each while it runs.  They end when the
+main process ends (their input closes), or when they are given up.
 
 Default: on a CUDA GPU, half the compile threads up to :data:`DEFAULT_MAX`; on a CPU
 none (its ranks usually have a core each, and XLA's CPU compile, not tracing, is most
@@ -48,7 +50,7 @@ log = logging.getLogger("mpda_dist")
 
 ENV = "MPDA_LOWER_PROCESSES"
 DEFAULT_MAX = 4
-REPLY_TIMEOUT = 120.0  # seconds a helper may take for one program before it is dropped
+REPLY_TIMEOUT = 30.0  # seconds a helper may take for one program before it is dropped
 MAX_LOST = 3  # helpers that died or hung before the rest are given up
 # Environment a helper must not inherit: an MPI launcher's wiring (the helper never
 # starts MPI, and MPI_Init with a rank's PMI variables would confuse the launcher).
@@ -231,7 +233,8 @@ class Helpers:
         self.idle: queue.Queue[_Helper] = queue.Queue()
         self.all: list[_Helper] = []
         self.lost = 0  # helpers that died, did not answer in time or answered garbage
-        self.refused: set[str] = set()  # programs a helper could not lower
+        # (name, settings) of the programs a helper could not lower, or lost a helper on
+        self.refused: set[tuple[str, Any]] = set()
         self.lowered = 0
         self.waited = 0.0
         self.closed = False
@@ -283,6 +286,8 @@ class Helpers:
             self.lost += 1
             if helper in self.all:
                 self.all.remove(helper)
+        if not self.usable:
+            self.close()  # the rest are given up: end them too
 
     def lower(
         self, fn: programs.Jit, args: tuple, static: dict, key: tuple, target: Target | None = None
@@ -293,7 +298,8 @@ class Helpers:
         lowers it itself).  ``target``: this process's (benchmarks lower for a GPU on a
         CPU: pass the target, and call the result with ``platforms=("cuda",)``)."""
         target = target or _target()
-        if not self.usable or target is None or fn.name in self.refused:
+        what = (fn.name, key[2])
+        if not self.usable or target is None or what in self.refused:
             return None
         if programs.registered(fn.name) is not fn:
             return None  # a program a helper cannot find by name
@@ -311,7 +317,7 @@ class Helpers:
             data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # arguments that do not pickle
             log.debug("%s: its request does not pickle (%s); lowered here", fn.name, exc)
-            self.refused.add(fn.name)
+            self.refused.add(what)
             return None
         helper = self._take()
         if helper is None:
@@ -320,23 +326,27 @@ class Helpers:
         try:
             status, payload = helper.ask(data, REPLY_TIMEOUT)
         except Exception as exc:  # died, killed on timeout, or not a reply
+            if self.closed:  # ended by close() meanwhile: not lost
+                return None
             log.debug("lowering helper lost on %s: %s", fn.name, exc)
+            self.refused.add(what)  # a program that hangs or kills helpers: not again
             self._lose(helper)
             return None
-        self.idle.put(helper)
+        if not self.closed:
+            self.idle.put(helper)
         if status == "stale":  # another version of the package: none of them will do
             log.warning("lowering helpers disabled: %s", payload)
-            self.lost = MAX_LOST
+            self.close()
             return None
         if status != "ok":
             log.debug("lowering helper refused %s: %s", fn.name, payload)
-            self.refused.add(fn.name)
+            self.refused.add(what)
             return None
         try:
             exported = pickle.loads(payload)
         except Exception as exc:
             log.debug("%s: the helper's program does not load (%s)", fn.name, exc)
-            self.refused.add(fn.name)
+            self.refused.add(what)
             return None
         with self._lock:
             self.waited += time.perf_counter() - t0
@@ -493,7 +503,11 @@ def main() -> None:
     import mpi4py
 
     mpi4py.rc.initialize = mpi4py.rc.finalize = False  # modules import MPI; never start it
-    with os.fdopen(int(sys.argv[1]), "wb") as replies:
+    fd = int(sys.argv[1])
+    # not passed on to any process this one starts: a child holding it would keep the
+    # requesting process from seeing this one end
+    os.set_inheritable(fd, False)
+    with os.fdopen(fd, "wb") as replies:
         serve(sys.stdin.buffer, replies)
 
 

@@ -293,7 +293,7 @@ def test_triton_dialect_module_registered():
     assert shipped[0] == registered[0] == 1
     assert registered[1] == shipped[1]  # the same Triton IR
     assert shipped[2] > 100  # what the registration saves
-    assert registered[2] == 0
+    assert registered[2] <= 1  # (one look whether jaxlib ships the name itself)
 
 
 # every pair of (even/odd count, δ or not, frozen or coupled) once: 4 cases, not 8

@@ -130,7 +130,8 @@ def test_a_program_a_helper_cannot_find_is_lowered_here(pool):
     x = jax.ShapeDtypeStruct((5,), F32)
     _, _, key = _not_importable_by_a_helper._key((x,), {})
     assert pool.lower(_not_importable_by_a_helper, (x,), {}, key) is None
-    assert pool.refused == {_not_importable_by_a_helper.name} and pool.lost == 0
+    assert {name for name, _ in pool.refused} == {_not_importable_by_a_helper.name}
+    assert pool.lost == 0
     assert pool.lower(_not_importable_by_a_helper, (x,), {}, key) is None
     assert len(pool.all) == 1  # the helper lives on for other programs
 
@@ -165,7 +166,8 @@ def test_a_helper_of_another_version_disables_the_helpers(pool, monkeypatch):
 
 def test_a_helper_that_answers_garbage_is_lost_not_leaked(pool, monkeypatch):
     """Whatever goes wrong while asking (here: a reply that is not one), the helper is
-    ended and counted lost, and the next request starts a new one."""
+    ended and counted lost, that program is not sent again, and the next request
+    starts a new helper."""
 
     def garbage(self, request, timeout):
         raise MemoryError("a length read from stray output")
@@ -175,8 +177,10 @@ def test_a_helper_that_answers_garbage_is_lost_not_leaked(pool, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(lowering._Helper, "ask", garbage)
         assert pool.lower(programs.subtract, (x, x), {}, key) is None
-    assert pool.lost == 1 and not pool.all and not pool.refused
-    assert pool.lower(programs.subtract, (x, x), {}, key) is not None
+    assert pool.lost == 1 and not pool.all
+    assert {name for name, _ in pool.refused} == {programs.subtract.name}
+    assert pool.lower(programs.subtract, (x, x), {}, key) is None and not pool.all
+    assert pool.lower(programs.add, (x, x), {}, key) is not None
     assert len(pool.all) == 1
     with pytest.raises(ValueError, match="not a lowering reply"):
         lowering._read(io.BytesIO(b"hello from a banner\n"))
@@ -196,16 +200,22 @@ def test_a_bad_count_in_a_library_call_means_no_helpers(monkeypatch, caplog):
 
 
 def test_a_helper_that_does_not_answer_is_dropped(monkeypatch):
-    """A helper that takes longer than ``REPLY_TIMEOUT`` is killed and the program
-    lowered by the caller; after ``MAX_LOST`` such helpers none is started again."""
+    """A helper that takes longer than ``REPLY_TIMEOUT`` is killed, the program lowered
+    by the caller and not sent again; after ``MAX_LOST`` such helpers the rest are
+    ended and none is started again."""
     monkeypatch.setattr(lowering, "REPLY_TIMEOUT", 0.01)
     pool = lowering.Helpers(2)
     try:
         specs = _update_args(6, 5)
-        _, _, key = kernel.iterate_b._key(specs, STATIC)
-        for lost in range(1, lowering.MAX_LOST + 1):
-            assert pool.lower(kernel.iterate_b, specs, STATIC, key) is None
-            assert pool.lost == lost and not pool.refused
+        x = jax.ShapeDtypeStruct((6,), F32)
+        calls = [(kernel.iterate_b, specs, STATIC), (programs.add, (x, x), {})]
+        calls.append((programs.subtract, (x, x), {}))
+        for lost, (fn, args, static) in enumerate(calls, 1):
+            _, _, key = fn._key(args, static)
+            assert pool.lower(fn, args, static, key) is None
+            assert pool.lost == lost and (fn.name, key[2]) in pool.refused
+            assert pool.lower(fn, args, static, key) is None and pool.lost == lost
+        assert lowering.MAX_LOST == len(calls)
         assert pool._take() is None and not pool.all and not pool.usable
     finally:
         pool.close()
