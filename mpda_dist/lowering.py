@@ -426,10 +426,12 @@ def report() -> str | None:
     pool = _HELPERS[0] if _HELPERS else None
     if pool is None:
         return None
+    refused = sorted({name.rsplit(".", 1)[-1] for name, _ in pool.refused})
     return (
         f"lowering helpers: {len(pool.all)} of {pool.count} running, {pool.lowered} programs "
         f"lowered in them ({pool.waited:.2f} s summed over the waiting threads), "
-        f"{len(pool.refused)} refused, {pool.lost} lost"
+        f"{len(pool.refused)} refused{' (' + ', '.join(refused) + ')' if refused else ''}, "
+        f"{pool.lost} lost"
     )
 
 
