@@ -333,6 +333,7 @@ def test_a_second_process_loads_every_program_of_a_solve(tmp_path):
         os.environ,
         JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"),  # empty: XLA compiles everything
         MPDA_PROGRAM_CACHE_DIR=str(tmp_path / "programs"),
+        MPDA_LOWER_PROCESSES="0",  # the traced names are this process's own
     )
     code = SOLVE_TWICE.format(tests=str(Path(__file__).parent))
     runs = []
