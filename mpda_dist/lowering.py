@@ -9,7 +9,7 @@ behind it: on an H100 4.3 s of a 7.6 s first solve at 1024² (benchmarks/RESULTS
 §22).  Here ``$MPDA_LOWER_PROCESSES`` helper processes (JAX on the CPU, no MPI, no
 GPU) trace and lower a background program for the main process's platform with
 :mod:`jax.export` and send it back; the main process wraps it in a one-call program
-(~40 ms of lowering where the program itself took 0.3–0.6 s) and compiles that.
+(17–56 ms of lowering where the program itself took 0.1–0.6 s) and compiles that.
 
 A helper traces with the main process's backend, the fused pass's support and the
 registered settings (:func:`mpda_dist.programs.key_settings`), and refuses a program
