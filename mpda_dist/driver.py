@@ -344,6 +344,13 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
             log.info("  rank %4d  %-20s %s", r, host, dev)
         if len(rows) > 16:
             log.info("  ... %d more ranks", len(rows) - 16)
+        pool = lowering.helpers()
+        if pool is not None:
+            log.info(
+                "  %d lowering helper process(es) per rank trace the programs (%s)",
+                pool.count,
+                lowering.ENV,
+            )
     problem = on_root(comm, lambda: build_problem(cfg))
     nodes = comm.bcast(problem.nodes if rank == 0 else None, root=0)
     ny, nx = cfg.grid.ny, cfg.grid.nx

@@ -269,6 +269,28 @@ def test_a_bad_environment_variable_is_an_input_error(tmp_path, monkeypatch, var
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def test_a_run_with_lowering_helpers_names_them_and_leaves_none(tmp_path, monkeypatch):
+    """``MPDA_LOWER_PROCESSES=1`` (helpers on a CPU too): two ranks, each with its helper;
+    the start-up table says so, the run writes its output, and no helper outlives it."""
+    import uuid
+
+    from _procs import kill_marked, pids_with_env, wait_gone
+
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv("MPDA_LOWER_PROCESSES", "1")
+    monkeypatch.setenv("MPDA_TEST_MARK", mark)  # the helpers inherit it
+    out = tmp_path / "o.h5"
+    try:
+        proc = mpda("run", "-o", str(out), *SMALL, ranks=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "1 lowering helper process(es) per rank" in proc.stderr + proc.stdout
+        assert out.exists()
+        # (each rank ends its helpers at exit; a moment's grace on a loaded machine)
+        assert wait_gone(pids_with_env("MPDA_TEST_MARK", mark), 5.0) == []
+    finally:
+        kill_marked("MPDA_TEST_MARK", mark)
+
+
 def test_a_failed_write_is_a_clean_error_and_leaves_nothing(tmp_path, monkeypatch):
     """Disk full while writing: exit code 2 naming the file, no file and no temporary."""
     import errno
