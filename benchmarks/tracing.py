@@ -47,7 +47,7 @@ def _helpers(args, fused):
     from mpda_dist import lowering, programs
 
     target = lowering.Target("gpu", "cuda", True, "9.0") if args.gpu else lowering._target()
-    pool = lowering.Helpers(args.helpers)
+    pool = lowering.Helpers(args.helpers, target.platform)
     pool.start()
     digest = programs._source_digest()
     for h in list(pool.all):  # a request that fails at once: the helper has started

@@ -225,6 +225,30 @@ def _store(ref, value: Array, mask: Array | None, interpret: bool) -> None:
 
 DIALECT_MODULE = "jaxlib.mlir.dialects.tt"
 
+# What lowering the pass for a GPU imports the first time (Pallas, its Triton and
+# Mosaic GPU back ends, MLIR's dialects): 121 modules, about 0.5 s (:func:`preload`;
+# jax 0.10.2).
+_PRELOAD = (
+    "jax.experimental.pallas",
+    "jax.experimental.pallas.triton",
+    "jax._src.pallas.triton.pallas_call_registration",
+    "jax._src.pallas.mosaic_gpu.pallas_call_registration",
+    "jaxlib.mlir.dialects.mhlo",
+)
+
+
+def preload() -> None:
+    """Import now what the first lowering of :func:`step` for a GPU would import (a
+    lowering helper does this while its rank reads its inputs: its first fused program
+    then takes 0.3 instead of 0.9 s, benchmarks/RESULTS.md §24).  A module this jax
+    does not have is skipped: the lowering imports what it needs as before."""
+    for name in _PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # private modules move between jax versions
+            pass
+    _register_dialect_module()
+
 
 def _register_dialect_module() -> None:
     """Make the Triton dialect's Python module importable under the name that MLIR's

@@ -177,13 +177,13 @@ class _Helper:
     """One helper process and its pipes; used by one thread at a time.  Replies come
     on a pipe of their own, not the helper's stdout, which anything may write to."""
 
-    def __init__(self) -> None:
+    def __init__(self, platform: str | None) -> None:
         read_end, write_end = os.pipe()
         try:
             # -P: not the current directory first on the path (another copy of the
             # package may live there), _PACKAGE_ROOT is (_helper_env)
             self.proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "mpda_dist.lowering", str(write_end)],
+                [sys.executable, "-P", "-m", "mpda_dist.lowering", str(write_end), str(platform)],
                 stdin=subprocess.PIPE,
                 pass_fds=(write_end,),
                 cwd=_PACKAGE_ROOT,
@@ -228,8 +228,11 @@ class _Helper:
 class Helpers:
     """A pool of helper processes."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, platform: str | None = None) -> None:
+        """``platform``: what the requests will lower for (:func:`target_platform`,
+        the default), so each helper imports the right things before the first one."""
         self.count = count
+        self.platform = platform
         self.idle: queue.Queue[_Helper] = queue.Queue()
         self.all: list[_Helper] = []
         self.lost = 0  # helpers that died, did not answer in time or answered garbage
@@ -249,7 +252,9 @@ class Helpers:
         if len(self.all) >= self.count or not self.usable:
             return None
         try:
-            helper = _Helper()
+            if self.platform is None:
+                self.platform = target_platform()
+            helper = _Helper(self.platform)
         except OSError as exc:
             log.debug("lowering helper did not start: %s", exc)
             self.lost = MAX_LOST
@@ -499,6 +504,20 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             return
 
 
+def preload(platform: str) -> None:
+    """Import what requests for ``platform`` need before the first one comes (the
+    programs' modules, :mod:`jax.export`, and for ``cuda`` Pallas's GPU lowering:
+    :func:`mpda_dist.fused.preload`), so a helper's first program costs about what its
+    later ones do.  The requesting process starts helpers while it reads its inputs, so
+    this is off its critical path."""
+    from jax import export  # noqa: F401
+
+    from mpda_dist import cycle, fused, krylov, solver  # noqa: F401  (their programs)
+
+    if platform == "cuda":
+        fused.preload()
+
+
 def main() -> None:
     # Ctrl-C reaches the whole process group: the helper ends when its input closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -510,6 +529,7 @@ def main() -> None:
     # requesting process from seeing this one end
     os.set_inheritable(fd, False)
     with os.fdopen(fd, "wb") as replies:
+        preload(sys.argv[2] if len(sys.argv) > 2 else "")
         serve(sys.stdin.buffer, replies)
 
 

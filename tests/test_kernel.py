@@ -259,14 +259,19 @@ class Finder:  # records the imports that Python's finders are asked for
 sys.meta_path.insert(0, Finder())
 if sys.argv[1] == "as-shipped":
     fused._register_dialect_module = lambda: None
+if sys.argv[1] == "preloaded":
+    fused.preload()
 fused.INTERPRET = False
+before = set(sys.modules)
 r, c = fused.padded_shape(20, 70)
 msgs, field = (jax.ShapeDtypeStruct(s, jnp.float32) for s in ((12, r, c), (r, c)))
 args = (msgs, msgs, field, field, msgs, field, jax.ShapeDtypeStruct((2,), jnp.float32))
 f = jax.jit(lambda *a: fused.step(*a, block=(20, 70), momentum=0.5))
 text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 ir = re.findall(r'ir = "([^"]*)"', text)
-print(len(ir), hashlib.sha256(ir[0].encode()).hexdigest(), sum(n.endswith(".tt") for n in tried))
+new = len(set(sys.modules) - before)  # modules the lowering imported
+failed = sum(n.endswith(".tt") for n in tried)
+print(len(ir), hashlib.sha256(ir[0].encode()).hexdigest(), failed, new)
 """
 
 
@@ -274,11 +279,13 @@ def test_triton_dialect_module_registered():
     """With the Triton dialect's module registered under the name MLIR's bindings look
     for, lowering the fused pass for a GPU tries no failing ``….tt`` imports (jaxlib as
     shipped: several per Triton operation), and the Triton IR is the same byte for byte.
-    Each in a fresh process: the bindings remember a module once found."""
+    After :func:`fused.preload` (what a lowering helper runs at start) the lowering
+    imports no module at all, and the IR is the same again.  Each in a fresh process:
+    the bindings remember a module once found."""
     import subprocess
     import sys
 
-    def lowered(how: str) -> tuple[int, str, int]:
+    def lowered(how: str) -> tuple[int, str, int, int]:
         done = subprocess.run(
             [sys.executable, "-c", _LOWER_FOR_GPU, how],
             capture_output=True,
@@ -286,14 +293,17 @@ def test_triton_dialect_module_registered():
             timeout=120,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        count, digest, imports = done.stdout.split()
-        return int(count), digest, int(imports)
+        count, digest, imports, new = done.stdout.split()
+        return int(count), digest, int(imports), int(new)
 
     shipped, registered = lowered("as-shipped"), lowered("registered")
-    assert shipped[0] == registered[0] == 1
-    assert registered[1] == shipped[1]  # the same Triton IR
+    preloaded = lowered("preloaded")
+    assert shipped[0] == registered[0] == preloaded[0] == 1
+    assert registered[1] == shipped[1] == preloaded[1]  # the same Triton IR
     assert shipped[2] > 100  # what the registration saves
     assert registered[2] <= 1  # (one look whether jaxlib ships the name itself)
+    assert registered[3] > 50  # Pallas's GPU lowering, imported on first use
+    assert preloaded[3] == 0  # what the preload saves a helper's first program
 
 
 # every pair of (even/odd count, δ or not, frozen or coupled) once: 4 cases, not 8
