@@ -20,6 +20,11 @@ With ``--helpers N`` the programs go to N helper processes (:mod:`mpda_dist.lowe
 N at a time, and the seconds shown are those spent in this process (wrapping each
 program), which is what holds a run's interpreter lock; ``wall`` is for all of them.
 
+``--first`` times one fresh helper's requests one after the other (``iterate_b``,
+``iterate_a`` and ``gains`` per size, with ``--gpu`` for CUDA): its first programs pay
+for what the helper imports and sets up on first use, unless it did that at start
+(:func:`mpda_dist.lowering.preload`).
+
 For A/B comparisons run a copy of this script inside each checkout, alternately, each in
 a fresh process (JAX keeps what it traced).
 """
@@ -60,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 256, 128, 64])
     ap.add_argument("--gpu", action="store_true", help="lower for a CUDA GPU, its forms")
     ap.add_argument("--helpers", type=int, default=0, help="lower in this many helper processes")
+    ap.add_argument(
+        "--first", action="store_true", help="time one fresh helper's requests in order"
+    )
     args = ap.parse_args(argv)
+    if args.first:
+        args.helpers = 1
 
     import jax
     import jax.numpy as jnp
@@ -135,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             "residual": lambda: k["residual"].lower(field, frame, op),
         }
 
+    if args.first:
+        return _first(args, helpers, lowerings)
     seconds: dict[str, float] = {}
     jobs = [(name, lower) for n in args.sizes for name, lower in lowerings(n).items()]
     t_all = time.perf_counter()
@@ -156,6 +168,22 @@ def main(argv: list[str] | None = None) -> int:
         refused = sorted(name for name, _ in helpers[0].refused) or "none"
         print(f"  {helpers[0].lost} helpers lost, refused: {refused}")
         helpers[0].close()
+    print(f"machine: {C.machine_line(C.machine_info())}")
+    print(f"command: {C.command_line()}")
+    return 0
+
+
+def _first(args, helpers, lowerings) -> int:
+    """``--first``: a started helper's requests in order, each timed in full (the
+    helper's tracing and lowering, and the wrapping here)."""
+    print(f"one helper, lowering for {'a CUDA GPU' if args.gpu else 'this backend'}, in order:")
+    for n in args.sizes:
+        calls = lowerings(n)
+        for name in ("iterate_b", "iterate_a", "gains"):
+            t0 = time.perf_counter()
+            calls[name]()
+            print(f"  {name:10s} {n:5d}²  {time.perf_counter() - t0:6.3f} s", flush=True)
+    helpers[0].close()
     print(f"machine: {C.machine_line(C.machine_info())}")
     print(f"command: {C.command_line()}")
     return 0
