@@ -39,7 +39,7 @@ from mpda_dist import kernel
 from mpda_dist.decomposition import MIN_BLOCK, Decomposition
 from mpda_dist.exchange import HaloExchange
 from mpda_dist.halo import field_layout, message_layout
-from mpda_dist.multigrid import AxisMap, Level, axis_map, coarse_cuts, sphere_odd_cells
+from mpda_dist.multigrid import AxisMap, Level, axis_map, coarse_cuts
 from mpda_dist.observations import NodeObservations
 from mpda_dist.programs import Programs, jit, on_device, subtract, zeros
 from mpda_dist.stencil import build, observation_mass
@@ -312,21 +312,6 @@ class Hierarchy:
             prefetch(self)
         self.ops = self._operators(nodes, lengthscale, amplitude)
         self.coarse = None
-        if sphere_odd_cells(self.levels) and self.decomps[0].rank == 0:
-            c, f = self.levels[0], self.levels[-1]
-            k = min((f.nx & -f.nx).bit_length() - 1, 7)  # halvings the longitudes allow
-            good = -(-(f.ny - 1) // 2**k) * 2**k + 1
-            log.warning(
-                "multigrid stops at %d x %d points: %d latitude cells is odd, and the sphere "
-                "halves only an even number; grid.ny = %d (ny - 1 divisible by %d) would "
-                "coarsen %d times",
-                c.nx,
-                c.ny,
-                c.ny - 1,
-                good,
-                2**k,
-                k,
-            )
         if len(self.levels) > 1:
             n = int(np.prod(self.levels[0].interior))
             if n > COARSE_WARN and self.decomps[0].rank == 0:

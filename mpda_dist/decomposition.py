@@ -43,24 +43,32 @@ def auto_grid(size: int, interior: tuple[int, int]) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def check_grid(grid: tuple[int, int], size: int, interior: tuple[int, int]) -> None:
+def check_ranks(grid: tuple[int, int], size: int) -> None:
+    """A process grid ``(Py, Px)`` must have one block per rank."""
     py, px = grid
     if py * px != size:
         raise DecompositionError(
             f"decomposition.process_grid = [{px}, {py}] has {px * py} blocks but the job "
             f"has {size} MPI ranks; use [Px, Py] with Px·Py = {size}, or 'auto'"
         )
+
+
+def check_grid(grid: tuple[int, int], size: int, interior: tuple[int, int]) -> None:
+    check_ranks(grid, size)
+    py, px = grid
     n, m = interior
     if n // py < MIN_BLOCK or m // px < MIN_BLOCK:
         if py * px == 1:
             raise DecompositionError(
-                f"grid interior {m}x{n} (x by y) is too small for message passing: it needs "
-                f"at least {MIN_BLOCK} interior nodes per side (grid.nx and grid.ny of "
-                f"{MIN_BLOCK + 2} or more); use a finer grid or solver.method: exact"
+                f"grid interior {m}x{n} (x by y) is too small for solver.method mp, cg or "
+                f"3dvar: they need at least {MIN_BLOCK} interior nodes per side (grid.nx and "
+                f"grid.ny of {MIN_BLOCK + 2} or more); use a finer grid or solver.method: "
+                "exact or amg_cg"
             )
         raise DecompositionError(
-            f"grid interior {m}x{n} (x by y) is too small for a {px}x{py} process grid: "
-            f"blocks need at least {MIN_BLOCK} nodes per side; use fewer ranks or a finer grid"
+            f"grid interior {m}x{n} (x by y; grid.nx, grid.ny) is too small for a {px}x{py} "
+            f"process grid: blocks need at least {MIN_BLOCK} nodes per side; use fewer ranks "
+            "or a finer grid"
         )
 
 

@@ -7,13 +7,14 @@ rank 0 alone logs and writes.  Any error ends every rank with a non-zero exit co
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -87,7 +88,14 @@ def _setup_logging(comm: Any, level: str = "info", per_rank: bool = False) -> No
     handler.setLevel(lvl if rank == 0 else logging.ERROR)
     root.addHandler(handler)
     if per_rank:
-        fh = logging.FileHandler(f"mpda-rank{rank:04d}.log", mode="w")
+        name, fh, error = f"mpda-rank{rank:04d}.log", None, None
+        try:
+            fh = logging.FileHandler(name, mode="w")
+        except OSError as exc:
+            error = f"logging.per_rank: cannot write {os.path.abspath(name)} ({exc.strerror})"
+        errors = [e for e in comm.allgather(error) if e]  # every rank stops alike
+        if errors:
+            raise RunError(f"{errors[0]}; run from a writable directory", EXIT_INPUT)
         fh.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s"))
         fh.setLevel(logging.DEBUG)
         root.addHandler(fh)
@@ -105,6 +113,16 @@ def on_root(comm: Any, fn: Callable[[], T]) -> T | None:
             outcome = (False, (str(exc), exc.code))
         except (ValueError, OSError) as exc:
             outcome = (False, (str(exc), EXIT_INPUT))
+        except MemoryError as exc:  # rank 0 holds the whole grid's fields
+            outcome = (
+                False,
+                (
+                    f"out of memory on rank 0 ({exc or 'MemoryError'}): rank 0 "
+                    "holds whole-grid fields (grid.nx x grid.ny); a smaller grid, "
+                    "or a node with more memory for rank 0",
+                    EXIT_INPUT,
+                ),
+            )
     outcome = comm.bcast(outcome, root=0)
     if not outcome[0]:
         raise RunError(*outcome[1])
@@ -300,6 +318,66 @@ def _check_checkpoint_file(path: str) -> None:
         raise io.InputError(f"checkpoint.file: {exc}") from None
 
 
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet)
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _check_paths(cfg: Any, out_path: str, resume: str | None) -> None:
+    """The files a run writes must not be the files it reads (an observation file,
+    the background, the checkpoint it resumes from), nor each other, and must be file
+    names (``out/`` is not one)."""
+    from mpda_dist import io
+
+    outputs = [("output.file (-o)", out_path)]
+    if cfg.solver.method == "mp":
+        outputs.append(("checkpoint.file", cfg.checkpoint.file))
+    inputs = [("observations.file", cfg.observations.file)]
+    bg = cfg.prior.background
+    if isinstance(bg, str) and bg != "climatology":
+        inputs.append(("prior.background", os.fspath(io.split_field_spec(bg)[0])))
+    inputs.append(("--resume", resume))
+    for what, path in outputs:
+        if str(path).endswith(("/", os.sep)):
+            raise io.InputError(f"{what} = {path}: a directory name; give a file name")
+        for key, other in inputs:
+            if other and not (what == "checkpoint.file" and key == "--resume"):
+                if _same_file(path, other):
+                    raise io.InputError(
+                        f"{what} = {path} is also {key}: the run would overwrite its input; "
+                        "write to another file"
+                    )
+    if len(outputs) == 2 and _same_file(out_path, cfg.checkpoint.file):
+        raise io.InputError(
+            f"output.file (-o) and checkpoint.file are the same file ({out_path}): a "
+            "checkpoint would look like a finished analysis; give them different names"
+        )
+
+
+_DIGEST_LINE = "# inputs sha256: "  # the last line of a checkpoint's config text
+
+
+def _inputs_digest(nodes: Any) -> str:
+    """A digest of what the solver reads besides the config: the observations at their
+    nodes, innovations (``y − H f_b``, so the background too) and precisions."""
+    h = hashlib.sha256(type(nodes).__name__.encode())
+    for f in fields(nodes):
+        v = np.ascontiguousarray(getattr(nodes, f.name))
+        h.update(f"{f.name}:{v.dtype.str}:{v.shape}".encode())
+        h.update(v.tobytes())
+    return h.hexdigest()
+
+
+def _stored_digest(config_text: str) -> str | None:
+    """The inputs' digest in a checkpoint's config text (None: written before it was)."""
+    for line in reversed(config_text.splitlines()):
+        if line.startswith(_DIGEST_LINE):
+            return line[len(_DIGEST_LINE) :].strip()
+    return None
+
+
 def _rmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)))
 
@@ -319,7 +397,8 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
 
     from mpda_dist import __version__, diagnostics, io, lowering, sphere
     from mpda_dist.config import dump_config
-    from mpda_dist.multigrid import schedule, sphere_schedule
+    from mpda_dist.decomposition import check_ranks
+    from mpda_dist.multigrid import odd_cells_advice, schedule, sphere_schedule
     from mpda_dist.solver import (
         CAPPED,
         DIVERGED,
@@ -333,6 +412,7 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     t0 = time.perf_counter()
     rank, size = comm.Get_rank(), comm.Get_size()
     out_path = output or cfg.output.file
+    on_root(comm, lambda: _check_paths(cfg, out_path, resume))
     on_root(comm, lambda: io.check_writable(out_path))
     if cfg.solver.method == "mp":  # a signal or the timer writes it, hours from now
         on_root(comm, lambda: _check_checkpoint_file(cfg.checkpoint.file))
@@ -364,11 +444,17 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     multigrid = mg.enabled and cfg.solver.method == "mp"
     if on_sphere:
         levels = sphere_schedule(ny, nx, cfg.grid.lat_range, mg.min_size, multigrid)
+        advice = odd_cells_advice(levels, mg.min_size)
+        if advice and rank == 0:
+            log.warning("%s", advice)
     else:
         levels = schedule(ny, nx, dy, dx, mg.min_size, multigrid)
     pg = cfg.decomposition.process_grid
     grid = None if pg == "auto" else (int(pg[0]), int(pg[1]))
+    if grid is not None:  # exact and amg_cg run on rank 0, but a grid for other ranks
+        check_ranks(grid[::-1], size)  # is a mistake in the config or the launch all the same
     s = settings_from(cfg)
+    inputs = _inputs_digest(nodes)
     if rank == 0:
         log.info(
             "%d x %d grid, %d observations used (%d given), method %s, %s, tol %.1e",
@@ -390,6 +476,9 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
         def read_checkpoint() -> Any:
             state = checkpoint.read(resume)
             changed = _config_changes(state.config, cfg)
+            stored = _stored_digest(state.config)
+            if stored is not None and stored != inputs:
+                changed.append("the observations' or the background's contents")
             if changed:
                 raise RunError(
                     f"{resume}: written for another problem ({', '.join(changed)} differ); "
@@ -421,7 +510,7 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
                     resume=state,
                     checkpoint_path=cfg.checkpoint.file,
                     requests=requests,
-                    config_text=dump_config(cfg),
+                    config_text=f"{dump_config(cfg)}{_DIGEST_LINE}{inputs}\n",
                 )
             except ResumeError as exc:  # raised on every rank
                 raise RunError(f"{resume}: {exc}", EXIT_INPUT) from None
@@ -701,11 +790,18 @@ def run_from_cli(
     _setup_logging(comm)
 
     def main() -> int:
-        from mpda_dist.config import load_config
+        from mpda_dist.config import BUNDLED_DEMO, load_config
+        from mpda_dist.decomposition import DecompositionError
 
         cfg = load_config(config_path, overrides)
         _setup_logging(comm, cfg.logging.level, cfg.logging.per_rank)
-        return execute(comm, cfg, output, resume)
+        try:
+            return execute(comm, cfg, output, resume)
+        except DecompositionError as exc:  # name where the grids came from, as config errors do
+            keys = ("decomposition.process_grid", "grid.nx", "grid.ny")
+            sets = [f"--set {t}" for t in overrides if t.split("=", 1)[0].strip() in keys]
+            where = ", ".join([os.fspath(config_path or BUNDLED_DEMO), *sets])
+            raise DecompositionError(f"{where}: {exc}") from None
 
     return _guard(comm, main)
 

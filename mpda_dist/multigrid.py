@@ -125,6 +125,35 @@ def sphere_odd_cells(levels: list[Level]) -> bool:
     return c.periodic_x and (c.ny - 1) % 2 == 1 and c.nx % 2 == 0
 
 
+def _halves(cells: int, nx: int, min_size: int) -> bool:
+    """Whether :func:`hierarchy` would halve a sphere level of ``cells`` latitude cells
+    (were it even) and ``nx`` longitudes: above ``min_size``, with 4 interior nodes a
+    side after."""
+    return max(nx, cells + 1) > min_size and cells // 2 - 1 >= 4 and nx // 2 >= 4
+
+
+def odd_cells_advice(levels: list[Level], min_size: int) -> str | None:
+    """A warning for a sphere hierarchy that stopped on an odd number of latitude cells
+    (:func:`sphere_odd_cells`) above ``min_size``, naming the nearest ``grid.ny`` below
+    and above whose cells halve as often as the longitudes and ``min_size`` allow;
+    None when it did not stop so."""
+    c, f = levels[0], levels[-1]
+    if not sphere_odd_cells(levels) or not _halves(c.ny - 1, c.nx, min_size):
+        return None  # (min_size, or a block's 4 nodes, stopped it)
+    cells, most = f.ny - 1, (f.nx & -f.nx).bit_length() - 1  # halvings the longitudes allow
+    k = 0  # halvings down to min_size, as hierarchy() counts them
+    while k < most and _halves(cells >> k, f.nx >> k, min_size):
+        k += 1
+    step = 2**k
+    below, above = cells // step * step + 1, -(-cells // step) * step + 1
+    choices = " or ".join(str(v) for v in dict.fromkeys((below, above)) if v - 1 >= step)
+    return (
+        f"multigrid stops at {c.nx} x {c.ny} points: {c.ny - 1} latitude cells is odd, and "
+        f"the sphere halves only an even number; grid.ny = {choices} (ny - 1 divisible by "
+        f"{step}) would coarsen {k} time(s), down to solver.multigrid.min_size {min_size}"
+    )
+
+
 def sphere_level(ny: int, nx: int, lat_range: tuple[float, float]) -> list[Level]:
     """The target sphere grid alone (one level)."""
     return sphere_schedule(ny, nx, lat_range, enabled=False)

@@ -717,7 +717,8 @@ def _resume_mismatch(resume: Any, hier: Any) -> str | None:
     if resume.levels not in (0, nlev) or not 0 <= resume.level < nlev:
         return (
             f"the checkpoint was written with {resume.levels} multigrid levels but this run "
-            f"has {nlev} (blocks of a coarse level need 4 nodes a side): {again}"
+            f"has {nlev} (other solver.multigrid settings, or ranks whose blocks stop the "
+            f"levels at another depth: a coarse block needs 4 nodes a side): {again}"
         )
     arrays = [(resume.level, "", resume.a)]
     arrays += [(c + 1, "the warm state of ", ca) for c, (ca, _, _) in enumerate(resume.coarse)]

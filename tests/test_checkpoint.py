@@ -82,6 +82,10 @@ def test_signal_checkpoint_and_resume_equal_an_uninterrupted_run(tmp_path):
     assert rc == 5, text
     assert "checkpoint written to" in text and ckpt.exists()
     assert not (tmp_path / "interrupted.h5").exists()
+    from mpda_dist import checkpoint
+    from mpda_dist.driver import _stored_digest
+
+    assert len(_stored_digest(checkpoint.read(str(ckpt)).config) or "") == 64  # the inputs'
 
     resumed = mpda(
         tmp_path,
@@ -285,5 +289,37 @@ def test_resume_with_another_problem_is_a_clear_error(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert (
         f"{ckpt}: written for another problem (observations.synthetic.seed differ)" in proc.stderr
+    )
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_resume_after_the_inputs_changed_is_a_clear_error(tmp_path):
+    """The checkpoint holds a digest of the observations at their nodes (innovations,
+    so the background too): an observation file rewritten between the runs, same path,
+    is exit 2 naming it, not a resume that cannot converge (review helper).  The digest
+    follows every value."""
+    from _problems import problem
+
+    from mpda_dist import checkpoint
+    from mpda_dist.config import dump_config, load_config
+    from mpda_dist.driver import _DIGEST_LINE, _inputs_digest, _stored_digest
+
+    _, nodes, _, _ = problem(20, 20, 0.2)
+    digest = _inputs_digest(nodes)
+    nodes.innovation[3] = np.nextafter(nodes.innovation[3], np.inf)
+    assert _inputs_digest(nodes) != digest
+    text = dump_config(load_config(str(SMALL), overrides=[a for a in ARGS if a != "--set"]))
+    assert _stored_digest(text) is None  # (a checkpoint from before: not compared)
+    assert _stored_digest(f"{text}{_DIGEST_LINE}{digest}\n") == digest
+
+    msgs = np.zeros((12, 38, 38))
+    ckpt = tmp_path / "ck.h5"
+    state = checkpoint.State(1, 100, msgs, msgs, None, levels=2)
+    checkpoint.write(str(ckpt), state, f"{text}{_DIGEST_LINE}{'0' * 64}\n")
+    proc = mpda(tmp_path, "-o", "o.h5", "--resume", str(ckpt))
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        f"{ckpt}: written for another problem (the observations' or the background's "
+        "contents differ)" in proc.stderr
     )
     assert not (tmp_path / "o.h5").exists()

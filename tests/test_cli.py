@@ -325,3 +325,81 @@ def test_an_empty_output_name_is_a_usage_error(command, capsys):
         cli.build_parser().parse_args([*command, "-o", ""])
     assert exit_.value.code == 2
     assert "argument -o/--output: empty file name" in capsys.readouterr().err
+
+
+def _background(path: Path, n: int = 40) -> Path:
+    with h5py.File(path, "w") as f:
+        f["background"] = np.zeros((n, n))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("output is the observation file", "is also observations.file: the run would overwrite"),
+        ("output is the background", "is also prior.background: the run would overwrite"),
+        ("checkpoint is the observation file", "checkpoint.file = "),
+        ("output is the checkpoint", "output.file (-o) and checkpoint.file are the same file"),
+        ("output is a directory name", "o/: a directory name; give a file name"),
+    ],
+)
+def test_a_run_does_not_write_over_its_inputs(tmp_path, case, needle):
+    """The files a run writes are not the files it reads, nor each other (review
+    helper: an analysis replaced its observation file; a checkpoint named like the
+    output looked like a finished analysis), and ``o/`` is not a file name."""
+    obs = write_obs(tmp_path / "obs.h5")
+    bg = _background(tmp_path / "bg.h5")
+    before = {p: p.read_bytes() for p in (obs, bg)}
+    out, ckpt = tmp_path / "o.h5", tmp_path / "ck.h5"
+    if case == "output is the observation file":
+        out = obs
+    elif case == "output is the background":
+        out = bg
+    elif case == "checkpoint is the observation file":
+        ckpt = obs
+    elif case == "output is the checkpoint":
+        ckpt = out
+    target = f"{tmp_path}/o/" if case == "output is a directory name" else str(out)
+    proc = mpda(
+        "run",
+        "-o",
+        target,
+        *SMALL,
+        "--set",
+        f"observations.file={obs}",
+        "--set",
+        f"prior.background={bg}",
+        "--set",
+        f"checkpoint.file={ckpt}",
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "level 1/" not in proc.stderr  # refused before solving
+    assert {p: p.read_bytes() for p in (obs, bg)} == before
+    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_process_grid_for_other_ranks_is_refused_for_every_method(tmp_path):
+    """``exact`` runs on rank 0 alone, but a process grid of 9 blocks on 1 rank is a
+    mistake all the same (as for mp and cg); the error names the config and the
+    ``--set`` it came from."""
+    out = tmp_path / "o.h5"
+    grid = "decomposition.process_grid=[3,3]"
+    proc = mpda("run", "-o", str(out), *SMALL, "--set", grid, "--set", "solver.method=exact")
+    assert proc.returncode == 2, proc.stderr
+    assert f"demo.yaml), --set grid.nx=40, --set grid.ny=40, --set {grid}:" in proc.stderr
+    assert "has 9 blocks but the job has 1 MPI ranks" in proc.stderr
+    assert not out.exists()
+
+
+def test_per_rank_logs_where_they_cannot_be_written_are_an_input_error(tmp_path):
+    """``logging.per_rank`` writes ``mpda-rankNNNN.log`` in the working directory: one
+    that cannot hold it is exit 2 naming the file, on every rank, not a traceback."""
+    out = tmp_path / "o.h5"
+    proc = mpda(
+        "run", "-o", str(out), *SMALL, "--set", "logging.per_rank=true", cwd=Path("/proc"), ranks=2
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "logging.per_rank: cannot write /proc/mpda-rank0000.log" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()

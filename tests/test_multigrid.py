@@ -14,7 +14,13 @@ from mpi4py import MPI
 
 from mpda_dist import kernel
 from mpda_dist.cycle import Hierarchy
-from mpda_dist.multigrid import coarse_cuts, schedule, sphere_odd_cells, sphere_schedule
+from mpda_dist.multigrid import (
+    coarse_cuts,
+    odd_cells_advice,
+    schedule,
+    sphere_odd_cells,
+    sphere_schedule,
+)
 from mpda_dist.solver import CONVERGED, Settings, solve
 
 
@@ -131,11 +137,21 @@ def test_sphere_coarse_levels_keep_both_clip_rows(ny, lat):
     assert sphere_odd_cells(levels) == (ny in (34, 376, 181))  # 181: 180 → 90 → 45 cells
 
 
-def test_odd_latitude_cells_warn_with_a_better_ny(caplog):
-    _, nodes, _, _, (ell, amp) = globe_problem(34, 64)
-    with caplog.at_level("WARNING", logger="mpda_dist"), jax.enable_x64(True):
-        hierarchy(sphere_schedule(34, 64, (-70.0, 70.0), 8), nodes, ell, amp)
-    assert "33 latitude cells is odd" in caplog.text and "grid.ny = 65" in caplog.text
+@pytest.mark.parametrize(
+    ("ny", "nx", "min_size", "choices", "times"),
+    [(34, 64, 8, "33 or 37", 2), (34, 128, 64, "33 or 35", 1), (182, 360, 32, "177 or 185", 3)],
+)
+def test_odd_latitude_cells_warn_with_a_better_ny(ny, nx, min_size, choices, times):
+    """The advice names the nearest ny below and above that halves as often as the
+    longitudes and min_size allow (review helper: it suggested 129 for 34 x 128, which
+    min_size 64 stops after one halving anyway), and each does coarsen that often."""
+    advice = odd_cells_advice(sphere_schedule(ny, nx, (-70.0, 70.0), min_size), min_size)
+    assert f"{ny - 2} latitude cells is odd" not in advice  # (the coarse level's count)
+    assert f"grid.ny = {choices} " in advice and f"coarsen {times} time(s)" in advice
+    for good in map(int, choices.split(" or ")):
+        levels = sphere_schedule(good, nx, (-70.0, 70.0), min_size)
+        assert len(levels) == times + 1 and odd_cells_advice(levels, min_size) is None
+    assert odd_cells_advice(sphere_schedule(33, 64, (-70.0, 70.0), 8), 8) is None
 
 
 def test_schedule_halves_down_to_min_size():

@@ -190,7 +190,7 @@ def test_freezing_precisions_keeps_the_answer():
 @pytest.mark.parametrize(
     "grid,size,interior,needle",
     [
-        ((1, 1), 1, (62, 3), "too small for message passing: it needs at least 4 interior"),
+        ((1, 1), 1, (62, 3), "too small for solver.method mp, cg or 3dvar: they need at least"),
         ((1, 2), 2, (62, 6), "too small for a 2x1 process grid: blocks need at least 4 nodes"),
         ((2, 1), 1, (62, 8), "has 2 blocks but the job has 1 MPI ranks"),
     ],
