@@ -129,6 +129,31 @@ def on_root(comm: Any, fn: Callable[[], T]) -> T | None:
     return value
 
 
+def _warn_if_analysis_file(spec: str) -> None:
+    """An ``mpda run`` output given as ``prior.background`` without a dataset: its
+    ``/background`` is that run's background, not its analysis (a cycling user most
+    likely meant ``OUT.h5:analysis/mean``)."""
+    import h5py
+
+    from mpda_dist import io
+
+    path, dataset = io.split_field_spec(spec)
+    if dataset != io.DEFAULT_FIELD_DATASET or spec.endswith(f":{dataset}"):
+        return  # a dataset was named
+    try:
+        with h5py.File(path, "r") as f:
+            analysis = isinstance(f.get("analysis/mean"), h5py.Dataset)
+    except OSError:
+        return
+    if analysis:
+        log.warning(
+            "prior.background = %s is an analysis file: its /background is that run's "
+            "background, read as this one's; for the analysis (cycling) give %s:analysis/mean",
+            spec,
+            path,
+        )
+
+
 def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
     """Rank 0: background, observations (file or synthetic), their quality control and
     truth.  Bad input raises InputError/ObservationError naming the file (and row)."""
@@ -144,6 +169,7 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
         background = globe.climatology(*shape, lat_range)
     elif isinstance(bg, str):
         background = io.read_field(bg, shape)
+        _warn_if_analysis_file(bg)
     else:
         background = np.full(shape, float(bg))
     bad = np.argwhere(~np.isfinite(background))

@@ -403,3 +403,22 @@ def test_per_rank_logs_where_they_cannot_be_written_are_an_input_error(tmp_path)
     assert "logging.per_rank: cannot write /proc/mpda-rank0000.log" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_an_analysis_file_as_background_warns(tmp_path, caplog):
+    """``prior.background = OUT.h5`` reads OUT.h5's ``/background``, the earlier run's
+    background, not its analysis: said in a warning, which names the dataset that
+    cycling wants (review helper); a named dataset, or a plain field file, is silent."""
+    from mpda_dist.driver import _warn_if_analysis_file
+
+    out = tmp_path / "out.h5"
+    with h5py.File(out, "w") as f:
+        f["analysis/mean"] = np.ones((4, 4))
+        f["background"] = np.zeros((4, 4))
+    plain = _background(tmp_path / "bg.h5", 4)
+    with caplog.at_level("WARNING", logger="mpda_dist"):
+        for spec in (f"{out}:analysis/mean", f"{out}:background", str(plain)):
+            _warn_if_analysis_file(spec)
+        assert caplog.text == ""
+        _warn_if_analysis_file(str(out))
+    assert f"give {out}:analysis/mean" in caplog.text
