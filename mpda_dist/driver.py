@@ -172,11 +172,14 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
         _warn_if_analysis_file(bg)
     else:
         background = np.full(shape, float(bg))
-    bad = np.argwhere(~np.isfinite(background))
+    with np.errstate(invalid="ignore"):
+        bad = np.argwhere(~(np.abs(background) < qc.FILL_BOUND))  # NaN and ±inf too
     if bad.size:
+        at = tuple(int(i) for i in bad[0])
         raise io.InputError(
-            f"{bg}: the background is not finite at (iy, ix) = {tuple(int(i) for i in bad[0])} "
-            f"({len(bad)} such node(s))"
+            f"{bg}: the background is not finite, or a fill value (|f_b| >= "
+            f"{qc.FILL_BOUND:g}), at (iy, ix) = {at}: {background[at]!r} ({len(bad)} such "
+            "node(s))"
         )
     truth = None
     cover = None

@@ -213,12 +213,23 @@ def read_truth(
 ) -> np.ndarray | None:
     """The ``/truth`` field ``(ny, nx)`` of a problem or analysis file, or None.
 
-    With ``grid`` (the run's ``x`` and ``y`` coordinates), a truth of another shape, or
-    a file whose ``/grid/{x,y}`` are other coordinates, is :class:`OtherGrid` saying
-    which (checked before the field is read)."""
+    A truth that is not 2-D (real numbers of another number of dimensions), or, with
+    ``grid`` (the run's ``x`` and ``y`` coordinates), a truth of another shape or a file
+    whose ``/grid/{x,y}`` are other coordinates, is :class:`OtherGrid` saying which
+    (checked before the field is read): the truth is optional, so the caller may go on
+    without it."""
     with _open_h5(path) as f:
         if "truth" not in f:
             return None
+        ds = f["truth"]
+        if (
+            isinstance(ds, h5py.Dataset)
+            and ds.shape is not None
+            and ds.dtype.kind in "iuf"
+            and ds.ndim != 2
+        ):
+            want = "" if grid is None else f", the run's grid {(grid[1].size, grid[0].size)}"
+            raise OtherGrid(f"{f.filename}: /truth has shape {ds.shape}, not 2-D (ny, nx){want}")
         ds = _numeric(f, "truth", 2)
         if grid is not None:
             _same_grid(f, ds.shape, grid)

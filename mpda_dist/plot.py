@@ -3,7 +3,9 @@
 Panels: the analysis mean, the truth (when the file has one), the increment
 ``mean − background`` and the error ``mean − truth`` (when there is a truth), with the
 used observation locations overlaid on the analysis.  Axes are the file's ``/grid/x``
-and ``/grid/y``: longitude and latitude in degrees for a global run.
+and ``/grid/y``: longitude and latitude in degrees for a global run (``/grid/x`` in
+``degrees_east``), where the observations' longitudes, which may follow any convention,
+are drawn wrapped into the grid's longitudes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def _read(path: str) -> dict[str, Any]:
             out: dict[str, Any] = {
                 "mean": f["analysis/mean"][()],
                 "x": f["grid/x"][()],
+                "lonlat": _units(f["grid/x"]) == "degrees_east",
                 "y": f["grid/y"][()],
                 "background": f["background"][()] if "background" in f else None,
                 "truth": f["truth"][()] if "truth" in f else None,
@@ -37,7 +40,10 @@ def _read(path: str) -> dict[str, Any]:
                 used = f["observations/used"][()] if "observations/used" in f else None
                 ox, oy = f["observations/x"][()], f["observations/y"][()]
                 keep = used.astype(bool) if used is not None else np.ones(ox.shape, bool)
-                out["obs"] = (ox[keep], oy[keep])
+                ox, oy = ox[keep], oy[keep]
+                if out["lonlat"]:
+                    ox = wrap_longitudes(ox, out["x"])
+                out["obs"] = (ox, oy)
             return out
     except OSError as exc:
         raise PlotError(f"{path}: cannot read ({exc})") from None
@@ -45,6 +51,21 @@ def _read(path: str) -> dict[str, Any]:
         if isinstance(exc, PlotError):
             raise
         raise PlotError(f"{path}: not laid out as an 'mpda run' output ({exc})") from None
+
+
+def _units(ds: Any) -> str:
+    units = ds.attrs.get("units", "")
+    return units.decode() if isinstance(units, bytes) else str(units)
+
+
+def wrap_longitudes(lon: np.ndarray, grid_lon: np.ndarray) -> np.ndarray:
+    """``lon`` (degrees, any convention) moved by whole turns into the span the map
+    draws for the grid's longitudes ``grid_lon`` (``i·360/nx`` in an ``mpda run``
+    output): ``[grid_lon[0] − Δ/2, grid_lon[0] − Δ/2 + 360)``, ``Δ`` the spacing, so
+    every point lies on a drawn cell (``pcolormesh`` with nearest shading)."""
+    half = (grid_lon[1] - grid_lon[0]) / 2 if grid_lon.size > 1 else 0.0
+    start = grid_lon[0] - half
+    return start + np.mod(np.asarray(lon, dtype=np.float64) - start, 360.0)
 
 
 def _check_output(output: str, dpi: int) -> None:
@@ -77,6 +98,25 @@ def plot(path: str, output: str, dpi: int = 120) -> str:
     import matplotlib.pyplot as plt
 
     _check_output(output, dpi)
+    fig = figure(path)
+    try:
+        fig.savefig(output, dpi=dpi)
+    except MemoryError:
+        raise PlotError(f"{output}: too large to draw at --dpi {dpi}") from None
+    finally:
+        plt.close(fig)
+    return output
+
+
+def figure(path: str) -> Any:
+    """The maps of analysis file ``path`` as a matplotlib Figure (not saved; the caller
+    closes it with ``matplotlib.pyplot.close``).  The first axes are the analysis mean,
+    with the used observations as its only scatter collection."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     d = _read(path)
     mean, x, y = d["mean"], d["x"], d["y"]
     panels: list[tuple[str, np.ndarray, str]] = [("analysis mean", mean, "viridis")]
@@ -120,10 +160,4 @@ def plot(path: str, output: str, dpi: int = 120) -> str:
         sub += f": RMSE analysis {ra:.4g}, background {rb:.4g}"
     fig.suptitle(sub)
     fig.tight_layout()
-    try:
-        fig.savefig(output, dpi=dpi)
-    except MemoryError:
-        raise PlotError(f"{output}: too large to draw at --dpi {dpi}") from None
-    finally:
-        plt.close(fig)
-    return output
+    return fig

@@ -10,10 +10,14 @@ code   name                    meaning                                          
 0      ok                      assimilated                                      -
 1      coordinate_not_finite   ``x`` or ``y`` is NaN or ±inf                    yes
 2      outside_domain          outside ``[0, Lx] × [0, Ly]`` (1e-9 relative     yes
-                               tolerance)
-3      value_invalid           ``value`` is NaN or ±inf, or                     yes
+                               tolerance); on the sphere a latitude outside
+                               ``lat_range`` or a longitude outside
+                               ``[-360, 720]`` (a fill value, not a longitude)
+3      value_invalid           ``value`` is NaN or ±inf, or a fill value        yes
+                               (``|value| ≥ 1e18``, every dtype), or
                                ``|y − H f_b|/σ² > M``
-4      noise_invalid           ``noise`` ≤ 0, NaN, ±inf, or ``1/σ² > M``        yes
+4      noise_invalid           ``noise`` ≤ 0, NaN, ±inf, a fill value           yes
+                               (``noise ≥ 1e18``), or ``1/σ² > M``
 5      on_boundary             nearest node on the boundary, which is held at   no
                                the background (Dirichlet): cannot be used
 6      gross_error             ``|y − H f_b| > k·σ`` (``qc.gross_error_k = k``,  yes
@@ -27,7 +31,12 @@ code   name                    meaning                                          
 
 ``M`` is the bound of the solver's dtype (:data:`MAX_PRECISION`): 1e300 in float64,
 1e30 in float32.  ``H f_b`` is the background through the run's observation operator
-(at the nearest node, or interpolated bilinearly).
+(at the nearest node, or interpolated bilinearly).  The fill-value bound 1e18
+(:data:`FILL_BOUND`) is the same for every dtype: netCDF's default ``_FillValue``
+9.97e36 and CF/CMIP's 1e20 are flagged in float64 and float32 alike, while any field
+in the units one solves in (pressure 1e5 Pa, geopotential 1e6 m²/s²) is far below it.
+Longitudes on the sphere may follow either convention, ``[-180, 180)`` or ``[0, 360)``,
+with a full turn to spare (:data:`LONGITUDE_RANGE`); they are taken modulo 360.
 
 "error" rows are what ``qc.on_error: fail`` stops on (naming the first such row);
 boundary rows and duplicates are resolved by policy and never fail a run.  A duplicate
@@ -69,9 +78,15 @@ OK, COORD, OUTSIDE, VALUE, NOISE, BOUNDARY, GROSS, MERGED, REJECTED = range(9)
 FLAGS: dict[int, tuple[str, str]] = {
     OK: ("ok", "assimilated"),
     COORD: ("coordinate_not_finite", "x or y is NaN or inf"),
-    OUTSIDE: ("outside_domain", "outside the domain [0, Lx] x [0, Ly]"),
-    VALUE: ("value_invalid", "value is NaN or inf, or |value - H f_b|/noise^2 > M"),
-    NOISE: ("noise_invalid", "noise <= 0, NaN or inf, or 1/noise^2 > M"),
+    OUTSIDE: (
+        "outside_domain",
+        "outside the domain [0, Lx] x [0, Ly] (sphere: lat_range, longitudes in [-360, 720])",
+    ),
+    VALUE: (
+        "value_invalid",
+        "value is NaN or inf, or |value| >= 1e18 (a fill value), or |value - H f_b|/noise^2 > M",
+    ),
+    NOISE: ("noise_invalid", "noise <= 0, NaN or inf, or noise >= 1e18, or 1/noise^2 > M"),
     BOUNDARY: ("on_boundary", "nearest node on the boundary (held at the background)"),
     GROSS: ("gross_error", "|value - H f_b| > qc.gross_error_k * noise"),
     MERGED: ("duplicate_merged", "same location as row duplicate_of; merged into it"),
@@ -83,6 +98,19 @@ _LOCATION_TOL = 1e-9  # relative to the domain size: "inside" and "same location
 # observation, and far enough below the dtype's maximum (1.8e308, 3.4e38) that sums over
 # many rows at one node stay finite.  Above 3.4e38 a float32 solve met an inf diagonal.
 MAX_PRECISION = {"float64": 1e300, "float32": 1e30}
+# |value| and noise at or above this are fill values, not data, whatever the dtype (M
+# above only caught them in float32, through |y − H f_b|/σ²).  Fill values in use sit at
+# 1e20 (CF/CMIP) and above (1e30, 1e35, netCDF's default 9.969e36, float32's maximum
+# 3.4e38); 1e18 leaves them a factor of 100 (rounding, a unit conversion such as Pa to
+# hPa), and is still 1e12 above the fields one solves for in the usual units (pressure
+# 1e5 Pa, geopotential 1e6 m²/s², temperatures, winds, tracer columns in DU or mol/m²).
+# Data in tiny units (column amounts in molecules/cm², ~1e19 for ozone) must be rescaled.
+FILL_BOUND = 1e18
+# Longitudes accepted on the sphere (degrees, taken modulo 360): both conventions,
+# [-180, 180) and [0, 360), with a full turn to spare on each side (tracks continued
+# across the seam).  Anything further is a fill value or garbage that np.mod would turn
+# into an arbitrary longitude.
+LONGITUDE_RANGE = (-360.0, 720.0)
 
 
 def flag_attrs() -> dict[str, object]:
@@ -162,12 +190,17 @@ class QCReport:
             name, v = ("x", x) if not math.isfinite(x) else ("y", y)
             return f"{name}[{row}] = {v!r} is not finite"
         if code == OUTSIDE:
+            lo, hi = LONGITUDE_RANGE
+            if self.periodic_x and not lo <= x <= hi:  # a fill value, not a longitude
+                return f"x[{row}] = {x!r} is not a longitude in [{lo:g}, {hi:g}] (a fill value?)"
             if self.periodic_x or _inside(np.array(x), lx):
                 return f"y[{row}] = {y!r} is outside [{self.y0}, {self.y0 + ly}]"
             return f"x[{row}] = {x!r} is outside the domain [0, {lx}]"
         if code == VALUE:
             if not math.isfinite(value):
                 return f"value[{row}] = {value!r} is not finite"
+            if abs(value) >= FILL_BOUND:
+                return f"value[{row}] = {value!r} is a fill value (|value| >= {FILL_BOUND:g})"
             return (
                 f"value[{row}] = {value!r} with noise {noise!r}: "
                 f"|value - H f_b|/noise^2 exceeds {self.max_precision:g}"
@@ -175,7 +208,7 @@ class QCReport:
         if code == NOISE:
             return (
                 f"noise[{row}] = {noise!r} must be a finite number > 0 with 1/noise^2 <= "
-                f"{self.max_precision:g}"
+                f"{self.max_precision:g} and below {FILL_BOUND:g} (fill values)"
             )
         if code == GROSS:
             dep = abs(value - float(self.hfb[row]))
@@ -228,8 +261,9 @@ def quality_control(
     ``background`` an ``(ny, nx)`` field or a constant.  With ``on_error="fail"`` the
     first row with an error flag raises :class:`ObservationError` naming ``source``,
     the row and the reason; with ``"flag"`` such rows are only flagged.  On the sphere
-    (``periodic_x``) ``x`` is longitude, any finite value (taken modulo ``Lx = 360``),
-    ``y`` latitude must lie in ``[y0, y0 + Ly]`` and every column is interior.
+    (``periodic_x``) ``x`` is longitude in :data:`LONGITUDE_RANGE` (taken modulo
+    ``Lx = 360``), ``y`` latitude must lie in ``[y0, y0 + Ly]`` and every column is
+    interior.
     ``operator`` is the observation operator of ``H f_b`` (the gross-error check and the
     merging of duplicates use it); ``dtype`` the solver's, which bounds the precisions
     (:data:`MAX_PRECISION`).  Raises
@@ -253,12 +287,13 @@ def quality_control(
 
     with np.errstate(all="ignore"):  # NaN/inf/overflow are what we are looking for
         mark(COORD, ~(np.isfinite(x) & np.isfinite(y)))
-        inside_x = np.ones(n, dtype=bool) if periodic_x else _inside(x, lx)
+        lo, hi = LONGITUDE_RANGE
+        inside_x = ((x >= lo) & (x <= hi)) if periodic_x else _inside(x, lx)
         mark(OUTSIDE, ~(inside_x & _inside(y - y0, ly)))
         located = flag == OK  # hfb for every valid location, whatever its value or noise
-        mark(VALUE, ~np.isfinite(value))
+        mark(VALUE, ~(np.abs(value) < FILL_BOUND))  # NaN, ±inf and fill values
         precision = 1.0 / noise**2
-        mark(NOISE, ~(np.isfinite(noise) & (noise > 0) & (precision <= bound)))
+        mark(NOISE, ~((noise > 0) & (noise < FILL_BOUND) & (precision <= bound)))
 
         iy = np.full(n, -1, dtype=np.int64)
         ix = np.full(n, -1, dtype=np.int64)

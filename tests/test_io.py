@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -541,3 +542,64 @@ def test_problem_file_is_an_observation_file(tmp_path: Path) -> None:
         OtherGrid, match=r"/truth has \(ny, nx\) = \(5, 7\), the run's grid \(5, 6\)"
     ):
         read_truth(path, (x[:6], y))
+
+
+@pytest.mark.parametrize("shape", [(NX,), (2, NY, NX), ()])
+def test_a_truth_that_is_not_2d_is_another_grid(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    """A 1-D (or 3-D, scalar) /truth stopped the run with exit 2, while a 2-D one of the
+    wrong shape only cost the RMSE: the truth is optional, so both are OtherGrid."""
+    x, y = grid()
+    path = make_obs_file(tmp_path / "o.h5", **obs(), truth=np.zeros(shape))
+    said = re.escape(f"o.h5: /truth has shape {shape}, not 2-D (ny, nx)")
+    with pytest.raises(OtherGrid, match=said + r", the run's grid \(5, 7\)$"):
+        read_truth(path, (x, y))
+    with pytest.raises(OtherGrid, match=said + "$"):
+        read_truth(path)
+    # what stays an input error: a truth that is no array of numbers
+    strings = make_obs_file(tmp_path / "s.h5", **obs(), truth=np.array(["a", "b"], dtype="S1"))
+    with pytest.raises(InputError, match="dataset 'truth' has dtype") as err:
+        read_truth(strings, (x, y))
+    assert not isinstance(err.value, OtherGrid)
+
+
+def test_a_truth_that_is_not_2d_only_warns_in_a_run(tmp_path: Path, caplog) -> None:
+    """build_problem (what ``mpda run`` does first) warns naming the file and the shape,
+    and goes on without the truth."""
+    from mpda_dist.config import config_from_dict
+    from mpda_dist.driver import build_problem
+
+    path = make_obs_file(tmp_path / "o.h5", **obs(), truth=np.zeros(NX))
+    cfg = config_from_dict(
+        {"grid": {"nx": NX, "ny": NY, "extent": [2.0, 1.0]}, "observations": {"file": str(path)}}
+    )
+    with caplog.at_level("WARNING", logger="mpda_dist"):
+        problem = build_problem(cfg)
+    assert problem.truth is None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"{path}: /truth has shape ({NX},)" in m and "no RMSE" in m for m in warned)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 9.969209968386869e36, -1e20])
+def test_a_background_that_is_not_finite_or_a_fill_value_is_an_input_error(tmp_path, bad):
+    """A fill value in the background (netCDF's 9.97e36) was kept at its node and made
+    the analysis 1e36 there, with exit 0 (review helper); like NaN and inf it is an
+    input error naming the file and the node."""
+    import h5py
+
+    from mpda_dist.config import config_from_dict
+    from mpda_dist.driver import build_problem
+    from mpda_dist.io import InputError
+
+    field = np.zeros((NY, NX))
+    field[2, 3] = bad
+    path = tmp_path / "bg.h5"
+    with h5py.File(path, "w") as f:
+        f["background"] = field
+    grid = {"nx": NX, "ny": NY, "extent": [2.0, 1.0]}
+    cfg = config_from_dict({"grid": grid, "prior": {"background": str(path)}})
+    with pytest.raises(InputError, match=rf"^{path}: the background is not finite, or a fill "):
+        build_problem(cfg)
+    field[2, 3] = 1e6  # a large physical value is fine
+    with h5py.File(path, "w") as f:
+        f["background"] = field
+    assert build_problem(cfg).background[2, 3] == 1e6

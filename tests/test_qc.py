@@ -36,12 +36,15 @@ CASES = [
     ((0.5, 1e300, 1.0, 0.1), "outside_domain"),
     ((0.7, 0.5, np.nan, 0.1), "value_invalid"),
     ((0.7, 0.5, -np.inf, 0.1), "value_invalid"),
-    ((0.7, 0.5, 1e290, 1e-10), "value_invalid"),  # (y - H f_b)/σ² = 1e310
+    ((0.7, 0.5, 1e17, 1e-142), "value_invalid"),  # (y - H f_b)/σ² = 1e301 > M
+    ((0.7, 0.5, 9.969209968386869e36, 0.05), "value_invalid"),  # netCDF's _FillValue
+    ((0.7, 0.5, -1e20, 0.05), "value_invalid"),  # CF/CMIP's fill value, negated
     ((0.7, 0.5, 1.0, 0.0), "noise_invalid"),
     ((0.7, 0.5, 1.0, -1.0), "noise_invalid"),
     ((0.7, 0.5, 1.0, np.nan), "noise_invalid"),
     ((0.7, 0.5, 1.0, np.inf), "noise_invalid"),
     ((0.7, 0.5, 1.0, 1e-200), "noise_invalid"),  # 1/σ² overflows
+    ((0.7, 0.5, 1.0, 9.969209968386869e36), "noise_invalid"),  # a fill value: weight 0
     ((0.0, 0.5, 1.0, 0.1), "on_boundary"),
     ((1.96, 0.5, 1.0, 0.1), "on_boundary"),  # nearest node is x = Lx
     ((0.5, 0.5, 3.0, 0.1), "duplicate_merged"),
@@ -150,6 +153,47 @@ def test_precision_bound_follows_the_solver_dtype():
     r = run(rows, dtype="float32")
     assert r.flag.tolist() == [0, NAMES["noise_invalid"]]
     assert "1/noise^2 <= 1e+30" in r.reason(1)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fill_values_are_invalid_in_every_dtype(dtype):
+    """netCDF's default _FillValue (9.97e36) and CF/CMIP's 1e20 with an ordinary noise
+    passed float64's bound M on |y - H f_b|/σ² and were assimilated (analysis mean
+    5e36); float32 flagged 9.97e36 only through M, and 1e20 not at all."""
+    fills = [9.969209968386869e36, 1e20, -1e20, 1e30, 3.4e38]
+    r = run([GOOD, *[(0.1 * i + 0.2, 0.3, v, 0.05) for i, v in enumerate(fills)]], dtype=dtype)
+    assert r.flag.tolist() == [0] + [NAMES["value_invalid"]] * len(fills)
+    assert r.reason(1) == "value[1] = 9.969209968386869e+36 is a fill value (|value| >= 1e+18)"
+    assert not np.isnan(r.hfb[1:]).any()  # the location is valid, only the value is not
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_large_physical_values_are_not_fill_values(dtype):
+    """Pressure in Pa, geopotential in m²/s², a NO2 column in molecules/cm²: far below
+    the fill-value bound, used in both dtypes (departures from a background near them)."""
+    rows = [(0.3, 0.3, 101325.0, 50.0), (0.5, 0.5, 5.5e5, 100.0), (0.7, 0.7, 3e15, 1e14)]
+    bg = np.full(SHAPE, 1e5)
+    bg[7, 7] = 2.9e15  # the NO2 column's node
+    r = run(rows, background=bg, dtype=dtype)
+    assert r.flag.tolist() == [0, 0, 0]
+
+
+def test_longitudes_far_outside_both_conventions_are_flagged_on_the_sphere():
+    """x = 1e20 or a fill value was taken modulo 360, to an arbitrary longitude, and
+    assimilated.  [-180, 180), [0, 360) and a turn beyond are longitudes; the rest is
+    outside the domain, as a far x is on the rectangle."""
+    shape, extent, y0 = (11, 36), (360.0, 100.0), -50.0
+    good = [-360.0, -180.0, -0.5, 359.0, 540.0, 720.0]
+    bad = [1e20, 9.969209968386869e36, -9.969209968386869e36, 720.5, -361.0, 1e4]
+    lons = good + bad
+    rows = [(lon, -40.0 + 8.0 * (i % 11), 280.0, 0.5) for i, lon in enumerate(lons)]
+    r = qc.quality_control(make(rows), shape, extent, 280.0, "obs.h5", periodic_x=True, y0=y0)
+    outside = NAMES["outside_domain"]
+    assert r.flag.tolist() == [0] * len(good) + [outside] * len(bad)
+    assert r.reason(6) == "x[6] = 1e+20 is not a longitude in [-360, 720] (a fill value?)"
+    assert (r.iy[len(good) :] == -1).all() and np.isnan(r.hfb[len(good) :]).all()
+    # the rectangle has no such range: a far x is outside its domain, as before
+    assert run([GOOD, (1e20, 0.5, 1.0, 0.1)]).flag.tolist() == [0, NAMES["outside_domain"]]
 
 
 def test_hfb_is_given_for_every_valid_location():
