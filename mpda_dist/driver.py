@@ -224,16 +224,18 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
             anomaly = prior.sample(shape, extent, ell, amp, rng)
             truth = background + anomaly
             obs = obsmod.synthetic(truth, extent, syn.fraction, syn.noise, rng)
+    named = source  # what QC's messages name
     if cfg.observations.noise is not None:
         # every observation's assumed error: a file's own noise, or the synthetic draw's
         # (the values keep the noise they were drawn with: a misspecified R, on purpose)
         obs = replace(obs, noise=np.full_like(obs.value, cfg.observations.noise))
+        named = f"{source} (noise from observations.noise = {cfg.observations.noise!r})"
     report = qc.quality_control(
         obs,
         shape,
         extent,
         background,
-        source,
+        named,
         on_error=cfg.qc.on_error,
         duplicates=cfg.qc.duplicates,
         gross_error_k=cfg.qc.gross_error_k,

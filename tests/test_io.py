@@ -26,6 +26,7 @@ from mpda_dist.io import (
     write_analysis,
     write_problem,
 )
+from mpda_dist.observations import ObservationError
 
 NX, NY = 7, 5  # deliberately unequal: catches x/y mix-ups
 
@@ -118,6 +119,10 @@ def test_config_noise_stands_in_and_replaces(tmp_path: Path) -> None:
     np.testing.assert_array_equal(plain.observations.noise, 1e-3)
     np.testing.assert_array_equal(assumed.observations.noise, 0.3)
     np.testing.assert_array_equal(assumed.observations.value, plain.observations.value)
+    # a noise QC refuses names the key it came from (review helper: it named the file)
+    tiny = {"grid": grid, "observations": syn | {"noise": 1e-16}, "solver": {"dtype": "float32"}}
+    with pytest.raises(ObservationError, match=r"\(noise from observations.noise = 1e-16\)"):
+        build_problem(config_from_dict(tiny))
 
 
 def test_values_are_not_checked_here(tmp_path: Path) -> None:
