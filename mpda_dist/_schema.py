@@ -273,13 +273,28 @@ def _check_bounds(value: Any, bounds: Mapping[str, Any], key: str) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# YAML reading
+# YAML reading and writing
+
+
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+# Plain scalars that are numbers, by the YAML 1.2 core schema (spec 1.2.2, section
+# 10.3.2).  PyYAML follows YAML 1.1, where `065` is octal (53), `1:05` sexagesimal (65),
+# `1_000` is 1000, and `1e-5` and `.5e3` are strings; here `065` is 65, `0o17` octal and
+# `0x1F` hex, and `1e-5`, `.5e3` are floats.  A plain `1:05` or `1_000` stays a string,
+# which the type check then refuses, naming the key (`065` read as 53 went unnoticed).
+_INT_RE = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_RE = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+_NUMBER_START = list("-+0123456789.")
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-5`` as a float (YAML 1.2; PyYAML's YAML 1.1 rules
-    would make it the string '1e-5') and rejects duplicate keys instead of silently
-    keeping the last one."""
+    """SafeLoader that reads numbers by the YAML 1.2 core schema (:data:`_INT_RE`,
+    :data:`_FLOAT_RE`) and rejects duplicate keys instead of silently keeping the last
+    one."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[Any] = set()
@@ -296,12 +311,47 @@ class _Loader(yaml.SafeLoader):
                 seen.add(k)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """An integer of :data:`_INT_RE` (PyYAML's own reads `065` as octal)."""
+        text = str(self.construct_scalar(node))
+        problem = "expected decimal digits, 0o and octal digits, or 0x and hex digits"
+        if _INT_RE.match(text):
+            try:
+                if text.startswith(("0o", "0x")):
+                    return int(text[2:], 8 if text[1] == "o" else 16)
+                return int(text, 10)
+            except ValueError:  # Python's limit on the digits of an int (4300)
+                problem = "too many digits"
+        raise yaml.constructor.ConstructorError(
+            None, None, f"invalid integer {text[:40]!r}: {problem}", node.start_mark
+        )
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+
+_Loader.add_constructor(_INT, _Loader.construct_yaml_int)
+# Replace YAML 1.1's number resolvers (a class-level table shared with SafeLoader, so
+# copied) by YAML 1.2's; the integer pattern is tried first, as `1` matches both.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_INT, _INT_RE, _NUMBER_START[:-1])
+_Loader.add_implicit_resolver(_FLOAT, _FLOAT_RE, _NUMBER_START)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that also quotes strings :class:`_Loader` would read as a number
+    (``'0o17'``, ``'.5'``), so that a dumped config reads back unchanged, by
+    :func:`parse_yaml` and by a YAML 1.1 reader alike (it keeps SafeDumper's rules)."""
+
+
+_Dumper.add_implicit_resolver(_INT, _INT_RE, _NUMBER_START[:-1])
+_Dumper.add_implicit_resolver(_FLOAT, _FLOAT_RE, _NUMBER_START)
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text of plain ``data`` (block style, keys in order) that :func:`parse_yaml`
+    reads back unchanged."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def parse_yaml(text: str, source: str) -> Any:

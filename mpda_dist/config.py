@@ -17,19 +17,19 @@ the units of the field (noise is a standard deviation, not a variance).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from mpda_dist._schema import (
     ConfigError,
     Section,
     coerce,
+    dump_yaml,
     opt,
     parse_yaml,
     register_sections,
@@ -312,16 +312,197 @@ class Config(Section):
                     "observations.synthetic.tracks (satellite swaths) needs grid.domain: sphere",
                     key="observations.synthetic.tracks",
                 )
+        _check_prior_scale(self)
+
+
+# --------------------------------------------------------------------------------------
+# Prior scale: lengthscale, amplitude and grid spacing whose prior can be computed
+
+PRIOR_PRECISION_RANGE: dict[str, tuple[float, float]] = {
+    "float64": (1e-150, 1e150),
+    "float32": (1e-15, 1e15),
+}
+"""Where the diagonal of the prior precision ``P`` (and so its 12 weights, none larger)
+must lie on every level, per solver dtype: ``[1/√M, √M]``, ``M`` being quality
+control's bound on an observation's precision (``mpda_dist.qc.MAX_PRECISION``), as the
+message update squares the weights.  small.yaml at 33²: ``prior.lengthscale = 1e100``
+(a diagonal of ~1e203) diverged in float64, and in float32 stopped with a traceback (a
+singular coarsest factor after the cast overflowed); 1e70, 1e-70 and the float64 range's
+ends (3.8e73, 4.6e-77) converged, as did the float32 range's lower end 1.5e-9 (its upper
+end, 1.2e6, ran to max_iterations, exit 4, as did 1e7)."""
+
+
+def _prior_diagonal(level: Any, ell: float, amp: float) -> tuple[float, float]:
+    """The smallest and largest diagonal entry of the prior precision on ``level``, from
+    the solver's own stencils on a small block (a corner and an inner node of the
+    rectangle, whose coefficients do not vary further in; one column of the sphere, all
+    rows); ``(0, inf)`` where they overflow or divide by zero."""
+    import numpy as np
+
+    from mpda_dist import prior, sphere
+
+    n, m = level.interior
+    try:
+        with np.errstate(all="ignore"):
+            if level.domain == "sphere":
+                shape, lat = (level.ny, level.nx), level.lat_range
+                diag, _ = sphere.sphere_stencil(shape, lat, ell, amp, (0, n), (0, 1))
+            else:
+                block = ((0, min(n, 3)), (0, min(m, 3)))
+                diag, _ = prior.rectangle_stencil((n, m), (level.dy, level.dx), ell, amp, *block)
+    except (OverflowError, ZeroDivisionError):
+        return 0.0, math.inf
+    if not np.isfinite(diag).all():
+        return 0.0, math.inf
+    return float(diag.min()), float(diag.max())
+
+
+def _prior_fits(
+    cfg: Config, ell: float, amp: float, dtype: str, extent: tuple[float, float] | None = None
+) -> bool:
+    """Whether the prior's diagonal lies in :data:`PRIOR_PRECISION_RANGE` on every level
+    the solver builds (:mod:`mpda_dist.multigrid`'s), with ``prior.lengthscale = ell``,
+    ``prior.amplitude = amp`` (and ``grid.extent``)."""
+    from mpda_dist import multigrid
+
+    g, mg = cfg.grid, cfg.solver.multigrid
+    halve = mg.enabled and cfg.solver.method == "mp"
+    if g.domain == "sphere":
+        levels = multigrid.sphere_schedule(g.ny, g.nx, g.lat_range, mg.min_size, halve)
+    else:
+        lx, ly = extent or g.extent
+        dy, dx = ly / (g.ny - 1), lx / (g.nx - 1)
+        levels = multigrid.schedule(g.ny, g.nx, dy, dx, mg.min_size, halve)
+    low, high = PRIOR_PRECISION_RANGE[dtype]
+    for level in levels:
+        a, b = _prior_diagonal(level, ell, amp)
+        if not low <= a <= b <= high:  # also False for nan
+            return False
+    return True
+
+
+def _allowed_range(fits: Callable[[float], bool], value: float) -> tuple[float, float] | None:
+    """The interval of positive numbers that ``fits``, nearest to ``value`` (powers of ten
+    scanned, the ends bisected), its ends rounded inwards to two digits; None if none."""
+    ok = [e for e in range(-320, 309) if fits(10.0**e)]
+    if not ok:
+        return None
+    runs: list[list[int]] = []
+    for e in ok:
+        if runs and e == runs[-1][-1] + 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    here = math.log10(value)
+    run = min(runs, key=lambda r: max(r[0] - here, here - r[-1], 0.0))
+
+    def edge(inside: float, outside: float) -> float:  # exponents of 10
+        for _ in range(60):
+            mid = (inside + outside) / 2
+            inside, outside = (mid, outside) if fits(10.0**mid) else (inside, mid)
+        return 10.0**inside
+
+    lo, hi = edge(run[0], run[0] - 1), edge(run[-1], run[-1] + 1)
+
+    def rounded(v: float, up: bool) -> float:
+        e = math.floor(math.log10(v)) - 1
+        m = v / 10.0**e
+        return float(f"{math.ceil(m) if up else math.floor(m)}e{e}")
+
+    rlo, rhi = rounded(lo, True), rounded(hi, False)
+    return (rlo, rhi) if rlo <= rhi and fits(rlo) and fits(rhi) else (lo, hi)
+
+
+def _check_prior_scale(cfg: Config) -> None:
+    """Refuse a prior whose precision cannot be computed in the solver's dtype (it
+    overflowed, divided by zero or diverged), naming the key to change and its range:
+    ``prior.lengthscale``, ``prior.amplitude``, or ``grid.extent`` when neither helps."""
+    g, ell, amp = cfg.grid, cfg.prior.lengthscale, cfg.prior.amplitude
+    exact = cfg.solver.method in ("exact", "amg_cg")  # rank 0 solves in float64
+    dtype = "float64" if exact else cfg.solver.dtype
+    if _prior_fits(cfg, ell, amp, dtype):
+        return
+    if g.domain == "sphere":
+        grid = f"grid.nx = {g.nx}, grid.ny = {g.ny}, grid.lat_range = {show(g.lat_range)}"
+    else:
+        grid = f"grid.extent = {show(g.extent)}, grid.nx = {g.nx}, grid.ny = {g.ny}"
+    low, high = PRIOR_PRECISION_RANGE[dtype]
+    why = (
+        f" (the prior precision's coefficients must lie between {low:g} and {high:g} in "
+        f"{dtype}: the solver squares them)"
+    )
+    if dtype == "float32" and _prior_fits(cfg, ell, amp, "float64"):
+        why += "; it fits with solver.dtype: float64"
+
+    def rng(r: tuple[float, float]) -> str:
+        return f"must be >= {r[0]:.2g} and <= {r[1]:.2g}"
+
+    ells = _allowed_range(lambda v: _prior_fits(cfg, v, amp, dtype), ell)
+    amps = _allowed_range(lambda v: _prior_fits(cfg, ell, v, dtype), amp)
+    with_ell = f"prior.lengthscale = {show(ell)}"
+    with_amp = f"prior.amplitude = {show(amp)}"
+    # Often either key alone would do (for a large lengthscale only ℓ/σ counts): blame
+    # the lengthscale if it is unlike the grid (finer than its spacing or wider than the
+    # domain), else the amplitude, and name the other's range too.
+    if g.domain == "sphere":
+        from mpda_dist.sphere import EARTH_RADIUS_KM as radius
+
+        step = math.radians(min((g.lat_range[1] - g.lat_range[0]) / (g.ny - 1), 360.0 / g.nx))
+        like_grid = radius * step <= ell <= math.pi * radius
+    else:
+        spacing = min(g.extent[0] / (g.nx - 1), g.extent[1] / (g.ny - 1))
+        like_grid = spacing <= ell <= max(g.extent)
+    if ells and not (amps and like_grid):
+        alt = f" (or prior.amplitude {rng(amps)} with this lengthscale)" if amps else ""
+        raise ConfigError(
+            f"{with_ell} is out of range; {rng(ells)} with {grid}, {with_amp} and "
+            f"solver.dtype = {dtype}{alt}{why}",
+            key="prior.lengthscale",
+        )
+    if amps:
+        alt = f" (or prior.lengthscale {rng(ells)} with this amplitude)" if ells else ""
+        raise ConfigError(
+            f"{with_amp} is out of range; {rng(amps)} with {grid}, {with_ell} and "
+            f"solver.dtype = {dtype}{alt}{why}",
+            key="prior.amplitude",
+        )
+    if g.domain != "sphere":  # the grid spacing: both sides in proportion, or one
+        lx, ly = g.extent
+        both = "each value" if lx == ly else "the first value, and the second in proportion,"
+        tries: list[tuple[str, float, Callable[[float], tuple[float, float]]]] = [
+            (both, lx, lambda v: (v, v * ly / lx)),
+            (f"the first value (with the second {show(ly)})", lx, lambda v: (v, ly)),
+            (f"the second value (with the first {show(lx)})", ly, lambda v: (lx, v)),
+        ]
+        for which, value, extent in tries:
+            fit = _allowed_range(
+                lambda v, extent=extent: _prior_fits(cfg, ell, amp, dtype, extent(v)), value
+            )
+            if fit:
+                raise ConfigError(
+                    f"grid.extent = {show(g.extent)} is out of range; {which} {rng(fit)} "
+                    f"with grid.nx = {g.nx}, grid.ny = {g.ny}, {with_ell}, {with_amp} and "
+                    f"solver.dtype = {dtype}{why}",
+                    key="grid.extent",
+                )
+    raise ConfigError(
+        f"{grid}, {with_ell} and {with_amp} give a prior that cannot be computed in "
+        f"{dtype}, and no lengthscale or amplitude alone would{why}",
+        key="prior.lengthscale" if g.domain == "sphere" else "grid.extent",
+    )
 
 
 register_sections(Config)
 
-# Keys that exclude each other: an override that sets one drops the other if it came
-# from the file (so `--set observations.file=obs.h5` works on the synthetic demo).
+# Keys that exclude each other.  An override that sets one of them (to anything but
+# null) drops the others from the file before any override is applied, so `--set
+# observations.file=obs.h5` works on the synthetic demo, while overrides of two of them
+# (a key under one counts) are the error they would be in a file, in either order.
 _ONE_OF: dict[tuple[str, ...], tuple[str, ...]] = {("observations",): ("synthetic", "file")}
 
 
-def _apply_override(raw: dict, text: str, origins: dict[str, str], source: str) -> None:
+def _parse_override(text: str) -> tuple[str, list[str], Any, str]:
+    """``(key, its parts, value, value text)`` of ``--set section.key=value``."""
     key, sep, vtext = text.partition("=")
     key = key.strip()
     parts = key.split(".")
@@ -329,7 +510,31 @@ def _apply_override(raw: dict, text: str, origins: dict[str, str], source: str) 
         raise ConfigError(
             f"--set {text!r}: expected section.key=value, e.g. --set solver.dtype=float64"
         )
-    value = parse_yaml(vtext, f"--set {key}")
+    return key, parts, parse_yaml(vtext, f"--set {key}"), vtext
+
+
+def _drop_replaced(raw: dict, parsed: Sequence[tuple[str, list[str], Any, str]]) -> None:
+    """Drop from the file's ``raw`` the keys of :data:`_ONE_OF` that an override replaces."""
+    for _, parts, value, _ in parsed:
+        group = _ONE_OF.get(tuple(parts[:-1]), ())
+        if parts[-1] not in group or value is None:
+            continue
+        node: Any = raw
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            for other in group:
+                if other != parts[-1]:
+                    node.pop(other, None)
+
+
+def _apply_override(
+    raw: dict,
+    parsed: tuple[str, list[str], Any, str],
+    origins: dict[str, str],
+    source: str,
+) -> None:
+    key, parts, value, vtext = parsed
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -337,29 +542,58 @@ def _apply_override(raw: dict, text: str, origins: dict[str, str], source: str) 
             child = node[part] = {}
         elif not isinstance(child, dict):
             raise ConfigError(
-                f"{source}, --set {text}: '{'.'.join(parts[: i + 1])}' = {show(child)} "
-                "is a value, not a section",
+                f"{source}, --set {key}={vtext}: '{'.'.join(parts[: i + 1])}' = "
+                f"{show(child)} is a value, not a section",
                 key=".".join(parts[: i + 1]),
             )
         node = child
     node[parts[-1]] = value
     origins[key] = f"--set {key}={vtext}"
-    group = _ONE_OF.get(tuple(parts[:-1]), ())
-    if parts[-1] in group and value is not None:
-        parent = ".".join(parts[:-1])
-        for other in group:
-            if other != parts[-1] and f"{parent}.{other}" not in origins:
-                node.pop(other, None)
+
+
+def _check_sources(raw: dict, origins: Mapping[str, str], source: str) -> None:
+    """The keys of :data:`_ONE_OF` after the overrides: two given by overrides is an
+    error naming both; ``observations.file`` given but null (``--set
+    observations.file=``, or ``file:`` without a ``synthetic`` block) is an error, not
+    the synthetic problem (what a missing key means)."""
+    for path, group in _ONE_OF.items():
+        node: Any = raw
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        parent = ".".join(path)
+        hows = [_override_for(f"{parent}.{k}", origins) for k in group if node.get(k) is not None]
+        if len(hows) > 1 and all(hows):
+            names = " and ".join(repr(k) for k in group)
+            raise ConfigError(
+                f"{source}, {' and '.join(dict.fromkeys(hows))}: {parent}: "
+                f"both {names} are given; choose exactly one",
+                key=parent,
+            )
+    obs = raw.get("observations")
+    if isinstance(obs, dict) and "file" in obs and obs["file"] is None:
+        if "observations.file" in origins or obs.get("synthetic") is None:
+            raise ConfigError(
+                f"{_source_for('observations.file', source, origins)}: observations.file = "
+                "null must not be empty: give an HDF5 observation file, or leave the key "
+                "out to use observations.synthetic",
+                key="observations.file",
+            )
+
+
+def _override_for(key: str, origins: Mapping[str, str]) -> str | None:
+    """The override that set ``key``, a section above it or a key under it, if any."""
+    for okey, how in sorted(origins.items(), key=lambda kv: -len(kv[0])):
+        if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
+            return how
+    return None
 
 
 def _source_for(key: str | None, source: str, origins: Mapping[str, str]) -> str:
     """Name where a bad value came from: the file, or the file plus an override."""
-    if key is None:
-        return source
-    for okey, how in sorted(origins.items(), key=lambda kv: -len(kv[0])):
-        if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
-            return f"{source}, {how}"
-    return source
+    how = _override_for(key, origins) if key is not None else None
+    return f"{source}, {how}" if how else source
 
 
 def config_from_dict(
@@ -382,8 +616,11 @@ def config_from_dict(
         )
     raw = _deepcopy_mappings(data)
     origins: dict[str, str] = {}
-    for text in overrides:
-        _apply_override(raw, text, origins, source)
+    parsed = [_parse_override(text) for text in overrides]
+    _drop_replaced(raw, parsed)
+    for override in parsed:
+        _apply_override(raw, override, origins, source)
+    _check_sources(raw, origins, source)
     try:
         return coerce(raw, Config, "")
     except ConfigError as exc:
@@ -429,4 +666,4 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_config(cfg: Config) -> str:
     """YAML text of the full effective config; ``load_config`` reads it back unchanged."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    return dump_yaml(config_to_dict(cfg))

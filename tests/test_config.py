@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from mpda_dist import config as config_module
 from mpda_dist.config import (
     Config,
     ConfigError,
     DecompositionConfig,
     GridConfig,
     ObservationsConfig,
+    OutputConfig,
     SolverConfig,
     SyntheticObsConfig,
     config_from_dict,
@@ -116,6 +120,77 @@ def test_exponent_without_dot_is_a_float(tmp_path: Path) -> None:
     assert cfg.observations.synthetic is not None and cfg.observations.synthetic.noise == 2e-3
 
 
+@pytest.mark.parametrize("how", ["file", "--set"])
+def test_integers_are_read_by_yaml_1_2(tmp_path: Path, how: str) -> None:
+    """YAML 1.1 (PyYAML's) read a leading zero as octal: nx 065 was 53, seed 010 was 8."""
+    values = {
+        "grid.nx": "065",
+        "grid.ny": "0033",
+        "solver.max_iterations": "010000",
+        "observations.synthetic.seed": "010",
+        "solver.check_every": "0o17",
+        "solver.multigrid.smoothing": "0x1F",
+        "solver.anderson": "+3",
+    }
+    if how == "file":
+        cfg = load_config(
+            write(
+                tmp_path,
+                "grid: {nx: 065, ny: 0033}\n"
+                "solver: {max_iterations: 010000, check_every: 0o17, anderson: +3,"
+                " multigrid: {smoothing: 0x1F}}\n"
+                "observations: {synthetic: {seed: 010}}\n",
+            )
+        )
+    else:
+        cfg = load_config(None, [f"{k}={v}" for k, v in values.items()])
+    assert (cfg.grid.nx, cfg.grid.ny) == (65, 33)
+    assert cfg.solver.max_iterations == 10000
+    assert cfg.observations.synthetic is not None and cfg.observations.synthetic.seed == 10
+    assert (cfg.solver.check_every, cfg.solver.multigrid.smoothing) == (15, 31)
+    assert cfg.solver.anderson == 3
+
+
+@pytest.mark.parametrize("value", ["1:05", "1_000", "0b101", "0o9"])
+def test_yaml_1_1_only_integers_are_strings(tmp_path: Path, value: str) -> None:
+    """Sexagesimal `1:05` was 65; now a string, which the type check names."""
+    expected = f"grid.nx = '{value}' has the wrong type (string); expected an integer"
+    assert expected in error_of(tmp_path, f"grid: {{nx: {value}}}")
+    with pytest.raises(ConfigError, match=re.escape(f"--set grid.nx={value}: {expected}")):
+        load_config(None, [f"grid.nx={value}"])
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [(".5e3", 500.0), ("-.5", -0.5), ("+.25", 0.25), ("1.e-2", 0.01), ("2E+1", 20.0)],
+)
+def test_floats_are_read_by_yaml_1_2(tmp_path: Path, text: str, value: float) -> None:
+    """`.5e3` and `-.5` were strings (YAML 1.1 wants a digit first or no sign)."""
+    assert load_config(write(tmp_path, f"solver: {{c: {text}}}")).solver.c == value
+    assert load_config(None, [f"solver.c={text}"]).solver.c == value
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("!!int 0b101", "invalid integer '0b101'"),
+        ("1" * 5000, "invalid integer '1111111111111111111111111111111111111111': too many"),
+    ],
+)
+def test_unreadable_integer_is_a_config_error(value: str, expected: str) -> None:
+    """Python's int() limit (4300 digits) escaped as a ValueError with a traceback."""
+    with pytest.raises(ConfigError, match=f"--set grid.nx: invalid YAML at line 1.*{expected}"):
+        load_config(None, [f"grid.nx={value}"])
+
+
+@pytest.mark.parametrize("name", ["0o17", "065", ".5", "-.5e3", "1:05", "1_000", "0x1F"])
+def test_dump_quotes_a_string_that_reads_as_a_number(tmp_path: Path, name: str) -> None:
+    cfg = dataclasses.replace(load_config(None), output=OutputConfig(file=name))
+    text = dump_config(cfg)
+    assert load_config(write(tmp_path, text)) == cfg
+    assert config_from_dict(yaml.safe_load(text)) == cfg  # a YAML 1.1 reader too
+
+
 def test_file_observations_and_background_file(tmp_path: Path) -> None:
     cfg = load_config(
         write(tmp_path, "observations: {file: obs.h5, noise: 0.01}\nprior: {background: bg.h5:f}")
@@ -195,6 +270,62 @@ def test_override_to_observation_file_replaces_synthetic() -> None:
     cfg = load_config(None, ["observations.file=problem.h5"])
     assert cfg.observations.file == "problem.h5"
     assert cfg.observations.synthetic is None
+
+
+def test_override_of_synthetic_drops_the_file_from_the_config(tmp_path: Path) -> None:
+    path = write(tmp_path, "observations: {file: obs.h5}")
+    cfg = load_config(path, ["observations.synthetic={seed: 3}"])
+    assert cfg.observations.file is None
+    assert cfg.observations.synthetic == SyntheticObsConfig(seed=3)
+
+
+@pytest.mark.parametrize(
+    "synthetic", ["observations.synthetic.seed=2", "observations.synthetic={seed: 2}"]
+)
+@pytest.mark.parametrize("file_first", [False, True])
+def test_overrides_of_synthetic_and_file_conflict_in_any_order(
+    synthetic: str, file_first: bool
+) -> None:
+    """`--set ...seed=2 --set observations.file=p.h5` silently dropped the user's seed;
+    the other order was an error.  The config's own synthetic block is still dropped."""
+    overrides = [synthetic, "observations.file=p.h5"]
+    if file_first:
+        overrides.reverse()
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "small.yaml", overrides)
+    assert str(err.value) == (
+        f"{ROOT / 'configs' / 'small.yaml'}, --set {synthetic} and --set observations.file=p.h5"
+        ": observations: both 'synthetic' and 'file' are given; choose exactly one"
+    )
+    assert err.value.key == "observations"
+
+
+@pytest.mark.parametrize("value", ["", " ", "null", "~"])
+def test_empty_observation_file_override_is_an_error(value: str) -> None:
+    """It used to be null, so the synthetic block stayed and the run went on with it."""
+    small = ROOT / "configs" / "small.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(small, [f"observations.file={value}"])
+    assert str(err.value) == (
+        f"{small}, --set observations.file={value}: observations.file = null must not be "
+        "empty: give an HDF5 observation file, or leave the key out to use "
+        "observations.synthetic"
+    )
+    assert err.value.key == "observations.file"
+
+
+@pytest.mark.parametrize("key", ["output.file", "checkpoint.file"])
+def test_empty_output_file_override_is_an_error(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"--set {key}=: {key} = null has the wrong type"):
+        load_config(None, [f"{key}="])
+
+
+def test_empty_output_option_is_an_error() -> None:
+    from mpda_dist.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["run", "configs/small.yaml", "-o", ""])
+    assert exit_.value.code == 2
 
 
 def test_override_error_names_file_and_override() -> None:
@@ -363,6 +494,29 @@ def test_enums(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in error_of(tmp_path, text)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "observations:\n  file:\n  noise: 0.1\n",
+        "observations: {file: null}",
+        "observations: {file: ~, synthetic: null}",
+    ],
+)
+def test_empty_observation_file_is_an_error(tmp_path: Path, text: str) -> None:
+    """`file:` with nothing after it ran the default synthetic problem, exit 0."""
+    msg = error_of(tmp_path, text)
+    assert msg.endswith(
+        ": observations.file = null must not be empty: give an HDF5 observation file, or "
+        "leave the key out to use observations.synthetic"
+    ), msg
+
+
+def test_null_observation_file_beside_synthetic_is_what_config_prints(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "observations: {synthetic: {seed: 4}, file: null}"))
+    assert cfg.observations.file is None
+    assert cfg.observations.synthetic == SyntheticObsConfig(seed=4)
+
+
 def test_both_observation_sources(tmp_path: Path) -> None:
     msg = error_of(tmp_path, "observations: {file: o.h5, synthetic: {seed: 1}}")
     assert "both 'synthetic' and 'file' are given; choose exactly one" in msg
@@ -424,3 +578,97 @@ def test_direct_construction_is_validated() -> None:
         ObservationsConfig(synthetic=SyntheticObsConfig(), file="o.h5")
     assert ObservationsConfig().synthetic == SyntheticObsConfig()
     assert GridConfig(extent=[3, 2]).extent == (3.0, 2.0)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- prior scale
+
+SMALL33 = ["grid.nx=33", "grid.ny=33"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "prior.lengthscale=1e300",  # ZeroDivisionError in prior.matern_kappa_scale
+            "prior.lengthscale = 1e+300 is out of range; must be >= 4.6e-77 and <= 3.8e+73 "
+            "with grid.extent = [1.0, 1.0], grid.nx = 33, grid.ny = 33, prior.amplitude = 1.1 "
+            "and solver.dtype = float64 (the prior precision's coefficients must lie between "
+            "1e-150 and 1e+150 in float64: the solver squares them)",
+        ),
+        ("prior.lengthscale=1e-300", "prior.lengthscale = 1e-300 is out of range; must be >= "),
+        (
+            "prior.amplitude=1e-300",
+            "prior.amplitude = 1e-300 is out of range; must be >= 4.4e-75 and <= 1.3e+75 with "
+            "grid.extent = [1.0, 1.0], grid.nx = 33, grid.ny = 33, prior.lengthscale = 0.15 ",
+        ),
+        ("prior.amplitude=1e300", "prior.amplitude = 1e+300 is out of range; must be >= 4.4e-75"),
+        (
+            "grid.extent=[1e-200,1e-200]",  # divide-by-zero warnings, then a QC error
+            "grid.extent = [1e-200, 1e-200] is out of range; each value must be >= 3.9e-75 and "
+            "<= 3.3e+75 with grid.nx = 33, grid.ny = 33, prior.lengthscale = 0.15, ",
+        ),
+        ("grid.extent=[1e-200,1]", "grid.extent = [1e-200, 1.0] is out of range; the first "),
+    ],
+)
+def test_prior_beyond_float_range_is_a_config_error(override: str, expected: str) -> None:
+    small = ROOT / "configs" / "small.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(small, [*SMALL33, override])
+    assert str(err.value).startswith(f"{small}, --set {override}: {expected}"), str(err.value)
+    assert err.value.key == override.split("=")[0]
+
+
+def test_prior_range_ends_are_accepted() -> None:
+    """The reported range is what the check accepts: its ends pass, just beyond fail."""
+    small = ROOT / "configs" / "small.yaml"
+    for key, lo, hi in [("lengthscale", 4.6e-77, 3.8e73), ("amplitude", 4.4e-75, 1.3e75)]:
+        for ok in (lo, hi):
+            assert getattr(load_config(small, [*SMALL33, f"prior.{key}={ok!r}"]).prior, key) == ok
+        for bad in (lo / 2, hi * 2):
+            with pytest.raises(
+                ConfigError, match=f"prior.{key} = .* is out of range; must be >= {lo}"
+            ):
+                load_config(small, [*SMALL33, f"prior.{key}={bad!r}"])
+
+
+def test_float32_prior_range_is_narrower_and_says_so() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["grid.nx=33", "grid.ny=33", "prior.amplitude=1e-9"])
+    msg = str(err.value)
+    assert "prior.amplitude = 1e-09 is out of range; must be >= 1.4e-07 and <= 1.3e+08" in msg
+    assert "between 1e-15 and 1e+15 in float32" in msg
+    assert msg.endswith("; it fits with solver.dtype: float64"), msg
+    load_config(None, ["grid.nx=33", "grid.ny=33", "prior.amplitude=1e-9", "solver.dtype=float64"])
+
+
+def test_prior_range_on_the_sphere() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "global.yaml", ["prior.lengthscale=1e300"])
+    assert err.value.key == "prior.lengthscale"
+    assert "prior.lengthscale = 1e+300 is out of range; must be >= " in str(err.value)
+    assert "grid.lat_range = [-80.0, 80.0]" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("ell", "amp"), [(1e-70, 1e-60), (1e-3, 1.1), (0.15, 1.1), (3.0, 1e50), (1e60, 1e-80)]
+)
+def test_prior_check_reads_the_whole_level_from_a_small_block(ell: float, amp: float) -> None:
+    """The check takes a level's diagonal range from the solver's own stencils on a 3 x 3
+    corner block (rectangle) or one column (sphere): the same as the whole level's."""
+    import numpy as np
+
+    from mpda_dist import prior, sphere
+    from mpda_dist.multigrid import Level
+
+    with np.errstate(all="ignore"):
+        for dy, dx in [(1 / 32, 1 / 32), (1e-3, 0.5)]:
+            level = Level(11, 9, 1, dy, dx)
+            whole, _ = prior.rectangle_stencil((9, 7), (dy, dx), ell, amp, (0, 9), (0, 7))
+            got = config_module._prior_diagonal(level, ell, amp)
+            want = (whole.min(), whole.max()) if np.isfinite(whole).all() else (0.0, math.inf)
+            assert got == pytest.approx(want, rel=1e-12)
+        level = Level(41, 90, 1, 4.0, 4.0, "sphere", (-80.0, 80.0))
+        whole, _ = sphere.sphere_stencil((41, 90), (-80.0, 80.0), ell * 1e4, amp, (0, 39), (0, 90))
+        got = config_module._prior_diagonal(level, ell * 1e4, amp)
+        want = (whole.min(), whole.max()) if np.isfinite(whole).all() else (0.0, math.inf)
+        assert got == pytest.approx(want, rel=1e-12)
