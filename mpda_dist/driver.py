@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -117,7 +117,7 @@ def on_root(comm: Any, fn: Callable[[], T]) -> T | None:
             outcome = (
                 False,
                 (
-                    f"out of memory on rank 0 ({exc or 'MemoryError'}): rank 0 "
+                    f"out of memory on rank 0 ({str(exc) or 'MemoryError'}): rank 0 "
                     "holds whole-grid fields (grid.nx x grid.ny); a smaller grid, "
                     "or a node with more memory for rank 0",
                     EXIT_INPUT,
@@ -178,7 +178,7 @@ def build_problem(cfg: Any, rng_seed: int | None = None) -> Problem:
         at = tuple(int(i) for i in bad[0])
         raise io.InputError(
             f"{bg}: the background is not finite, or a fill value (|f_b| >= "
-            f"{qc.FILL_BOUND:g}), at (iy, ix) = {at}: {background[at]!r} ({len(bad)} such "
+            f"{qc.FILL_BOUND:g}), at (iy, ix) = {at}: {float(background[at])!r} ({len(bad)} such "
             "node(s))"
         )
     truth = None
@@ -390,13 +390,21 @@ def _check_paths(cfg: Any, out_path: str, resume: str | None) -> None:
 _DIGEST_LINE = "# inputs sha256: "  # the last line of a checkpoint's config text
 
 
-def _inputs_digest(nodes: Any) -> str:
-    """A digest of what the solver reads besides the config: the observations at their
-    nodes, innovations (``y − H f_b``, so the background too) and precisions."""
-    h = hashlib.sha256(type(nodes).__name__.encode())
-    for f in fields(nodes):
-        v = np.ascontiguousarray(getattr(nodes, f.name))
-        h.update(f"{f.name}:{v.dtype.str}:{v.shape}".encode())
+def _inputs_digest(cfg: Any, problem: Problem) -> str:
+    """A digest of what a run reads from files, beside its config: the observation
+    file's rows and a background file's field, as read (what the config generates, a
+    synthetic draw or the climatology, it names already; their floats could differ in
+    the last bit on another CPU, and so refuse a valid resume)."""
+    h = hashlib.sha256()
+    arrays = []
+    if cfg.observations.file is not None:
+        obs = problem.observations
+        arrays += [("x", obs.x), ("y", obs.y), ("value", obs.value), ("noise", obs.noise)]
+    if isinstance(cfg.prior.background, str) and cfg.prior.background != "climatology":
+        arrays.append(("background", problem.background))
+    for name, a in arrays:
+        v = np.ascontiguousarray(a)
+        h.update(f"{name}:{v.dtype.str}:{v.shape}".encode())
         h.update(v.tobytes())
     return h.hexdigest()
 
@@ -462,8 +470,13 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
                 pool.count,
                 lowering.ENV,
             )
+    pg = cfg.decomposition.process_grid
+    grid = None if pg == "auto" else (int(pg[0]), int(pg[1]))
+    if grid is not None:  # exact and amg_cg run on rank 0, but a grid for other ranks
+        check_ranks(grid[::-1], size)  # is a mistake in the config or the launch all the same
     problem = on_root(comm, lambda: build_problem(cfg))
     nodes = comm.bcast(problem.nodes if rank == 0 else None, root=0)
+    inputs = comm.bcast(_inputs_digest(cfg, problem) if rank == 0 else None, root=0)
     ny, nx = cfg.grid.ny, cfg.grid.nx
     lx, ly = cfg.grid.extent
     dy, dx = ly / (ny - 1), lx / (nx - 1)
@@ -475,17 +488,12 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     multigrid = mg.enabled and cfg.solver.method == "mp"
     if on_sphere:
         levels = sphere_schedule(ny, nx, cfg.grid.lat_range, mg.min_size, multigrid)
-        advice = odd_cells_advice(levels, mg.min_size)
+        advice = odd_cells_advice(levels, mg.min_size) if multigrid else None
         if advice and rank == 0:
             log.warning("%s", advice)
     else:
         levels = schedule(ny, nx, dy, dx, mg.min_size, multigrid)
-    pg = cfg.decomposition.process_grid
-    grid = None if pg == "auto" else (int(pg[0]), int(pg[1]))
-    if grid is not None:  # exact and amg_cg run on rank 0, but a grid for other ranks
-        check_ranks(grid[::-1], size)  # is a mistake in the config or the launch all the same
     s = settings_from(cfg)
-    inputs = _inputs_digest(nodes)
     if rank == 0:
         log.info(
             "%d x %d grid, %d observations used (%d given), method %s, %s, tol %.1e",

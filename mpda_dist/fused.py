@@ -240,7 +240,7 @@ _PRELOAD = (
 def preload() -> None:
     """Import now what the first lowering of :func:`step` for a GPU would import (a
     lowering helper does this while its rank reads its inputs: its first fused program
-    then takes 0.3 instead of 0.9 s, benchmarks/RESULTS.md §24).  A module this jax
+    then takes 0.45–0.57 instead of 0.67–1.05 s here, benchmarks/RESULTS.md §24).  A module this jax
     does not have is skipped: the lowering imports what it needs as before."""
     for name in _PRELOAD:
         try:

@@ -529,7 +529,10 @@ def main() -> None:
     # requesting process from seeing this one end
     os.set_inheritable(fd, False)
     with os.fdopen(fd, "wb") as replies:
-        preload(sys.argv[2] if len(sys.argv) > 2 else "")
+        try:
+            preload(sys.argv[2] if len(sys.argv) > 2 else "")
+        except Exception:  # a request imports what it needs, and reports what fails
+            pass
         serve(sys.stdin.buffer, replies)
 
 

@@ -150,7 +150,7 @@ def odd_cells_advice(levels: list[Level], min_size: int) -> str | None:
     return (
         f"multigrid stops at {c.nx} x {c.ny} points: {c.ny - 1} latitude cells is odd, and "
         f"the sphere halves only an even number; grid.ny = {choices} (ny - 1 divisible by "
-        f"{step}) would coarsen {k} time(s), down to solver.multigrid.min_size {min_size}"
+        f"{step}) would coarsen at least {k} time(s), down to solver.multigrid.min_size {min_size}"
     )
 
 

@@ -294,23 +294,30 @@ def test_resume_with_another_problem_is_a_clear_error(tmp_path):
 
 
 def test_resume_after_the_inputs_changed_is_a_clear_error(tmp_path):
-    """The checkpoint holds a digest of the observations at their nodes (innovations,
-    so the background too): an observation file rewritten between the runs, same path,
-    is exit 2 naming it, not a resume that cannot converge (review helper).  The digest
-    follows every value."""
-    from _problems import problem
+    """The checkpoint holds a digest of what the run read from files, the observation
+    file's rows and a background file's field: a file rewritten between the runs under
+    the same name is exit 2 naming it, not a resume that cannot converge (review
+    helper).  The digest follows every value; what the config generates (a synthetic
+    draw) it leaves to the config's own comparison."""
+    import h5py
 
     from mpda_dist import checkpoint
-    from mpda_dist.config import dump_config, load_config
-    from mpda_dist.driver import _DIGEST_LINE, _inputs_digest, _stored_digest
+    from mpda_dist.config import config_from_dict, dump_config, load_config
+    from mpda_dist.driver import _DIGEST_LINE, _inputs_digest, _stored_digest, build_problem
 
-    _, nodes, _, _ = problem(20, 20, 0.2)
-    digest = _inputs_digest(nodes)
-    nodes.innovation[3] = np.nextafter(nodes.innovation[3], np.inf)
-    assert _inputs_digest(nodes) != digest
+    obs = tmp_path / "obs.h5"
+
+    def digest(value: float) -> str:
+        with h5py.File(obs, "w") as f:
+            for k, v in {"x": 0.3, "y": 0.6, "value": value, "noise": 0.1}.items():
+                f[k] = np.array([v, 0.5])
+        cfg = config_from_dict({"grid": {"nx": 12, "ny": 12}, "observations": {"file": str(obs)}})
+        return _inputs_digest(cfg, build_problem(cfg))
+
+    assert digest(1.0) == digest(1.0) != digest(np.nextafter(1.0, 2.0))
     text = dump_config(load_config(str(SMALL), overrides=[a for a in ARGS if a != "--set"]))
     assert _stored_digest(text) is None  # (a checkpoint from before: not compared)
-    assert _stored_digest(f"{text}{_DIGEST_LINE}{digest}\n") == digest
+    assert _stored_digest(f"{text}{_DIGEST_LINE}{digest(1.0)}\n") == digest(1.0)
 
     msgs = np.zeros((12, 38, 38))
     ckpt = tmp_path / "ck.h5"
