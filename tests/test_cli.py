@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -333,50 +334,40 @@ def _background(path: Path, n: int = 40) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "case,needle",
-    [
-        ("output is the observation file", "is also observations.file: the run would overwrite"),
-        ("output is the background", "is also prior.background: the run would overwrite"),
-        ("checkpoint is the observation file", "checkpoint.file = "),
-        ("output is the checkpoint", "output.file (-o) and checkpoint.file are the same file"),
-        ("output is a directory name", "o/: a directory name; give a file name"),
-    ],
-)
-def test_a_run_does_not_write_over_its_inputs(tmp_path, case, needle):
+def test_a_run_does_not_write_over_its_inputs(tmp_path):
     """The files a run writes are not the files it reads, nor each other (review
     helper: an analysis replaced its observation file; a checkpoint named like the
-    output looked like a finished analysis), and ``o/`` is not a file name."""
+    output looked like a finished analysis), and ``o/`` is not a file name.  One case
+    end to end, the rest through the check ``mpda run`` makes first."""
+    from mpda_dist.config import load_config
+    from mpda_dist.driver import _check_paths
+    from mpda_dist.io import InputError
+
     obs = write_obs(tmp_path / "obs.h5")
     bg = _background(tmp_path / "bg.h5")
     before = {p: p.read_bytes() for p in (obs, bg)}
-    out, ckpt = tmp_path / "o.h5", tmp_path / "ck.h5"
-    if case == "output is the observation file":
-        out = obs
-    elif case == "output is the background":
-        out = bg
-    elif case == "checkpoint is the observation file":
-        ckpt = obs
-    elif case == "output is the checkpoint":
-        ckpt = out
-    target = f"{tmp_path}/o/" if case == "output is a directory name" else str(out)
-    proc = mpda(
-        "run",
-        "-o",
-        target,
-        *SMALL,
-        "--set",
-        f"observations.file={obs}",
-        "--set",
-        f"prior.background={bg}",
-        "--set",
-        f"checkpoint.file={ckpt}",
-    )
+    inputs = ["--set", f"observations.file={obs}", "--set", f"prior.background={bg}"]
+    proc = mpda("run", "-o", str(obs), *SMALL, *inputs)
     assert proc.returncode == 2, proc.stderr
-    assert needle in proc.stderr
+    assert f"output.file (-o) = {obs} is also observations.file: the run would" in proc.stderr
     assert "level 1/" not in proc.stderr  # refused before solving
     assert {p: p.read_bytes() for p in (obs, bg)} == before
-    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o").exists()
+
+    out, ckpt = str(tmp_path / "o.h5"), str(tmp_path / "ck.h5")
+    cases = [
+        (str(bg), ckpt, None, "is also prior.background: the run would overwrite"),
+        (out, str(obs), None, f"checkpoint.file = {obs} is also observations.file"),
+        (out, out, None, "output.file (-o) and checkpoint.file are the same file"),
+        (f"{tmp_path}/o/", ckpt, None, "o/: a directory name; give a file name"),
+        (ckpt + "x", ckpt, ckpt + "x", "is also --resume"),
+    ]
+    for target, checkpoint_file, resume, needle in cases:
+        sets = [a for a in (*SMALL, *inputs) if a != "--set"]
+        cfg = load_config(None, [*sets, f"checkpoint.file={checkpoint_file}"])
+        with pytest.raises(InputError, match=re.escape(needle)):
+            _check_paths(cfg, target, resume)
+    cfg = load_config(None, [a for a in (*SMALL, *inputs) if a != "--set"])
+    _check_paths(cfg, out, cfg.checkpoint.file)  # resuming from its own checkpoint file
 
 
 def test_a_process_grid_for_other_ranks_is_refused_for_every_method(tmp_path):
