@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -257,6 +258,69 @@ def compile_timed(jitted: Any, *args: Any, **static: Any) -> tuple[float, Any]:
     t0 = time.perf_counter()
     compiled = jitted.lower(*args, **static).compile()
     return time.perf_counter() - t0, compiled
+
+
+class MainThreadSampler:
+    """Where this process's main thread spends the wall time of a block: a thread looks
+    at the main thread's stack every ``interval`` seconds and charges the time since
+    its last look to what it finds (a call that holds the interpreter lock delays the
+    look, and is charged on the next one).  For a cold start whose wall time the compile
+    report does not explain (RESULTS §22: 7.6 s at 1024² on a GPU, 1.8 s of it solving
+    and waiting).  ``report()`` lists the innermost frames of the package and the
+    innermost frames overall that took the most time.
+
+        with C.MainThreadSampler() as sampler:
+            ...
+        print("\n".join(sampler.report()))
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.ours: dict[str, float] = {}
+        self.leaves: dict[str, float] = {}
+        self.total = 0.0
+        self._stop = threading.Event()
+        self._main = threading.main_thread().ident
+
+    def __enter__(self) -> MainThreadSampler:
+        self._thread = threading.Thread(target=self._run, name="main-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _where(code: Any) -> str:
+        path = Path(code.co_filename)
+        return f"{path.parent.name}/{path.name}:{code.co_name}"
+
+    def _run(self) -> None:
+        last = time.perf_counter()
+        while not self._stop.wait(self.interval):
+            now = time.perf_counter()
+            frame, spent, last = sys._current_frames().get(self._main), now - last, now
+            if frame is None:
+                continue
+            self.total += spent
+            leaf, ours = self._where(frame.f_code), None
+            while frame is not None and ours is None:
+                if "mpda_dist" in frame.f_code.co_filename:
+                    ours = self._where(frame.f_code)
+                frame = frame.f_back
+            self.leaves[leaf] = self.leaves.get(leaf, 0.0) + spent
+            key = ours or "(outside mpda_dist)"
+            self.ours[key] = self.ours.get(key, 0.0) + spent
+
+    def report(self, top: int = 12) -> list[str]:
+        lines = [f"main thread sampled for {self.total:.2f} s; innermost mpda_dist frames:"]
+        for table, head in ((self.ours, None), (self.leaves, "innermost frames:")):
+            if head:
+                lines.append(head)
+            for where, sec in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+                lines.append(f"  {sec:6.2f} s  {where}")
+        return lines
 
 
 def summary(samples: Sequence[float]) -> dict[str, float]:

@@ -11,7 +11,8 @@ default is 64).  Run it with empty caches to time a cold start, e.g.
 (with ``JAX_COMPILATION_CACHE_DIR`` and ``MPDA_PROGRAM_CACHE_DIR`` unset).  For A/B
 comparisons run a copy of this script inside each checkout, alternately; on a commit
 without ``programs.wait_report`` it prints the wall time alone.  Last comes the compile
-report: the programs' tracing-and-lowering and compiling seconds, summed over threads.
+report: the programs' tracing-and-lowering and compiling seconds, summed over threads;
+before it, where the main thread spent the first solve (``_common.MainThreadSampler``).
 With ``MPDA_COMPILE_THREADS=1`` nothing overlaps, and the tracing sum is what a
 many-core host still does one program at a time (``programs._TRACING``).
 """
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     nodes, levels = C.demo_problem(n, args.fraction, "coldwaits.py", args.min_size)
     s = Settings(dtype="float32", tol=1e-5, momentum=0.5)
     t0 = time.perf_counter()
-    res = solve(comm, levels, nodes, 0.15, 1.1, s)
+    with C.MainThreadSampler() as sampler:
+        res = solve(comm, levels, nodes, 0.15, 1.1, s)
     wall = time.perf_counter() - t0
     if comm.rank != 0:
         return 0
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"waited {total:.2f} s for programs in {count} calls; longest:")
         for name, sec, where in longest:
             print(f"  {name:24s} {sec:6.2f} s  ({where})")
+    print("\n".join(sampler.report()))
     rows = programs.compile_report(10_000)
     lowered, compiled = sum(r[3] for r in rows), sum(r[4] for r in rows)
     print(
