@@ -715,10 +715,18 @@ def _resume_mismatch(resume: Any, hier: Any) -> str | None:
     nlev = len(hier.levels)
     again = "resume with the grid, process grid and solver.multigrid settings that wrote it"
     if resume.levels not in (0, nlev) or not 0 <= resume.level < nlev:
+        if 0 < resume.levels < nlev:  # a larger min_size stops this run where that one stopped
+            coarsest = hier.levels[nlev - resume.levels]
+            fix = (
+                f"; or stop this run's levels there too: --set solver.multigrid.min_size="
+                f"{max(coarsest.ny, coarsest.nx)}"
+            )
+        else:
+            fix = "; this run's blocks stop its levels sooner: fewer ranks, or wider blocks"
         return (
             f"the checkpoint was written with {resume.levels} multigrid levels but this run "
             f"has {nlev} (other solver.multigrid settings, or ranks whose blocks stop the "
-            f"levels at another depth: a coarse block needs 4 nodes a side): {again}"
+            f"levels at another depth: a coarse block needs 4 nodes a side): {again}{fix}"
         )
     arrays = [(resume.level, "", resume.a)]
     arrays += [(c + 1, "the warm state of ", ca) for c, (ca, _, _) in enumerate(resume.coarse)]

@@ -330,3 +330,24 @@ def test_resume_after_the_inputs_changed_is_a_clear_error(tmp_path):
         "contents differ)" in proc.stderr
     )
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_resume_at_another_depth_says_which_min_size_would_match(tmp_path):
+    """A checkpoint from a run whose blocks stopped the levels sooner (here 1 level;
+    this run has 2) is refused, and the message gives the min_size that stops this run
+    at that depth too (review helper: a 3-rank checkpoint could not be resumed on 1 or
+    2 ranks, and the message did not say how)."""
+    from mpda_dist import checkpoint
+    from mpda_dist.multigrid import schedule
+
+    msgs = np.zeros((12, 38, 38))
+    ckpt = tmp_path / "shallow.h5"
+    checkpoint.write(str(ckpt), checkpoint.State(0, 100, msgs, msgs, None, levels=1), "")
+    proc = mpda(tmp_path, "-o", "o.h5", "--resume", str(ckpt))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{ckpt}: the checkpoint was written with 1 multigrid levels but this run has 2" in (
+        proc.stderr
+    )
+    assert "stop this run's levels there too: --set solver.multigrid.min_size=40" in proc.stderr
+    assert len(schedule(40, 40, 1.0, 1.0, 40)) == 1 and len(schedule(40, 40, 1.0, 1.0, 20)) == 2
+    assert not (tmp_path / "o.h5").exists()
