@@ -19,6 +19,8 @@
 #   helpers, nohelpers  1024² at 5 %, first run only, each in a fresh process with
 #           empty caches: the cold start with the default lowering helpers
 #           (mpda_dist/lowering.py), then with MPDA_LOWER_PROCESSES=0
+#   prealloc  the helpers stage (and a warm run) with XLA_PYTHON_CLIENT_PREALLOCATE=true:
+#           JAX's default, which mpda turns off
 #   serial  1024² at 5 %, first run only, in a fresh process with empty caches and
 #           MPDA_COMPILE_THREADS=1: the cold start without compiling in background
 #           threads (the solve stage's first 5 % run compiles with one per core)
@@ -36,8 +38,8 @@
 #   profile one warm 1024² 10 % solve and 5 calls of 10 frozen updates under JAX's
 #           profiler: per kernel name the count and device time, busy against wall
 #   report  all tables again
-# GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers pads cached big padsbig
-# fit mpi profile strips serial jaxcache"; they run in that order, and the budget skips
+# GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc pads cached big
+# padsbig fit mpi profile strips serial jaxcache"; they run in that order, and the budget skips
 # what is left)
 # picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
 # other (RESULTS §17), =all makes the kernel stage time the coupled
@@ -79,7 +81,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers pads cached big padsbig fit mpi profile strips serial jaxcache} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi profile strips serial jaxcache} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -174,7 +176,13 @@ stage helpers $L_R env XDG_CACHE_HOME="$COLD_A" "$PY" benchmarks/gpu_bench.py so
 stage nohelpers $L_R env XDG_CACHE_HOME="$COLD_B" MPDA_LOWER_PROCESSES=0 "$PY" \
     benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 1 \
     --label " no lowering helpers" --exact-wait 0
-rm -rf "$COLD_A" "$COLD_B"
+# the same cold start (helpers on) with JAX's default preallocation of 75 % of the GPU,
+# which mpda turns off (runtime.configure_jax_env; RESULTS §25): first and warm run
+COLD_C=$(mktemp -d /tmp/mpda_cold.XXXXXX)
+stage prealloc $L_R env XDG_CACHE_HOME="$COLD_C" XLA_PYTHON_CLIENT_PREALLOCATE=true "$PY" \
+    benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 2 \
+    --label " preallocated" --exact-wait 0
+rm -rf "$COLD_A" "$COLD_B" "$COLD_C"
 stage pads $L_S env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py solve $QUICK \
     --csv "$CSV" --fractions 0.1 0.01 --label " pads" --exact-dir "$EXACT_DIR" --exact-wait 20
 stage cached $L_C "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \

@@ -51,7 +51,8 @@ def _helpers(args, fused):
         return None
     from mpda_dist import lowering, programs
 
-    target = lowering.Target("gpu", "cuda", True, "9.0") if args.gpu else lowering._target()
+    h100 = lowering.Target("gpu", "cuda", True, "9.0", "NVIDIA H100 80GB HBM3", 132)
+    target = h100 if args.gpu else lowering._target()
     pool = lowering.Helpers(args.helpers, target.platform)
     pool.start()
     digest = programs._source_digest()

@@ -28,6 +28,7 @@ of a cold start there).  ``MPDA_LOWER_PROCESSES=0`` turns them off.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -52,6 +53,7 @@ ENV = "MPDA_LOWER_PROCESSES"
 DEFAULT_MAX = 4
 REPLY_TIMEOUT = 30.0  # seconds a helper may take for one program before it is dropped
 MAX_LOST = 3  # helpers that died or hung before the rest are given up
+REASON_CHARS = 300  # of the first refusal's reason in :func:`report`
 # Environment a helper must not inherit: an MPI launcher's wiring (the helper never
 # starts MPI, and MPI_Init with a rank's PMI variables would confuse the launcher).
 _DROP_ENV = (
@@ -111,12 +113,15 @@ def processes() -> int:
 class Target:
     """What a helper traces for: the requesting process's backend and platform, whether
     the fused pass builds there (:func:`mpda_dist.fused.supported`), and the GPU's
-    compute capability (``"9.0"``; None on a CPU)."""
+    compute capability (``"9.0"``), kind (``"NVIDIA H200"``) and core count (None on a
+    CPU)."""
 
     backend: str
     platform: str
     fused: bool
     capability: str | None = None
+    device_kind: str | None = None
+    cores: int | None = None
 
 
 def _target() -> Target | None:
@@ -125,8 +130,17 @@ def _target() -> Target | None:
     platform = target_platform()
     if platform is None:
         return None
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    return Target(jax.default_backend(), platform, fused.supported(), capability)
+    device = jax.devices()[0]
+    if platform == "cpu":
+        return Target(jax.default_backend(), platform, fused.supported())
+    return Target(
+        jax.default_backend(),
+        platform,
+        fused.supported(),
+        getattr(device, "compute_capability", None),
+        device.device_kind,
+        getattr(device, "core_count", None),
+    )
 
 
 # -- the main process's side ------------------------------------------------------------
@@ -236,12 +250,31 @@ class Helpers:
         self.idle: queue.Queue[_Helper] = queue.Queue()
         self.all: list[_Helper] = []
         self.lost = 0  # helpers that died, did not answer in time or answered garbage
-        # (name, settings) of the programs a helper could not lower, or lost a helper on
-        self.refused: set[tuple[str, Any]] = set()
+        # (name, settings) of the programs a helper could not lower, or lost a helper
+        # on: why (the report shows it)
+        self.refused: dict[tuple[str, Any], str] = {}
         self.lowered = 0
         self.waited = 0.0
         self.closed = False
         self._lock = threading.Lock()
+
+    def summary(self) -> str:
+        """One line: helpers running, programs lowered, refusals (the first one's
+        reason: the fallback costs the requesting process that program's lowering)."""
+        refused = dict(self.refused)  # a snapshot: background threads may add to it
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in refused})
+        line = (
+            f"lowering helpers: {len(self.all)} of {self.count} running, {self.lowered} programs "
+            f"lowered in them ({self.waited:.2f} s summed over the waiting threads), "
+            f"{len(refused)} refused{' (' + ', '.join(names) + ')' if names else ''}, "
+            f"{self.lost} lost"
+        )
+        if refused:
+            (name, _), why = min(refused.items(), key=lambda kv: kv[0][0])
+            why = " ".join(why.split())
+            line += f"; {name.rsplit('.', 1)[-1]}: {why[:REASON_CHARS]}"
+            line += "…" if len(why) > REASON_CHARS else ""
+        return line
 
     @property
     def usable(self) -> bool:
@@ -322,7 +355,7 @@ class Helpers:
             data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # arguments that do not pickle
             log.debug("%s: its request does not pickle (%s); lowered here", fn.name, exc)
-            self.refused.add(what)
+            self.refused[what] = f"its request does not pickle ({exc})"
             return None
         helper = self._take()
         if helper is None:
@@ -334,7 +367,7 @@ class Helpers:
             if self.closed:  # ended by close() meanwhile: not lost
                 return None
             log.debug("lowering helper lost on %s: %s", fn.name, exc)
-            self.refused.add(what)  # a program that hangs or kills helpers: not again
+            self.refused[what] = f"lost a helper ({exc})"  # it hangs or kills them: not again
             self._lose(helper)
             return None
         if not self.closed:
@@ -345,13 +378,13 @@ class Helpers:
             return None
         if status != "ok":
             log.debug("lowering helper refused %s: %s", fn.name, payload)
-            self.refused.add(what)
+            self.refused[what] = str(payload)
             return None
         try:
             exported = pickle.loads(payload)
         except Exception as exc:
             log.debug("%s: the helper's program does not load (%s)", fn.name, exc)
-            self.refused.add(what)
+            self.refused[what] = f"its program does not load here ({exc})"
             return None
         with self._lock:
             self.waited += time.perf_counter() - t0
@@ -429,15 +462,7 @@ def helpers() -> Helpers | None:
 def report() -> str | None:
     """One line on this process's helpers, or None when it has none."""
     pool = _HELPERS[0] if _HELPERS else None
-    if pool is None:
-        return None
-    refused = sorted({name.rsplit(".", 1)[-1] for name, _ in pool.refused})
-    return (
-        f"lowering helpers: {len(pool.all)} of {pool.count} running, {pool.lowered} programs "
-        f"lowered in them ({pool.waited:.2f} s summed over the waiting threads), "
-        f"{len(pool.refused)} refused{' (' + ', '.join(refused) + ')' if refused else ''}, "
-        f"{pool.lost} lost"
-    )
+    return None if pool is None else pool.summary()
 
 
 # -- the helper's side ------------------------------------------------------------------
@@ -461,7 +486,7 @@ def _export(request: tuple) -> bytes:
         raise LookupError(f"{name}: no such program in {module} (or more than one)")
     programs.TRACE_BACKEND[0] = target.backend
     fused.SUPPORTED[0] = target.fused
-    with jax.enable_x64(x64):
+    with jax.enable_x64(x64), _abstract_device(target):
         if programs._settings() != settings:
             raise ValueError(f"{name}: settings differ from the requesting process's")
         checks = [export.DisabledSafetyCheck.custom_call(c) for c in _custom_calls(target)]
@@ -474,15 +499,32 @@ def _export(request: tuple) -> bytes:
     return pickle.dumps(exported)
 
 
+def _abstract_device(target: Target) -> contextlib.AbstractContextManager:
+    """The requester's GPU as the abstract device in effect while a helper lowers for
+    it.  jax 0.11 lowers Pallas's Triton kernels for that device, else for the default
+    one: a helper's CPU, which it refuses ("No supported GPU devices found"; an H200,
+    RESULTS §25).  The mesh is empty, so nothing else about the programs changes;
+    jaxlib up to 0.10.2 ignores it and lowers for compute capability 9.0."""
+    sharding = jax.sharding
+    if (
+        target.platform != "cuda"
+        or not target.device_kind
+        or not hasattr(sharding, "AbstractDevice")
+    ):
+        return contextlib.nullcontext()
+    device = sharding.AbstractDevice(
+        device_kind=target.device_kind, num_cores=target.cores, platform="gpu"
+    )
+    return sharding.use_abstract_mesh(sharding.AbstractMesh((), (), abstract_device=device))
+
+
 def _custom_calls(target: Target) -> tuple[str, ...]:
-    """The custom calls a helper's export may hold.  Pallas's Triton kernels: jaxlib up
-    to 0.10.2 hands XLA the Triton IR (``__gpu$xla.gpu.triton``); later ones compile it
-    while lowering, for the GPU they find, which in a helper (no GPU) is compute
-    capability 9.0: those kernels are allowed only when the requester's GPU is one."""
-    calls = ("__gpu$xla.gpu.triton",)
-    if target.capability == "9.0":
-        calls += ("triton_kernel_call_ffi",)
-    return calls
+    """The custom calls a helper's export may hold: Pallas's Triton kernels
+    (``__gpu$xla.gpu.triton``, the Triton IR that XLA compiles) only for a GPU of
+    compute capability 9.0 (an H100 or H200).  jaxlib 0.10 lowers them in a process
+    without a GPU for 9.0 whatever the requester's, so for any other GPU the export
+    fails this check and the requester lowers the program itself."""
+    return ("__gpu$xla.gpu.triton",) if target.capability == "9.0" else ()
 
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:

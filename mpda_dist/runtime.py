@@ -66,10 +66,14 @@ def configure_jax_env(local_size: int, threads: int | None = None) -> None:
         os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         _setdefault_env(var, str(threads))
+    # No preallocation: JAX's default takes 75 % of the GPU at the first allocation,
+    # which cost a cold 1024² solve 1.6-2.0 s on an H200 (about 15 ms per GB; 0.003 s
+    # without; benchmarks/RESULTS.md §25).  The pool then grows as the solve needs it,
+    # and ranks sharing a GPU take only what they use.
+    _setdefault_env("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if local_size > 1:
-        # Ranks may share one GPU: no preallocation, and an even share of its memory,
-        # unless the user gave a share under either name (jaxlib refuses both at once).
-        _setdefault_env("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        # Ranks may share one GPU: an even share of its memory, unless the user gave a
+        # share under either name (jaxlib refuses both at once).
         if not any(os.environ.get(v) for v in MEM_FRACTION_VARS):
             os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / local_size:.3f}"
     _setdefault_env("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -4,6 +4,7 @@ through them, and every way a helper can fail falling back to lowering here."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -76,7 +77,7 @@ def test_a_gpu_request_lowers_the_fused_pass_for_cuda(pool):
     specs = _update_args(20, 70)
     static = {"n": 10, "momentum": 0.5, "delta": False}
     _, _, key = kernel.iterate_b._key(specs, static)
-    target = lowering.Target(backend="gpu", platform="cuda", fused=True, capability="9.0")
+    target = lowering.Target("gpu", "cuda", True, "9.0", "NVIDIA H200", 132)  # an H200's
     request = (kernel.iterate_b.name, "mpda_dist.kernel", specs, static, key[-1], key[2], target)
     request += (programs._source_digest(),)
     helper = pool._take()
@@ -88,6 +89,29 @@ def test_a_gpu_request_lowers_the_fused_pass_for_cuda(pool):
     wrapper = jax.jit(exported.call, donate_argnums=(0, 1, 2))
     text = wrapper.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1
+    # another GPU: jaxlib 0.10 would lower the kernel for 9.0 anyway, so it is refused
+    a100 = dataclasses.replace(target, capability="8.0", device_kind="NVIDIA A100-SXM4-80GB")
+    helper = pool._take()
+    status, payload = helper.ask(pickle.dumps(request[:6] + (a100,) + request[7:]), 30.0)
+    pool.idle.put(helper)
+    assert status == "error" and "xla.gpu.triton" in payload
+
+
+def test_a_helper_lowers_for_the_requesters_gpu():
+    """jax 0.11 lowers Pallas's Triton kernels for the abstract mesh's device, else the
+    default device (a helper's CPU: refused on an H200).  A CUDA request sets the
+    requester's GPU there, on an empty mesh; a CPU request sets nothing."""
+    gpu = lowering.Target("gpu", "cuda", True, "9.0", "NVIDIA H100 80GB HBM3", 132)
+    with lowering._abstract_device(gpu):
+        mesh = jax.sharding.get_abstract_mesh()
+        assert mesh.empty
+        assert (mesh.abstract_device.device_kind, mesh.abstract_device.platform) == (
+            "NVIDIA H100 80GB HBM3",
+            "gpu",
+        )
+    assert jax.sharding.get_abstract_mesh().abstract_device is None
+    with lowering._abstract_device(lowering.Target("cpu", "cpu", False)):
+        assert jax.sharding.get_abstract_mesh().abstract_device is None
 
 
 def test_a_solve_with_helpers_lowers_its_programs_there(monkeypatch):
@@ -132,6 +156,12 @@ def test_a_program_a_helper_cannot_find_is_lowered_here(pool):
     assert pool.lower(_not_importable_by_a_helper, (x,), {}, key) is None
     assert {name for name, _ in pool.refused} == {_not_importable_by_a_helper.name}
     assert pool.lost == 0
+    # the report says why, since the fallback costs this process the lowering
+    summary = pool.summary()
+    assert "1 refused (_not_importable_by_a_helper), 0 lost; " in summary
+    assert summary.endswith(
+        "_not_importable_by_a_helper: ModuleNotFoundError: No module named 'test_lowering'"
+    )
     assert pool.lower(_not_importable_by_a_helper, (x,), {}, key) is None
     assert len(pool.all) == 1  # the helper lives on for other programs
 

@@ -107,6 +107,17 @@ def test_a_gpu_memory_share_the_user_set_is_kept_under_either_name(clean_env, us
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
 
 
+def test_gpu_memory_is_not_preallocated_unless_the_user_asks(clean_env):
+    """Preallocating 75 % of an H200 cost the first allocation 1.6-2.0 s (RESULTS §25):
+    off for one rank too, with no share set; the user's own value is kept."""
+    runtime.configure_jax_env(1, threads=1)
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert not any(v in os.environ for v in runtime.MEM_FRACTION_VARS)
+    clean_env.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    runtime.configure_jax_env(1, threads=1)
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+
+
 def test_the_command_line_imports_neither_numpy_nor_jax():
     """``mpda run`` sets the thread counts before numpy loads: OpenBLAS reads its count
     once, when numpy is imported (review helper: ranks kept 2 threads each)."""
