@@ -21,6 +21,8 @@
 #           (mpda_dist/lowering.py), then with MPDA_LOWER_PROCESSES=0
 #   prealloc  the helpers stage (and a warm run) with XLA_PYTHON_CLIENT_PREALLOCATE=true:
 #           JAX's default, which mpda turns off
+#   coldab  the helpers and nohelpers stages alternated, GPU_BENCH_ROUNDS rounds (default
+#           3): first runs only, a fresh process and empty caches each
 #   serial  1024² at 5 %, first run only, in a fresh process with empty caches and
 #           MPDA_COMPILE_THREADS=1: the cold start without compiling in background
 #           threads (the solve stage's first 5 % run compiles with one per core)
@@ -38,8 +40,8 @@
 #   profile one warm 1024² 10 % solve and 5 calls of 10 frozen updates under JAX's
 #           profiler: per kernel name the count and device time, busy against wall
 #   report  all tables again
-# GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc pads cached big
-# padsbig fit mpi profile strips serial jaxcache"; they run in that order, and the budget skips
+# GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc coldab pads cached
+# big padsbig fit mpi profile strips serial jaxcache"; they run in that order, and the budget skips
 # what is left)
 # picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
 # other (RESULTS §17), =all makes the kernel stage time the coupled
@@ -81,7 +83,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi profile strips serial jaxcache} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc coldab pads cached big padsbig fit mpi profile strips serial jaxcache} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -183,6 +185,27 @@ stage prealloc $L_R env XDG_CACHE_HOME="$COLD_C" XLA_PYTHON_CLIENT_PREALLOCATE=t
     benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 2 \
     --label " preallocated" --exact-wait 0
 rm -rf "$COLD_A" "$COLD_B" "$COLD_C"
+# helpers against none, alternated over GPU_BENCH_ROUNDS rounds (default 3), each a
+# fresh process with empty caches: one run each (RESULTS §25) could not tell them apart
+coldab() {
+    local r h d
+    for r in $(seq "${GPU_BENCH_ROUNDS:-3}"); do
+        for h in default 0; do
+            d=$(mktemp -d /tmp/mpda_cold.XXXXXX)
+            if [ "$h" = default ]; then
+                env XDG_CACHE_HOME="$d" "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
+                    --fractions 0.05 --runs 1 --label " helpers $h r$r" --exact-wait 0
+            else
+                env XDG_CACHE_HOME="$d" MPDA_LOWER_PROCESSES="$h" "$PY" benchmarks/gpu_bench.py \
+                    solve $QUICK --csv "$CSV" --fractions 0.05 --runs 1 --label " helpers $h r$r" \
+                    --exact-wait 0
+            fi | grep -a "^  solve \|lowering helpers:\|waited"
+            rm -rf "$d"
+        done
+    done
+}
+export PY QUICK CSV
+stage coldab $((L_R * 2)) bash -c "$(declare -f coldab); coldab"
 stage pads $L_S env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py solve $QUICK \
     --csv "$CSV" --fractions 0.1 0.01 --label " pads" --exact-dir "$EXACT_DIR" --exact-wait 20
 stage cached $L_C "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
