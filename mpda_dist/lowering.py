@@ -53,6 +53,10 @@ ENV = "MPDA_LOWER_PROCESSES"
 DEFAULT_MAX = 4
 REPLY_TIMEOUT = 30.0  # seconds a helper may take for one program before it is dropped
 MAX_LOST = 3  # helpers that died or hung before the rest are given up
+# Seconds a compile thread waits for a busy helper before it lowers the program itself.
+# Waiting made the helpers a queue: on an H200 a 1024² solve's 56 programs went 4 at a
+# time, and the first program needed waited 2.1 s behind later ones (RESULTS §25).
+HELPER_WAIT = 0.0
 REASON_CHARS = 300  # of the first refusal's reason in :func:`report`
 # Environment a helper must not inherit: an MPI launcher's wiring (the helper never
 # starts MPI, and MPI_Init with a rank's PMI variables would confuse the launcher).
@@ -254,6 +258,7 @@ class Helpers:
         # on: why (the report shows it)
         self.refused: dict[tuple[str, Any], str] = {}
         self.lowered = 0
+        self.busy = 0  # requests lowered by the caller because every helper was busy
         self.waited = 0.0
         self.closed = False
         self._lock = threading.Lock()
@@ -266,6 +271,7 @@ class Helpers:
         line = (
             f"lowering helpers: {len(self.all)} of {self.count} running, {self.lowered} programs "
             f"lowered in them ({self.waited:.2f} s summed over the waiting threads), "
+            f"{self.busy} here while all were busy, "
             f"{len(refused)} refused{' (' + ', '.join(names) + ')' if names else ''}, "
             f"{self.lost} lost"
         )
@@ -302,18 +308,20 @@ class Helpers:
             while (helper := self._spawn()) is not None:
                 self.idle.put(helper)
 
-    def _take(self) -> _Helper | None:
+    def _take(self, wait: float = REPLY_TIMEOUT) -> _Helper | None:
         """An idle helper, or a new one while fewer than ``count`` run; None once the
-        helpers are given up or closed, or after waiting ``REPLY_TIMEOUT``."""
-        deadline = time.monotonic() + REPLY_TIMEOUT
-        while self.usable and time.monotonic() < deadline:
+        helpers are given up or closed, or when none was free for ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        while self.usable:
             with self._lock:
                 if self.idle.empty() and (helper := self._spawn()) is not None:
                     return helper
+            left = deadline - time.monotonic()
             try:  # a busy one comes back, or a lost one leaves room for a new one
-                return self.idle.get(timeout=0.5)
+                return self.idle.get(timeout=min(0.5, left)) if left > 0 else self.idle.get_nowait()
             except queue.Empty:
-                continue
+                if left <= 0:
+                    return None
         return None
 
     def _lose(self, helper: _Helper) -> None:
@@ -357,8 +365,10 @@ class Helpers:
             log.debug("%s: its request does not pickle (%s); lowered here", fn.name, exc)
             self.refused[what] = f"its request does not pickle ({exc})"
             return None
-        helper = self._take()
-        if helper is None:
+        helper = self._take(HELPER_WAIT)
+        if helper is None:  # all busy: the caller lowers it, beside them
+            with self._lock:
+                self.busy += 1
             return None
         t0 = time.perf_counter()
         try:

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import os
 import pickle
+import time
 from pathlib import Path
 
 import jax
@@ -116,7 +117,8 @@ def test_a_helper_lowers_for_the_requesters_gpu():
 
 def test_a_solve_with_helpers_lowers_its_programs_there(monkeypatch):
     """A cold solve with one helper and 2 compile threads: every background program is
-    lowered by the helper (none refused, none lost) and the answer is exact's."""
+    lowered by the helper, or here when it was busy (none refused, none lost), and the
+    answer is exact's."""
     monkeypatch.setattr(programs, "_STORE", programs.Store(None))
     monkeypatch.setenv(programs.THREADS_ENV, "2")
     monkeypatch.setenv(lowering.ENV, "1")
@@ -136,8 +138,9 @@ def test_a_solve_with_helpers_lowers_its_programs_there(monkeypatch):
         pool = lowering.helpers()
         assert res.status == CONVERGED
         assert rel_rmse(res.anomaly, exact) < 1e-4
-        assert asked and all(ok for _, ok in asked), asked
-        assert pool.lowered == len(asked) and not pool.refused and pool.lost == 0
+        assert pool.lowered >= 1 and not pool.refused and pool.lost == 0
+        assert [ok for _, ok in asked].count(True) == pool.lowered
+        assert pool.lowered + pool.busy == len(asked), asked
     finally:
         lowering.reset()
 
@@ -181,6 +184,22 @@ def test_a_fresh_helper_lowers_a_program_outside_the_kernel(pool, monkeypatch, t
     assert lower is not None and not pool.refused and pool.lost == 0
     got = lower().compile()(jnp.arange(6.0, dtype=F32), jnp.ones(6, F32))
     np.testing.assert_array_equal(np.asarray(got), np.arange(6.0) - 1.0)
+
+
+def test_a_busy_helper_is_not_waited_for(pool):
+    """With every helper busy, a request is not queued behind them (on an H200 the first
+    program needed waited 2.1 s so): the caller lowers it itself, and it is not counted
+    refused; a free helper is asked again."""
+    x = jax.ShapeDtypeStruct((4,), F32)
+    _, _, key = programs.add._key((x, x), {})
+    helper = pool._take()  # the pool's one helper, now busy
+    t0 = time.perf_counter()
+    assert pool.lower(programs.add, (x, x), {}, key) is None
+    assert time.perf_counter() - t0 < 1.0
+    assert pool.busy == 1 and not pool.refused and pool.lost == 0
+    assert "1 here while all were busy" in pool.summary()
+    pool.idle.put(helper)
+    assert pool.lower(programs.add, (x, x), {}, key) is not None and pool.lowered == 1
 
 
 def test_a_helper_of_another_version_disables_the_helpers(pool, monkeypatch):
