@@ -186,10 +186,13 @@ stage prealloc $L_R env XDG_CACHE_HOME="$COLD_C" XLA_PYTHON_CLIENT_PREALLOCATE=t
     --label " preallocated" --exact-wait 0
 rm -rf "$COLD_A" "$COLD_B" "$COLD_C"
 # helpers against none, alternated over GPU_BENCH_ROUNDS rounds (default 3), each a
-# fresh process with empty caches: one run each (RESULTS §25) could not tell them apart
+# fresh process with empty caches: one run each (RESULTS §25) could not tell them apart.
+# The exit status is the first failing run's (the stage is then FAILED).
 coldab() {
-    local r h d
-    for r in $(seq "${GPU_BENCH_ROUNDS:-3}"); do
+    local r h d rc=0
+    trap 'rm -rf "$d" "$d.log"' EXIT
+    trap 'rm -rf "$d" "$d.log"; exit 143' TERM
+    for r in $(seq "$ROUNDS"); do
         for h in default 0; do
             d=$(mktemp -d /tmp/mpda_cold.XXXXXX)
             if [ "$h" = default ]; then
@@ -199,13 +202,21 @@ coldab() {
                 env XDG_CACHE_HOME="$d" MPDA_LOWER_PROCESSES="$h" "$PY" benchmarks/gpu_bench.py \
                     solve $QUICK --csv "$CSV" --fractions 0.05 --runs 1 --label " helpers $h r$r" \
                     --exact-wait 0
-            fi | grep -a "^  solve \|lowering helpers:\|waited"
-            rm -rf "$d"
+            fi >"$d.log" 2>&1
+            local st=$?
+            [ $st -ne 0 ] && [ $rc -eq 0 ] && rc=$st
+            # the first solve, where the rank waited and for what, and the helpers' line
+            grep -a -A6 "^  solve \|waited" "$d.log" | grep -av "^--$\|slowest programs"
+            grep -a "lowering helpers:" "$d.log"
+            [ $st -ne 0 ] && tail -5 "$d.log"
+            rm -rf "$d" "$d.log"
         done
     done
+    return $rc
 }
-export PY QUICK CSV
-stage coldab $((L_R * 2)) bash -c "$(declare -f coldab); coldab"
+ROUNDS=${GPU_BENCH_ROUNDS:-3}
+export PY QUICK CSV ROUNDS
+stage coldab $((L_R * ROUNDS * 2 / 3)) bash -c "$(declare -f coldab); coldab"
 stage pads $L_S env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py solve $QUICK \
     --csv "$CSV" --fractions 0.1 0.01 --label " pads" --exact-dir "$EXACT_DIR" --exact-wait 20
 stage cached $L_C "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \

@@ -53,6 +53,7 @@ def _helpers(args, fused):
 
     h100 = lowering.Target("gpu", "cuda", True, "9.0", "NVIDIA H100 80GB HBM3", 132)
     target = h100 if args.gpu else lowering._target()
+    lowering.HELPER_WAIT = lowering.REPLY_TIMEOUT  # every program to a helper, timed
     pool = lowering.Helpers(args.helpers, target.platform)
     pool.start()
     digest = programs._source_digest()

@@ -17,8 +17,8 @@
 #   node-local rank too; with one visible it takes that one).
 # - When the number of ranks on the node is known, each rank gets an even share of its
 #   GPU's memory: XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 / (ranks on that GPU), and
-#   XLA_PYTHON_CLIENT_PREALLOCATE=false when several ranks share one.  Variables the
-#   user set are never changed.
+#   XLA_PYTHON_CLIENT_PREALLOCATE=false when several ranks share one (mpda_dist itself
+#   turns preallocation off for every rank).  Variables the user set are never changed.
 # - MPDA_BIND_VERBOSE=1 prints one line per rank to stderr.
 set -euo pipefail
 

@@ -35,6 +35,7 @@ import logging
 import os
 import pickle
 import queue
+import select
 import signal
 import struct
 import subprocess
@@ -53,7 +54,8 @@ ENV = "MPDA_LOWER_PROCESSES"
 DEFAULT_MAX = 4
 REPLY_TIMEOUT = 30.0  # seconds a helper may take for one program before it is dropped
 MAX_LOST = 3  # helpers that died or hung before the rest are given up
-# Seconds a compile thread waits for a busy helper before it lowers the program itself.
+# Seconds a compile thread waits for a busy (or still starting) helper before it lowers
+# the program itself.
 # Waiting made the helpers a queue: on an H200 a 1024² solve's 56 programs went 4 at a
 # time, and the first program needed waited 2.1 s behind later ones (RESULTS §25).
 HELPER_WAIT = 0.0
@@ -150,6 +152,7 @@ def _target() -> Target | None:
 # -- the main process's side ------------------------------------------------------------
 
 _MAGIC = b"MPDL"
+READY = ("ready", None)  # a helper's first frame, once it can answer at once
 _MAX_FRAME = 1 << 30  # a reply larger than this is not one (stray output on the pipe)
 
 
@@ -213,16 +216,29 @@ class _Helper:
         finally:
             os.close(write_end)
         self.replies = os.fdopen(read_end, "rb")
+        self.ready = False  # it said READY: JAX imported and its preload done
+
+    def poll(self) -> bool:
+        """Whether it is ready, without waiting; raise if it died or wrote garbage."""
+        if not self.ready and select.select([self.replies], [], [], 0)[0]:
+            if _read(self.replies) != READY:
+                raise ValueError("a lowering helper spoke before it was asked")
+            self.ready = True
+        return self.ready
 
     def ask(self, request: bytes, timeout: float) -> Any:
         """Send a pickled request; the reply, or raise (a helper that does not answer
-        within ``timeout`` is killed)."""
+        within ``timeout`` is killed).  Waits for a starting helper to be ready."""
         timer = threading.Timer(timeout, self.proc.kill)
         timer.start()
         try:
             self.proc.stdin.write(_frame(request))
             self.proc.stdin.flush()
-            return _read(self.replies)
+            reply = _read(self.replies)
+            if reply == READY and not self.ready:
+                self.ready = True
+                reply = _read(self.replies)
+            return reply
         finally:
             timer.cancel()
 
@@ -271,12 +287,12 @@ class Helpers:
         line = (
             f"lowering helpers: {len(self.all)} of {self.count} running, {self.lowered} programs "
             f"lowered in them ({self.waited:.2f} s summed over the waiting threads), "
-            f"{self.busy} here while all were busy, "
+            f"{self.busy} here while all were busy or starting, "
             f"{len(refused)} refused{' (' + ', '.join(names) + ')' if names else ''}, "
             f"{self.lost} lost"
         )
         if refused:
-            (name, _), why = min(refused.items(), key=lambda kv: kv[0][0])
+            (name, _), why = next(iter(refused.items()))  # the first, in order
             why = " ".join(why.split())
             line += f"; {name.rsplit('.', 1)[-1]}: {why[:REASON_CHARS]}"
             line += "…" if len(why) > REASON_CHARS else ""
@@ -309,20 +325,61 @@ class Helpers:
                 self.idle.put(helper)
 
     def _take(self, wait: float = REPLY_TIMEOUT) -> _Helper | None:
-        """An idle helper, or a new one while fewer than ``count`` run; None once the
-        helpers are given up or closed, or when none was free for ``wait`` seconds."""
+        """An idle helper that is ready; else, with ``wait`` > 0, one still starting
+        (new ones are started while fewer than ``count`` run), or the first to come
+        back within ``wait`` seconds.  None when none is, and once the helpers are
+        given up or closed.  A starting helper answers only once it has imported JAX
+        (a second or more), so ``wait=0`` never hands one out."""
         deadline = time.monotonic() + wait
         while self.usable:
-            with self._lock:
-                if self.idle.empty() and (helper := self._spawn()) is not None:
-                    return helper
+            dead: list[_Helper] = []
+            with self._lock:  # one scan at a time: a helper is handed to one thread
+                idle = []
+                while True:
+                    try:
+                        idle.append(self.idle.get_nowait())
+                    except queue.Empty:
+                        break
+                chosen = None
+                for helper in idle:
+                    try:
+                        ready = helper.poll()
+                    except Exception:  # it died, or wrote something that is not a reply
+                        dead.append(helper)
+                        continue
+                    if chosen is None and ready:
+                        chosen = helper
+                    else:
+                        self.idle.put(helper)
+                while chosen is None and (helper := self._spawn()) is not None:
+                    self.idle.put(helper)  # starting; handed out once ready (or waited for)
+            for helper in dead:
+                self._lose(helper)
+            if chosen is not None:
+                return chosen
             left = deadline - time.monotonic()
-            try:  # a busy one comes back, or a lost one leaves room for a new one
-                return self.idle.get(timeout=min(0.5, left)) if left > 0 else self.idle.get_nowait()
+            if left <= 0:
+                return None
+            try:  # a starting one (ask() waits for it), a busy one back, or room to spawn
+                return self.idle.get(timeout=min(0.5, left))
             except queue.Empty:
-                if left <= 0:
-                    return None
+                continue
         return None
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Start the helpers and wait until each is ready (tests, benchmarks)."""
+        self.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.usable:
+            with self._lock:
+                helpers = list(self.all)
+            try:
+                if helpers and all(h.poll() for h in helpers):
+                    return True
+            except Exception:
+                return False
+            time.sleep(0.05)
+        return False
 
     def _lose(self, helper: _Helper) -> None:
         helper.end()
@@ -340,8 +397,9 @@ class Helpers:
     ) -> Any:
         """``fn`` lowered for ``args`` (dynamic, by position) and ``static`` by a
         helper, as a call that lowers a one-call program of it here (a
-        :class:`jax.stages.Lowered`); None when the helper could not (the caller
-        lowers it itself).  ``target``: this process's (benchmarks lower for a GPU on a
+        :class:`jax.stages.Lowered`); None when the helper could not, or when every
+        helper is busy or still starting (:data:`HELPER_WAIT`): the caller lowers it
+        itself.  ``target``: this process's (benchmarks lower for a GPU on a
         CPU: pass the target, and call the result with ``platforms=("cuda",)``)."""
         target = target or _target()
         what = (fn.name, key[2])
@@ -366,9 +424,10 @@ class Helpers:
             self.refused[what] = f"its request does not pickle ({exc})"
             return None
         helper = self._take(HELPER_WAIT)
-        if helper is None:  # all busy: the caller lowers it, beside them
-            with self._lock:
-                self.busy += 1
+        if helper is None:
+            if self.usable:  # all busy or starting: the caller lowers it, beside them
+                with self._lock:
+                    self.busy += 1
             return None
         t0 = time.perf_counter()
         try:
@@ -533,7 +592,8 @@ def _custom_calls(target: Target) -> tuple[str, ...]:
     (``__gpu$xla.gpu.triton``, the Triton IR that XLA compiles) only for a GPU of
     compute capability 9.0 (an H100 or H200).  jaxlib 0.10 lowers them in a process
     without a GPU for 9.0 whatever the requester's, so for any other GPU the export
-    fails this check and the requester lowers the program itself."""
+    fails this check and the requester lowers the program itself.  Conservative on jax
+    0.11, which lowers for the requester's GPU (:func:`_abstract_device`)."""
     return ("__gpu$xla.gpu.triton",) if target.capability == "9.0" else ()
 
 
@@ -585,6 +645,10 @@ def main() -> None:
             preload(sys.argv[2] if len(sys.argv) > 2 else "")
         except Exception:  # a request imports what it needs, and reports what fails
             pass
+        try:
+            _write(replies, READY)
+        except OSError:  # the requesting process is gone
+            return
         serve(sys.stdin.buffer, replies)
 
 

@@ -18,7 +18,7 @@ import pytest
 from _problems import problem, rel_rmse
 from mpi4py import MPI
 
-from mpda_dist import kernel, lowering, programs
+from mpda_dist import fused, kernel, lowering, programs
 from mpda_dist.halo import message_layout
 from mpda_dist.solver import CONVERGED, Settings, solve
 
@@ -44,6 +44,13 @@ def _update_args(ny: int, nx: int, real: bool = False, seed: int = 0):
 
 
 STATIC = {"n": 3, "momentum": 0.5, "delta": True, "form": "strips"}
+
+
+@pytest.fixture(autouse=True)
+def _wait_for_helpers(monkeypatch):
+    """These tests ask a helper as soon as it is started: they wait for it (the default
+    lowers a program here while every helper is busy or starting; tested below)."""
+    monkeypatch.setattr(lowering, "HELPER_WAIT", lowering.REPLY_TIMEOUT)
 
 
 @pytest.fixture
@@ -98,6 +105,34 @@ def test_a_gpu_request_lowers_the_fused_pass_for_cuda(pool):
     assert status == "error" and "xla.gpu.triton" in payload
 
 
+_DEVICES_SEEN: list = []
+
+
+@programs.jit
+def _records_its_abstract_device(x):
+    _DEVICES_SEEN.append(jax.sharding.get_abstract_mesh().abstract_device)
+    return x + 1.0
+
+
+def test_a_helper_exports_a_cuda_request_for_the_requesters_gpu():
+    """What a helper runs for a request (:func:`lowering._export`, here in this
+    process): the program is traced with the requester's GPU as the abstract device,
+    which jax 0.11's Pallas lowering asks for."""
+    x = jax.ShapeDtypeStruct((3,), F32)
+    _, _, key = _records_its_abstract_device._key((x,), {})
+    target = lowering.Target("gpu", "cuda", True, "9.0", "NVIDIA H200", 132)
+    request = (_records_its_abstract_device.name, __name__, lowering._specs((x,)), {})
+    request += (key[-1], key[2], target, programs._source_digest())
+    saved = programs.TRACE_BACKEND[0], fused.SUPPORTED[0]  # _export sets the target's
+    _DEVICES_SEEN.clear()
+    try:
+        exported = pickle.loads(lowering._export(request))
+    finally:
+        programs.TRACE_BACKEND[0], fused.SUPPORTED[0] = saved
+    assert exported.platforms == ("cuda",)
+    assert [d.device_kind for d in _DEVICES_SEEN] == ["NVIDIA H200"]
+
+
 def test_a_helper_lowers_for_the_requesters_gpu():
     """jax 0.11 lowers Pallas's Triton kernels for the abstract mesh's device, else the
     default device (a helper's CPU: refused on an H200).  A CUDA request sets the
@@ -131,11 +166,13 @@ def test_a_solve_with_helpers_lowers_its_programs_there(monkeypatch):
         return got
 
     monkeypatch.setattr(programs.Jit, "_lowered_elsewhere", recording)
+    monkeypatch.setattr(lowering, "HELPER_WAIT", 0.0)  # the default: no waiting
     lowering.reset()
     try:
+        pool = lowering.helpers()
+        assert pool.wait_ready(60)  # as `mpda run` starts them while it reads its inputs
         _, nodes, levels, exact = problem(21, 19, 0.1, seed=6)  # shapes no other test uses
         res = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, Settings(dtype="float64"))
-        pool = lowering.helpers()
         assert res.status == CONVERGED
         assert rel_rmse(res.anomaly, exact) < 1e-4
         assert pool.lowered >= 1 and not pool.refused and pool.lost == 0
@@ -186,18 +223,23 @@ def test_a_fresh_helper_lowers_a_program_outside_the_kernel(pool, monkeypatch, t
     np.testing.assert_array_equal(np.asarray(got), np.arange(6.0) - 1.0)
 
 
-def test_a_busy_helper_is_not_waited_for(pool):
-    """With every helper busy, a request is not queued behind them (on an H200 the first
-    program needed waited 2.1 s so): the caller lowers it itself, and it is not counted
-    refused; a free helper is asked again."""
+def test_a_busy_or_starting_helper_is_not_waited_for(pool, monkeypatch):
+    """By default a request is not queued behind a helper that is busy or still
+    starting (on an H200 the first program needed waited 2.1 s so): the caller lowers
+    it itself, and it is not counted refused; a ready, free helper is asked."""
+    monkeypatch.setattr(lowering, "HELPER_WAIT", 0.0)
     x = jax.ShapeDtypeStruct((4,), F32)
     _, _, key = programs.add._key((x, x), {})
-    helper = pool._take()  # the pool's one helper, now busy
     t0 = time.perf_counter()
+    assert pool.lower(programs.add, (x, x), {}, key) is None  # started now: importing JAX
     assert pool.lower(programs.add, (x, x), {}, key) is None
-    assert time.perf_counter() - t0 < 1.0
-    assert pool.busy == 1 and not pool.refused and pool.lost == 0
-    assert "1 here while all were busy" in pool.summary()
+    assert time.perf_counter() - t0 < 1.0 and len(pool.all) == 1
+    assert pool.busy == 2 and not pool.refused and pool.lost == 0
+    assert "2 here while all were busy or starting" in pool.summary()
+    assert pool.wait_ready(60)
+    helper = pool._take(0)  # the pool's one helper, ready, now busy
+    assert helper is not None and helper.ready
+    assert pool.lower(programs.add, (x, x), {}, key) is None and pool.busy == 3
     pool.idle.put(helper)
     assert pool.lower(programs.add, (x, x), {}, key) is not None and pool.lowered == 1
 
