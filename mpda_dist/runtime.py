@@ -52,13 +52,39 @@ def user_threads() -> int | None:
         return None
 
 
-def configure_jax_env(local_size: int, threads: int | None = None) -> None:
+def gpu_of(local_rank: int) -> str:
+    """Which GPU this rank will use, as a name comparable between the node's ranks,
+    without importing JAX: :func:`select_device` takes the GPU ``local_rank mod n`` of
+    the ``n`` it sees, which are ``$CUDA_VISIBLE_DEVICES``'s entries if set (up to a
+    ``-1``), else the NVIDIA driver's GPUs.  ``"?"`` where neither says: every such rank
+    is taken to share one."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is not None:
+        entries = []
+        for entry in (e.strip() for e in value.split(",")):
+            if not entry or entry == "-1":
+                break
+            entries.append(entry)
+        return entries[local_rank % len(entries)] if entries else "?"
+    try:
+        count = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return "?"
+    return str(local_rank % count) if count else "?"
+
+
+def configure_jax_env(
+    local_size: int, threads: int | None = None, gpu_share: int | None = None
+) -> None:
     """Threads and GPU memory per rank when ``local_size`` ranks share a node.
 
     ``threads``: this rank's share of the cores (:func:`start` counts the ranks that
     share this rank's affinity), overridden by a count the user set in
-    ``$OMP_NUM_THREADS``; by default the usable cores over ``local_size``.  Never
-    overrides a variable (or an XLA flag) the user set.
+    ``$OMP_NUM_THREADS``; by default the usable cores over ``local_size``.
+    ``gpu_share``: the ranks that use this rank's GPU (:func:`start` compares
+    :func:`gpu_of` between the node's ranks; default ``local_size``); when more than
+    one, each gets an even share of its memory, and a rank with a GPU of its own keeps
+    JAX's default.  Never overrides a variable (or an XLA flag) the user set.
     """
     threads = user_threads() or threads or max(1, len(usable_cores()) // max(1, local_size))
     flags = os.environ.get("XLA_FLAGS", "")
@@ -71,11 +97,12 @@ def configure_jax_env(local_size: int, threads: int | None = None) -> None:
     # without; benchmarks/RESULTS.md §25).  The pool then grows as the solve needs it,
     # and ranks sharing a GPU take only what they use.
     _setdefault_env("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    if local_size > 1:
-        # Ranks may share one GPU: an even share of its memory, unless the user gave a
+    share = local_size if gpu_share is None else gpu_share
+    if share > 1:
+        # Ranks share this GPU: an even share of its memory, unless the user gave a
         # share under either name (jaxlib refuses both at once).
         if not any(os.environ.get(v) for v in MEM_FRACTION_VARS):
-            os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / local_size:.3f}"
+            os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / share:.3f}"
     _setdefault_env("TF_CPP_MIN_LOG_LEVEL", "2")
     # Kernels are compiled per block shape (seconds each); a persistent cache makes every
     # later run with the same shapes start at once.  Every program is cached, the small
@@ -192,8 +219,11 @@ def start() -> Any:
     # affinity; unbound ranks share one: divide the cores among the ranks that share.
     mine = usable_cores()
     sharing = sum(cpus == mine for cpus in local.allgather(mine))
+    # Ranks with a GPU each (several visible, or bind_gpu.sh's one each) keep all of it
+    gpu = gpu_of(local_rank)
+    gpu_share = local.allgather(gpu).count(gpu)
     local.Free()
-    configure_jax_env(local_size, max(1, len(mine) // max(1, sharing)))
+    configure_jax_env(local_size, max(1, len(mine) // max(1, sharing)), gpu_share)
     configure_malloc()
     os.environ["MPDA_LOCAL_RANK"] = str(local_rank)  # this launch's, never an inherited one
     check_launch(comm.Get_size())

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from _procs import MPIEXEC
 
 from mpda_dist import runtime
 
@@ -105,6 +106,37 @@ def test_a_gpu_memory_share_the_user_set_is_kept_under_either_name(clean_env, us
         clean_env.delenv(var, raising=False)
     runtime.configure_jax_env(4, threads=1)
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225"
+
+
+def test_which_gpu_a_rank_uses_and_who_shares_it(clean_env, tmp_path):
+    """A rank's GPU is entry ``local_rank mod n`` of ``CUDA_VISIBLE_DEVICES`` (CUDA
+    stops at ``-1``); ranks with a GPU each keep JAX's share, ranks sharing one split
+    it (a review found four ranks with four GPUs limited to 0.225 each)."""
+    for value, rank, gpu in [
+        ("0,1,2,3", 5, "1"),
+        ("0, 1", 1, "1"),
+        ("GPU-a,GPU-b", 2, "GPU-a"),
+        ("3,-1,2", 1, "3"),
+        ("", 0, "?"),
+        ("-1", 0, "?"),
+    ]:
+        clean_env.setenv("CUDA_VISIBLE_DEVICES", value)
+        assert runtime.gpu_of(rank) == gpu, (value, rank)
+    runtime.configure_jax_env(4, threads=1, gpu_share=1)
+    assert not any(v in os.environ for v in runtime.MEM_FRACTION_VARS)
+    runtime.configure_jax_env(4, threads=1, gpu_share=2)
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.450"
+    # and through start(): 3 ranks, 2 GPUs: ranks 0 and 2 share GPU 0, rank 1 has GPU 1
+    clean_env.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    clean_env.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    script = tmp_path / "share.py"
+    script.write_text(
+        "import os\nfrom mpda_dist import runtime\ncomm = runtime.start()\n"
+        "print(comm.Get_rank(), os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'))\n"
+    )
+    cmd = [str(MPIEXEC), "-n", "3", sys.executable, str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert sorted(out.split("\n")[:-1]) == ["0 0.450", "1 None", "2 0.450"], out
 
 
 def test_gpu_memory_is_not_preallocated_unless_the_user_asks(clean_env):
