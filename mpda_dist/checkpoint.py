@@ -54,11 +54,18 @@ class Requests:
     def install(self, can_checkpoint: bool = True) -> None:
         """Catch SIGTERM and SIGUSR1 for a checkpoint at the next check.  A run that
         cannot checkpoint (the baselines) leaves SIGTERM to end it and ignores SIGUSR1,
-        Slurm's warning before a time limit: it goes on, and may finish in time."""
+        Slurm's warning before a time limit: it goes on, and may finish in time.  A
+        SIGUSR1 that came during start-up (:func:`mpda_dist.runtime.early_signal`)
+        counts as one that comes now."""
+        from mpda_dist import runtime
+
+        early = runtime.early_signal()
         if not can_checkpoint:  # SIGTERM as the default, whatever the parent left
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             return
+        if early is not None:
+            self.signal_name = early
 
         def handler(signum: int, _frame: Any) -> None:
             self.signal_name = signal.Signals(signum).name

@@ -10,8 +10,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from types import TracebackType
@@ -201,6 +203,29 @@ def check_launch(world_size: int) -> None:
 
 
 _COMM: Any = None
+_EARLY_SIGNALS: list[str] = []  # caught between MPI's start and the run's own handlers
+
+
+def _record_signal(signum: int, _frame: Any) -> None:
+    _EARLY_SIGNALS.append(signal.Signals(signum).name)
+
+
+def catch_early_signals() -> None:
+    """Record SIGUSR1 until the run installs its own handlers
+    (:meth:`mpda_dist.checkpoint.Requests.install`, which takes it with
+    :func:`early_signal`).  MPICH installs a SIGUSR1 handler of its own when MPI starts,
+    which swallowed Slurm's warning before a time limit when it came during start-up:
+    the run went on without a checkpoint (review helper).  A no-op outside the main
+    thread, where Python cannot set handlers."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, _record_signal)
+
+
+def early_signal() -> str | None:
+    """The first signal :func:`catch_early_signals` recorded (and forget them)."""
+    name = _EARLY_SIGNALS[0] if _EARLY_SIGNALS else None
+    _EARLY_SIGNALS.clear()
+    return name
 
 
 def start() -> Any:
@@ -209,8 +234,10 @@ def start() -> Any:
     global _COMM
     if _COMM is not None:
         return _COMM
-    from mpi4py import MPI
+    catch_early_signals()  # before MPI starts (SIGUSR1 would end the process) and after:
+    from mpi4py import MPI  # MPI_Init: MPICH takes SIGUSR1 here
 
+    catch_early_signals()
     comm = MPI.COMM_WORLD
     install_abort_hook(comm)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)

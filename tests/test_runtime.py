@@ -157,3 +157,24 @@ def test_the_command_line_imports_neither_numpy_nor_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+_EARLY = """
+import os, signal, time
+from mpda_dist import checkpoint, runtime
+runtime.start()
+os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning, while the run starts
+time.sleep(0.2)
+requests = checkpoint.Requests()
+requests.install()
+print(requests.signal_name)
+"""
+
+
+def test_a_sigusr1_during_start_up_is_not_lost():
+    """MPICH's own SIGUSR1 handler, installed when MPI starts, swallowed Slurm's warning
+    before a time limit that came before the run's handlers: it went on without a
+    checkpoint (review helper).  Now it counts at the first check."""
+    cmd = [str(MPIEXEC), "-n", "1", sys.executable, "-c", _EARLY]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "SIGUSR1"
