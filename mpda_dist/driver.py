@@ -421,6 +421,58 @@ def _rmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)))
 
 
+_RANKS_LINE = "# ranks: "  # a checkpoint's config text: the ranks that wrote it
+
+
+def _stored_ranks(config_text: str) -> int | None:
+    """The rank count in a checkpoint's config text (None: written before it was)."""
+    for line in reversed(config_text.splitlines()):
+        if line.startswith(_RANKS_LINE):
+            try:
+                return int(line[len(_RANKS_LINE) :])
+            except ValueError:
+                return None
+    return None
+
+
+def _nothing_written(out_path: str) -> str:
+    """The end of a failed run's message: nothing was written, and what ``out_path``
+    holds if something was there before (an earlier run's file, left as it was, which
+    must not pass for this run's result)."""
+    try:
+        mtime = os.stat(out_path).st_mtime
+    except OSError:
+        return "no output was written"
+    when = datetime.fromtimestamp(mtime, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (
+        f"no output was written: {out_path} is an earlier file (modified {when}), left as "
+        "it was, not this run's result"
+    )
+
+
+def _warn_unconverged_levels(results: Sequence[Any], tol: float) -> None:
+    """Rank 0: a warning for each level below the last one that did not converge (it
+    reached ``solver.max_iterations``, or stalled): the finer levels started from it,
+    and only the output's ``levels`` attribute would say so."""
+    from mpda_dist.solver import CAPPED, STALLED
+
+    for i, lr in enumerate(results[:-1]):
+        if lr.status not in (CAPPED, STALLED):
+            continue
+        why = "reached solver.max_iterations" if lr.status == CAPPED else "stalled"
+        log.warning(
+            "level %d (%d x %d points) %s after %d iterations at residual %.3e > tol %.1e: "
+            "the finer levels went on from it unconverged",
+            i + 1,
+            lr.shape[1],
+            lr.shape[0],
+            why,
+            lr.iterations,
+            lr.residual,
+            tol,
+        )
+
+
 def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) -> int:
     """Run the configured solve on every rank of ``comm``; rank 0 writes ``output``.
     The signal handlers the run sets (:class:`checkpoint.Requests`) are put back as
@@ -434,7 +486,7 @@ def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) 
 def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int:
     import jax
 
-    from mpda_dist import __version__, diagnostics, io, lowering, sphere
+    from mpda_dist import __version__, diagnostics, io, lowering, provenance, sphere
     from mpda_dist.config import dump_config
     from mpda_dist.decomposition import check_ranks
     from mpda_dist.multigrid import odd_cells_advice, schedule, sphere_schedule
@@ -549,14 +601,16 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
                     resume=state,
                     checkpoint_path=cfg.checkpoint.file,
                     requests=requests,
-                    config_text=f"{dump_config(cfg)}{_DIGEST_LINE}{inputs}\n",
+                    config_text=(
+                        f"{dump_config(cfg)}{_RANKS_LINE}{size}\n{_DIGEST_LINE}{inputs}\n"
+                    ),
                 )
             except ResumeError as exc:  # raised on every rank
                 raise RunError(f"{resume}: {exc}", EXIT_INPUT) from None
             except CheckpointError as exc:  # raised on every rank
                 raise RunError(
                     f"interrupted by {requests.signal_name or 'a signal on another rank'}, "
-                    f"and the checkpoint failed: {exc}; no output was written",
+                    f"and the checkpoint failed: {exc}; {_nothing_written(out_path)}",
                     EXIT_INPUT,
                 ) from None
             level_results, anomaly = result.levels, result.anomaly
@@ -564,12 +618,14 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
             level_results, anomaly = _reference_solve(comm, cfg, levels[-1], nodes)
     requests.uninstall()  # the solve is over: a late signal would only end the job badly
     status = level_results[-1].status
+    if rank == 0:
+        _warn_unconverged_levels(level_results, s.tol)
     if status == INTERRUPTED:
         raise RunError(
             f"interrupted by {requests.signal_name or 'a signal on another rank'} at "
             f"iteration {level_results[-1].iterations}; checkpoint written to "
             f"{cfg.checkpoint.file}; continue with: mpda run CONFIG --resume "
-            f"{cfg.checkpoint.file}; no output was written",
+            f"{cfg.checkpoint.file}; {_nothing_written(out_path)}",
             EXIT_INTERRUPTED,
         )
     if status == DIVERGED:
@@ -584,7 +640,7 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
             )
         raise RunError(
             f"the solver diverged at level {len(level_results)} "
-            f"(residual {level_results[-1].residual:.3e}); {hint}; no output was written",
+            f"(residual {level_results[-1].residual:.3e}); {hint}; {_nothing_written(out_path)}",
             EXIT_DIVERGED,
         )
     if status == STALLED:
@@ -597,15 +653,15 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
         raise RunError(
             f"not converged: the residual stalled at {level_results[-1].residual:.3e} > tol "
             f"{s.tol:.1e} ({why}, after {level_results[-1].iterations} iterations): below "
-            f"what {s.dtype} reaches here; try {fix}a larger solver.tol{off}; no output "
-            "was written",
+            f"what {s.dtype} reaches here; try {fix}a larger solver.tol{off}; "
+            f"{_nothing_written(out_path)}",
             EXIT_NOT_CONVERGED,
         )
     if status == CAPPED:
         raise RunError(
             f"not converged: residual {level_results[-1].residual:.3e} > tol {s.tol:.1e} after "
             f"{level_results[-1].iterations} iterations (solver.max_iterations); "
-            "no output was written",
+            f"{_nothing_written(out_path)}",
             EXIT_NOT_CONVERGED,
         )
 
@@ -618,16 +674,35 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
         else:
             mean[1:-1, 1:-1] += anomaly
         wall = time.perf_counter() - t0
+        history = f"{datetime.now(UTC).isoformat(timespec='seconds')} mpda run on {size} rank(s)"
+        resumed: dict[str, Any] = {}
+        if state is not None:  # (rank 0 holds it)
+            resumed = {
+                "resumed_from": os.fspath(resume),
+                "resumed_level": state.level + 1,
+                "resumed_iteration": state.iteration,
+            }
+            history += f", resumed from {resume} at level {state.level + 1}, iteration "
+            history += f"{state.iteration}"
+            ranks_before = _stored_ranks(state.config)
+            if ranks_before is not None:  # (not in checkpoints written before it was)
+                resumed["resumed_from_ranks"] = ranks_before
+                history += f" (a checkpoint of {ranks_before} rank(s))"
+            history += "; wall_seconds counts this part only"
         attrs: dict[str, Any] = {
             "title": "mpda_dist analysis",
             "source": f"mpda_dist {__version__}",
-            "history": f"{datetime.now(UTC).isoformat(timespec='seconds')} "
-            f"mpda run on {size} rank(s)",
-            "config": dump_config(cfg),
+            "history": history,
+            "config": _effective_config(cfg, out_path, s.tol),
             "method": cfg.solver.method,
             "status": status,
+            "stopping": level_results[-1].stopped_by,
+            "tol": s.tol,
+            "inputs_sha256": inputs,
             "ranks": size,
             "version": __version__,
+            **provenance.attributes(),
+            **resumed,
             "wall_seconds": wall,
             "level_ny": np.array([lr.shape[0] for lr in level_results]),
             "level_nx": np.array([lr.shape[1] for lr in level_results]),
@@ -697,6 +772,18 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     return EXIT_OK
 
 
+def _effective_config(cfg: Any, out_path: str, tol: float) -> str:
+    """The config as YAML with what the run made of it: ``solver.tol`` the tolerance in
+    force (not ``null``) and ``output.file`` the file written (``-o``)."""
+    from mpda_dist._schema import dump_yaml
+    from mpda_dist.config import config_to_dict
+
+    d = config_to_dict(cfg)
+    d["solver"]["tol"] = tol
+    d["output"]["file"] = os.fspath(out_path)
+    return dump_yaml(d)
+
+
 def _qc_attrs(cfg: Any, problem: Problem) -> dict[str, Any]:
     """Root attributes on quality control: policy, flag table and counts per flag."""
     from mpda_dist.qc import FLAGS
@@ -738,17 +825,27 @@ def _reference_solve(comm: Any, cfg: Any, level: Any, nodes: Any) -> tuple[list,
         res, anomaly = krylov_solve(
             *args, ks, process_grid=None if pg == "auto" else (int(pg[0]), int(pg[1]))
         )
-        return [res], anomaly
+        return [_stopped_by(res, "residual")], anomaly
     if method == "exact" and level.periodic_x:
-        return _sphere_exact(comm, level, nodes, cfg.prior.lengthscale, cfg.prior.amplitude)
+        res, anomaly = _sphere_exact(comm, level, nodes, cfg.prior.lengthscale, cfg.prior.amplitude)
+        return [_stopped_by(r, "direct") for r in res], anomaly
     if method in ("exact", "amg_cg"):
         from mpda_dist.baselines import solve_on_root
 
         res, anomaly = solve_on_root(*args, sc.effective_tol(), sc.max_iterations)
-        return [res], anomaly
+        return [_stopped_by(res, "direct" if method == "exact" else "residual")], anomaly
     raise RunError(
         f"solver.method = {method!r} is not available; use mp, cg, 3dvar, exact or amg_cg"
     )
+
+
+def _stopped_by(res: Any, rule: str) -> Any:
+    """A baseline's level result with the rule that ended it, when it converged."""
+    from mpda_dist.solver import CONVERGED
+
+    if res.status == CONVERGED:
+        res.stopped_by = rule
+    return res
 
 
 def _sphere_exact(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ __all__ = [
     "read_truth",
     "OtherGrid",
     "split_field_spec",
+    "to_json",
     "write_analysis",
     "write_problem",
 ]
@@ -343,6 +345,30 @@ def h5_output(path: str | os.PathLike[str], nbytes: int) -> Iterator[h5py.File]:
             fh.write(image)
 
 
+def _json_ready(value: Any) -> Any:
+    """``value`` with NaN and ±inf as None (JSON's null), NumPy scalars and arrays as
+    Python numbers and lists, tuples as lists: what strict JSON can hold."""
+    if isinstance(value, Mapping):
+        return {k if isinstance(k, str) else str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_ready(value.tolist())
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def to_json(value: Any) -> str:
+    """Strict JSON text of ``value`` (RFC 8259: no bare ``NaN`` or ``Infinity``, which
+    most JSON readers outside Python refuse): a non-finite number is ``null``."""
+    return json.dumps(_json_ready(value), default=str, allow_nan=False)
+
+
 def _attr_value(key: str, value: Any) -> Any:
     """Convert a value to something HDF5 and netCDF readers both understand."""
     if isinstance(value, str):
@@ -352,15 +378,15 @@ def _attr_value(key: str, value: Any) -> Any:
     if isinstance(value, int | float | np.integer | np.floating):
         return value
     if isinstance(value, Mapping) or value is None:
-        return json.dumps(value, default=str)
+        return to_json(value)
     arr = np.asarray(value)
     if arr.dtype.kind in "iuf" and arr.ndim <= 1:
         return arr
     if arr.dtype.kind == "b" and arr.ndim <= 1:
         return arr.astype(np.int8)
     try:
-        return json.dumps(value, default=str)
-    except TypeError:
+        return to_json(value)
+    except (TypeError, ValueError):
         raise TypeError(f"attribute {key!r}: cannot store {type(value).__name__}") from None
 
 
@@ -466,7 +492,8 @@ def write_analysis(
     ``(n,)`` plus any further 1-D diagnostics of length n in ``observations`` (H f_b,
     QC flags, ...), with per-column attributes from ``observation_attrs`` (``long_name``,
     ``flag_values``, ...).  Root attributes from ``attrs``: strings, numbers, numeric
-    1-D arrays; dicts and other values are stored as JSON strings.
+    1-D arrays; dicts and other values are stored as strict JSON strings (a NaN or an
+    infinity inside them is ``null``: :func:`to_json`).
 
     netCDF view: the root and ``/analysis`` each have coordinate variables ``y``, ``x``
     (``axis``, ``long_name``, ``units``), so ``xarray.open_dataset(path,

@@ -118,6 +118,10 @@ class LevelResult:
     # again with exchanges at every iteration (0: no second try)
     retried_after: int = 0
     extrapolations: int = 0  # checks whose mean moved to the Anderson mix (anderson.py)
+    # The rule that ended a converged level: "residual" (scaled residual < tol),
+    # "delta" (δ ≤ tol δ₀), "delta_stall" (δ with no new low in STALL checks) or
+    # "direct" (a direct solve); "" while not converged.
+    stopped_by: str = ""
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -298,6 +302,10 @@ def solve_level(
             done = it > check and (delta <= s.tol * delta0 or stall >= STALL)
         if done:
             res.status = CONVERGED
+            if s.stopping == "residual":
+                res.stopped_by = "residual"
+            else:
+                res.stopped_by = "delta" if delta <= s.tol * delta0 else "delta_stall"
             break
         if it >= s.max_iterations:
             res.status = CAPPED
@@ -500,9 +508,10 @@ def solve(
         mean = None
         if nlev > 1 and resume_level == 0:
             res = level_result(0)
-            res.solver, res.status, res.residual = "exact", CONVERGED, 0.0
+            res.solver, res.status, res.stopped_by = "exact", CONVERGED, "direct"
             mean = hier.coarse.solve(hier.ops[0].rhs)
             res.solve_seconds, res.setup_seconds = hier.coarse.seconds, setup
+            res.residual = _coarse_residual(hier, mean)
             results.append(res)
             _log_level(rank, 0, nlev, hier, res)
         first = 1 if nlev > 1 else 0
@@ -603,18 +612,37 @@ def solve(
         return SolveResult(results, anomaly if rank == 0 else None)
 
 
+def _coarse_residual(hier: Any, mean: Any) -> float:
+    """The scaled residual ``‖D⁻¹(h − Q μ)‖ / ‖D⁻¹h‖`` of the coarsest level's exact
+    solution ``mean`` as the finer levels receive it (in the solver's dtype), computed
+    on rank 0 in float64 (the same on every rank).  Cheap: the coarsest level has at
+    most ``solver.multigrid.min_size`` nodes a side."""
+    from mpda_dist.baselines import assemble_periodic, scaled_residual
+    from mpda_dist.stencil import BlockStencil
+
+    d, op = hier.decomps[0], hier.ops[0]
+    whole = [d.gather(np.asarray(x, np.float64)) for x in (op.diag, op.weights, op.rhs, mean)]
+    rel = None
+    if d.rank == 0:
+        st = BlockStencil(*whole[:3])
+        q = assemble_periodic(st, hier.levels[0].periodic_x)
+        rel = scaled_residual(q, st, whole[3])
+    return d.comm.bcast(rel, root=0)
+
+
 def _log_level(rank: int, i: int, nlev: int, hier: Any, res: LevelResult) -> None:
     if rank != 0:
         return
     lv = hier.levels[i]
     if res.solver == "exact":
         log.info(
-            "level %d/%d: %d x %d points, solved exactly on rank 0 (%.2f s)",
+            "level %d/%d: %d x %d points, solved exactly on rank 0 (%.2f s), residual %.3e",
             i + 1,
             nlev,
             lv.nx,
             lv.ny,
             res.solve_seconds,
+            res.residual,
         )
         return
     log.info(

@@ -100,6 +100,17 @@ def test_signal_checkpoint_and_resume_equal_an_uninterrupted_run(tmp_path):
     with h5py.File(tmp_path / "full.h5") as f, h5py.File(tmp_path / "resumed.h5") as g:
         a, b = f["analysis/mean"][:], g["analysis/mean"][:]
         np.testing.assert_array_equal(f.attrs["iterations"], g.attrs["iterations"])
+        assert "resumed_from" not in f.attrs
+        # the resumed file says so (review helper): from which checkpoint, where, and
+        # the ranks that wrote it
+        r = g.attrs
+        assert r["resumed_from"] == str(ckpt) and r["resumed_level"] == 2
+        assert 0 < r["resumed_iteration"] < r["iterations"][-1]
+        assert r["resumed_from_ranks"] == 2 and r["ranks"] == 1
+        assert (
+            f"mpda run on 1 rank(s), resumed from {ckpt} at level 2, iteration "
+            f"{r['resumed_iteration']} (a checkpoint of 2 rank(s))"
+        ) in r["history"]
     assert np.abs(a - b).max() <= 1e-12 * np.abs(a).max()
 
 

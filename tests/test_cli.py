@@ -61,6 +61,50 @@ def test_run_writes_the_documented_layout(tmp_path):
     assert "RMSE vs truth" in proc.stderr
     assert not list(tmp_path.glob(".*tmp*"))
     check_diagnostics_and_cf(out)
+    check_provenance(out)
+
+
+def check_provenance(out: Path) -> None:
+    """What the file says about how it was made (review helper): the effective config
+    (the tolerance in force, the file written), a digest of the inputs, the stopping
+    rule that ended the run, the versions and the commit, and the levels as strict JSON
+    (null, not NaN) with the coarsest level's true residual."""
+    import json
+
+    import yaml
+
+    from mpda_dist import __version__
+    from mpda_dist.config import DEFAULT_TOL
+
+    with h5py.File(out) as f:
+        a = dict(f.attrs)
+    cfg = yaml.safe_load(a["config"])
+    assert cfg["solver"]["tol"] == a["tol"] == DEFAULT_TOL["float32"]
+    assert cfg["output"]["file"] == str(out)
+    assert re.fullmatch(r"[0-9a-f]{64}", a["inputs_sha256"])
+    assert a["stopping"] == "residual" and a["residual"][-1] < a["tol"]
+
+    def no_constant(name: str) -> None:
+        raise AssertionError(f"bare {name} in the levels attribute")
+
+    levels = json.loads(a["levels"], parse_constant=no_constant)
+    assert levels[-1]["stopped_by"] == "residual"
+    coarse = levels[0]
+    assert coarse["delta"] is None  # NaN: the direct solve has no δ
+    assert coarse["solver"] == "exact" and coarse["stopped_by"] == "direct"
+    assert 0.0 < coarse["residual"] < 1e-4 and a["residual"][0] == coarse["residual"]
+    assert a["version"] == __version__
+    for name in ("jax", "jaxlib", "numpy", "scipy", "h5py", "mpi4py"):
+        assert a[f"version_{name}"]
+    assert a["mpi_library"] and a["jax_backend"] == "cpu" and a["jax_device_kind"]
+    head = subprocess.run(
+        ["git", "-C", str(Path(__file__).parents[1]), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+    )
+    if head.returncode == 0:  # a git checkout (an exported tree has no commit)
+        assert a["git_commit"] == head.stdout.strip()
+    assert "resumed_from" not in a and "resumed" not in a["history"]
 
 
 def check_diagnostics_and_cf(out: Path) -> None:
@@ -237,11 +281,69 @@ def test_bilinear_divergence_names_the_cause(tmp_path):
 
 
 def test_iteration_cap_is_an_error_and_writes_nothing(tmp_path):
+    """Nothing written, and an earlier run's file at the output's name is left as it
+    was: the message says so, with its time, so that it is not taken for this run's
+    result (review helper)."""
     out = tmp_path / "o.h5"
+    out.write_bytes(b"an earlier run's analysis")
+    os.utime(out, (1e9, 1e9))  # 2001-09-09 01:46:40 UTC
     proc = mpda("run", "-o", str(out), *SMALL, "--set", "solver.max_iterations=50")
     assert proc.returncode == 4, proc.stderr
     assert "not converged" in proc.stderr
-    assert not out.exists()
+    assert (
+        f"no output was written: {out} is an earlier file (modified 2001-09-09 01:46:40 UTC), "
+        "left as it was, not this run's result"
+    ) in proc.stderr
+    assert out.read_bytes() == b"an earlier run's analysis"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.h5"]
+
+
+def test_a_failed_run_without_an_earlier_file_says_only_that_nothing_was_written(tmp_path):
+    from mpda_dist.driver import _nothing_written
+
+    assert _nothing_written(str(tmp_path / "none.h5")) == "no output was written"
+
+
+def test_delta_stopping_names_the_rule_that_ended_the_run(tmp_path):
+    """``stopping: delta`` ends with status ``converged`` at any residual: the root
+    attribute ``stopping`` (and the level's ``stopped_by``) says which rule it was
+    (review helper)."""
+    import json
+
+    out = tmp_path / "d.h5"
+    proc = mpda("run", "-o", str(out), *SMALL, "--set", "solver.stopping=delta")
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out) as f:
+        a = dict(f.attrs)
+    assert a["status"] == "converged" and a["tol"] == 1e-4
+    assert a["stopping"] in ("delta", "delta_stall")
+    assert json.loads(a["levels"])[-1]["stopped_by"] == a["stopping"]
+
+
+def test_a_lower_level_that_did_not_converge_is_a_warning(caplog):
+    """A level below the last one that reached max_iterations (or stalled) shows in
+    the output's ``levels`` alone: rank 0 warns, naming it (review helper)."""
+    from mpda_dist.driver import _warn_unconverged_levels
+    from mpda_dist.solver import CAPPED, CONVERGED, STALLED, LevelResult
+
+    def level(n: int, status: str, iterations: int, residual: float) -> LevelResult:
+        return LevelResult((n, n), 1, (1, 1), status, iterations, residual)
+
+    done = level(9, CONVERGED, 0, 1e-9)
+    with caplog.at_level("WARNING", logger="mpda_dist"):
+        _warn_unconverged_levels([done, level(17, CONVERGED, 40, 1e-6)], 1e-5)
+        assert caplog.text == ""
+        _warn_unconverged_levels(
+            [done, level(17, CAPPED, 50, 3e-3), level(33, STALLED, 900, 2e-5), done], 1e-5
+        )
+    lines = caplog.text.splitlines()
+    assert len(lines) == 2
+    assert (
+        "level 2 (17 x 17 points) reached solver.max_iterations after 50 iterations at "
+        in (lines[0])
+    )
+    assert "residual 3.000e-03 > tol 1.0e-05" in lines[0]
+    assert "level 3 (33 x 33 points) stalled after 900 iterations" in lines[1]
 
 
 def test_unwritable_output_directory_fails_before_solving(tmp_path):

@@ -608,3 +608,62 @@ def test_a_background_that_is_not_finite_or_a_fill_value_is_an_input_error(tmp_p
     with h5py.File(path, "w") as f:
         f["background"] = field
     assert build_problem(cfg).background[2, 3] == 1e6
+
+
+def test_json_attributes_are_strict_json(tmp_path: Path) -> None:
+    """A NaN or an infinity inside a JSON attribute (a level's δ under ``stopping:
+    residual``) is ``null``: bare ``NaN`` is not JSON, and readers outside Python
+    refuse it (review helper)."""
+    inp = analysis_inputs()
+    inp["attrs"] = {
+        "levels": [
+            {"delta": np.nan, "residual": np.float32(np.inf), "shape": (5, 7), "n": np.int64(3)},
+            {"delta": -np.inf, "residual": 1e-6, "ok": np.bool_(True)},
+        ],
+        "extra": {"limit": np.float64(np.nan), "nested": [1.5, float("inf")]},
+    }
+    path = tmp_path / "out.h5"
+    write_analysis(path, **inp)
+
+    def no_constant(name: str) -> None:
+        raise AssertionError(f"bare {name} in a JSON attribute")
+
+    with h5py.File(path, "r") as f:
+        levels = json.loads(f.attrs["levels"], parse_constant=no_constant)
+        extra = json.loads(f.attrs["extra"], parse_constant=no_constant)
+    assert levels == [
+        {"delta": None, "residual": None, "shape": [5, 7], "n": 3},
+        {"delta": None, "residual": 1e-6, "ok": True},
+    ]
+    assert extra == {"limit": None, "nested": [1.5, None]}
+
+
+def test_git_commit_reads_the_checkout_without_git(tmp_path: Path) -> None:
+    """The analysis records the package's commit where its source is a git checkout:
+    read from ``.git`` (a branch's loose or packed ref, a detached HEAD, a worktree's
+    ``gitdir`` file), None where there is none or it is unreadable."""
+    from mpda_dist.provenance import git_commit
+
+    sha, other = "1" * 40, "ab" * 20
+    assert git_commit(tmp_path) is None  # not a checkout
+    repo = tmp_path / "repo"
+    (repo / ".git" / "refs" / "heads").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    assert git_commit(repo) is None  # a branch without commits
+    (repo / ".git" / "packed-refs").write_text(f"# pack-refs\n{other} refs/heads/main\n")
+    assert git_commit(repo) == other
+    (repo / ".git" / "refs" / "heads" / "main").write_text(sha + "\n")
+    assert git_commit(repo) == sha  # a loose ref wins over the packed one
+    (repo / ".git" / "HEAD").write_text(other + "\n")
+    assert git_commit(repo) == other  # detached
+    (repo / ".git" / "HEAD").write_text("garbage\n")
+    assert git_commit(repo) is None
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    wt = tmp_path / "wt"
+    gitdir = repo / ".git" / "worktrees" / "wt"
+    gitdir.mkdir(parents=True)
+    (gitdir / "HEAD").write_text("ref: refs/heads/main\n")
+    (gitdir / "commondir").write_text("../..\n")
+    wt.mkdir()
+    (wt / ".git").write_text(f"gitdir: {gitdir}\n")
+    assert git_commit(wt) == sha  # the ref lies in the common directory
