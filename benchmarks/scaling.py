@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -290,14 +291,24 @@ CG_VALUES = 27
 # ---------------------------------------------------------------- driver (parent)
 
 
+def launcher_words(given: str | None) -> list[str]:
+    """The launcher's command words: ``--mpiexec`` split like a shell would ("srun
+    --mpi=pmi2"), else the mpiexec next to this python, else mpiexec on PATH."""
+    if given:
+        words = shlex.split(given)
+        if not words:
+            raise SystemExit(f"scaling.py: --mpiexec {given!r} names no command")
+        return words
+    own = Path(sys.executable).parent / "mpiexec"
+    return [str(own) if own.exists() else "mpiexec"]
+
+
 def launch(args, kind: str, p: int, cores: int, tmp: Path) -> dict:
     out = tmp / f"{kind}-{p}.json"
-    mpiexec = args.mpiexec or str(Path(sys.executable).parent / "mpiexec")
-    if not Path(mpiexec).exists():
-        mpiexec = "mpiexec"
-    cmd = [mpiexec, "-n", str(p)]
+    cmd = [*launcher_words(args.mpiexec), "-n", str(p)]
     if p <= cores and not args.no_bind:
-        cmd += ["-bind-to", "core"]
+        # srun does not know hydra's -bind-to
+        cmd += ["--cpu-bind=cores"] if Path(cmd[0]).name == "srun" else ["-bind-to", "core"]
     cmd += [
         sys.executable,
         str(HERE),
@@ -445,102 +456,33 @@ def plot(rows: list[dict], model: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    cores = len(os.sched_getaffinity(0))
-    ap.add_argument(
-        "--max-ranks",
-        type=int,
-        default=cores,
-        help=f"largest P; P = 1, 2, 4, ... (default: the usable cores, {cores})",
-    )
-    ap.add_argument(
-        "--global-size",
-        type=int,
-        default=512,
-        help="strong scaling: grid points per side incl. boundary (default 512)",
-    )
-    ap.add_argument(
-        "--block",
-        type=int,
-        default=256,
-        help="weak scaling: interior nodes per side per rank (default 256)",
-    )
-    ap.add_argument("--iterations", type=int, default=400, help="timed iterations (default 400)")
-    ap.add_argument("--check-every", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=50, help="untimed warm-up iterations")
-    ap.add_argument("--fraction", type=float, default=0.05)
-    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    ap.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
-    ap.add_argument("--kinds", nargs="+", default=["strong", "weak"], choices=["strong", "weak"])
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per MPI job")
-    ap.add_argument("--mpiexec", help="mpiexec to use (default: the one next to python)")
-    ap.add_argument("--no-bind", action="store_true", help="never pass -bind-to core")
-    ap.add_argument("--alpha", type=float, default=2e-6, help="model latency [s] (2 µs)")
-    ap.add_argument("--beta", type=float, default=10e9, help="model bandwidth [B/s] (10 GB/s)")
-    ap.add_argument(
-        "--model-ranks", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096, 10000]
-    )
-    ap.add_argument(
-        "--model-only",
-        action="store_true",
-        help="measure nothing; model from --model-t-compute-ms and --model-block",
-    )
-    ap.add_argument(
-        "--model-t-compute-ms",
-        type=float,
-        help="model: per-iteration kernel time for --model-block (e.g. a GPU's), "
-        "instead of the measured one-rank time",
-    )
-    ap.add_argument("--model-block", type=int, help="model: block side for --model-t-compute-ms")
-    ap.add_argument(
-        "--model-staging-ms",
-        type=float,
-        help="model: fixed per-iteration staging cost for P > 1 (default: measured)",
-    )
-    ap.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="before each MPI job wait up to this long for the CPUs to be < 25%% busy; "
-        "the busy share seen is recorded (default 30; 0: do not wait)",
-    )
-    ap.add_argument("--csv", default="benchmarks/out/scaling.csv")
-    ap.add_argument("--png", default=None, help="the figure (default: next to --csv, suffix .png)")
-    # worker-only
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--kind", choices=["strong", "weak"], help=argparse.SUPPRESS)
-    ap.add_argument("--json-out", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        return worker(args)
-    if args.max_ranks < 1:
-        ap.error(f"--max-ranks must be at least 1 (got {args.max_ranks})")
-    if args.model_only and not args.model_t_compute_ms:
-        ap.error("--model-only measures nothing: it needs a positive --model-t-compute-ms")
-    if args.model_t_compute_ms and not args.model_block:
-        ap.error("--model-t-compute-ms needs --model-block")
+def write_csv_atomic(
+    path: str | os.PathLike[str],
+    rows: list[dict],
+    meta: dict,
+    notes: list[str],
+    json_rows: list[dict],
+) -> Path:
+    """``_common.write_csv`` into temporary files beside ``path``, then renamed over the
+    CSV and its ``.json`` sidecar: a reader, or a job killed at its time limit, never
+    sees a file half written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    side_tmp = tmp.with_suffix(tmp.suffix + ".json")
+    try:
+        C.write_csv(tmp, rows, meta, notes, json_rows=json_rows)
+        os.replace(side_tmp, path.with_suffix(path.suffix + ".json"))
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, side_tmp):
+            leftover.unlink(missing_ok=True)
+    return path
 
-    ranks = []
-    p = 1
-    while p <= args.max_ranks:
-        ranks.append(p)
-        p *= 2
-    if ranks[-1] != args.max_ranks:
-        ranks.append(args.max_ranks)
-    meta = C.machine_info(with_jax=False, extra={"command": C.command_line()})
-    points = []
-    if not args.model_only:
-        with tempfile.TemporaryDirectory() as tmp:
-            for kind in args.kinds:
-                for p in ranks:
-                    busy = C.wait_for_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
-                    d = launch(args, kind, p, cores, Path(tmp))
-                    d["cpu_busy_before"] = busy
-                    points.append(d)
+
+def summarize(args, points: list[dict], meta: dict, cores: int):
+    """The table rows, the model rows and the notes from the points measured so far
+    (``meta`` gains the points' record and the worker's settings)."""
     ok = [d for d in points if "error" not in d]
     if ok:
         meta["worker"] = ok[0]["meta"]
@@ -651,14 +593,131 @@ def main(argv: list[str] | None = None) -> int:
                 "iteration) as a fixed cost per iteration"
             )
 
-    csv_rows = [{k: v for k, v in r.items() if k != "slowest"} for r in rows]
-    path = C.write_csv(
-        args.csv,
-        csv_rows + [dict(kind="model", **m) for m in model],
-        meta,
-        notes,
-        json_rows=rows + [dict(kind="model", **m) for m in model],
+    return rows, model, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    cores = len(os.sched_getaffinity(0))
+    ap.add_argument(
+        "--max-ranks",
+        type=int,
+        default=cores,
+        help=f"largest P; P = 1, 2, 4, ... (default: the usable cores, {cores})",
+    )
+    ap.add_argument(
+        "--global-size",
+        type=int,
+        default=512,
+        help="strong scaling: grid points per side incl. boundary (default 512)",
+    )
+    ap.add_argument(
+        "--block",
+        type=int,
+        default=256,
+        help="weak scaling: interior nodes per side per rank (default 256)",
+    )
+    ap.add_argument("--iterations", type=int, default=400, help="timed iterations (default 400)")
+    ap.add_argument("--check-every", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=50, help="untimed warm-up iterations")
+    ap.add_argument("--fraction", type=float, default=0.05)
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
+    ap.add_argument("--kinds", nargs="+", default=["strong", "weak"], choices=["strong", "weak"])
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per MPI job")
+    ap.add_argument(
+        "--mpiexec",
+        help="launcher, with its arguments if any ('srun --mpi=pmi2'; default: the mpiexec "
+        "next to python)",
+    )
+    ap.add_argument(
+        "--no-bind", action="store_true", help="never pass -bind-to core (--cpu-bind=cores)"
+    )
+    ap.add_argument("--alpha", type=float, default=2e-6, help="model latency [s] (2 µs)")
+    ap.add_argument("--beta", type=float, default=10e9, help="model bandwidth [B/s] (10 GB/s)")
+    ap.add_argument(
+        "--model-ranks", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096, 10000]
+    )
+    ap.add_argument(
+        "--model-only",
+        action="store_true",
+        help="measure nothing; model from --model-t-compute-ms and --model-block",
+    )
+    ap.add_argument(
+        "--model-t-compute-ms",
+        type=float,
+        help="model: per-iteration kernel time for --model-block (e.g. a GPU's), "
+        "instead of the measured one-rank time",
+    )
+    ap.add_argument("--model-block", type=int, help="model: block side for --model-t-compute-ms")
+    ap.add_argument(
+        "--model-staging-ms",
+        type=float,
+        help="model: fixed per-iteration staging cost for P > 1 (default: measured)",
+    )
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="before each MPI job wait up to this long for the CPUs to be < 25%% busy; "
+        "the busy share seen is recorded (default 30; 0: do not wait)",
+    )
+    ap.add_argument("--csv", default="benchmarks/out/scaling.csv")
+    ap.add_argument("--png", default=None, help="the figure (default: next to --csv, suffix .png)")
+    # worker-only
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--kind", choices=["strong", "weak"], help=argparse.SUPPRESS)
+    ap.add_argument("--json-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.max_ranks < 1:
+        ap.error(f"--max-ranks must be at least 1 (got {args.max_ranks})")
+    if args.model_only and not args.model_t_compute_ms:
+        ap.error("--model-only measures nothing: it needs a positive --model-t-compute-ms")
+    if args.model_t_compute_ms and not args.model_block:
+        ap.error("--model-t-compute-ms needs --model-block")
+
+    ranks = []
+    p = 1
+    while p <= args.max_ranks:
+        ranks.append(p)
+        p *= 2
+    if ranks[-1] != args.max_ranks:
+        ranks.append(args.max_ranks)
+    meta = C.machine_info(with_jax=False, extra={"command": C.command_line()})
+    planned = 0 if args.model_only else len(args.kinds) * len(ranks)
+
+    def report(points: list[dict]):
+        """Summarise the points so far and rewrite the CSV (atomically): called after
+        every point, so a run stopped by a time limit keeps the points it finished."""
+        rows, model, notes = summarize(args, points, meta, cores)
+        if len(points) < planned:
+            notes = [*notes, f"partial: {len(points)} of {planned} points measured so far"]
+        csv_rows = [{k: v for k, v in r.items() if k != "slowest"} for r in rows]
+        path = write_csv_atomic(
+            args.csv,
+            csv_rows + [dict(kind="model", **m) for m in model],
+            meta,
+            notes,
+            json_rows=rows + [dict(kind="model", **m) for m in model],
+        )
+        return rows, model, notes, path
+
+    points = []
+    if not args.model_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind in args.kinds:
+                for p in ranks:
+                    busy = C.wait_for_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+                    d = launch(args, kind, p, cores, Path(tmp))
+                    d["cpu_busy_before"] = busy
+                    points.append(d)
+                    report(points)
+    rows, model, notes, path = report(points)
     # next to the CSV by default: a small run with --csv elsewhere left the committed
     # figure overwritten
     png = Path(args.png) if args.png else Path(args.csv).with_suffix(".png")

@@ -8,17 +8,23 @@
 # Usage: bind_gpu.sh GPUS_PER_NODE|auto COMMAND [ARGS...]
 #
 # - Node-local rank from MPI_LOCALRANKID (MPICH/hydra), OMPI_COMM_WORLD_LOCAL_RANK
-#   (Open MPI) or SLURM_LOCALID (srun).  Without any of them (not under a launcher)
-#   the command runs unchanged.
+#   (Open MPI), PALS_LOCAL_RANKID (Cray PALS), MV2_COMM_WORLD_LOCAL_RANK (MVAPICH2) or
+#   SLURM_LOCALID (srun).  Without any of them (not under a launcher) the command runs
+#   unchanged (a bad GPUS_PER_NODE is an error all the same).
 # - GPU = local rank mod GPUS_PER_NODE, taken from the list in CUDA_VISIBLE_DEVICES when
-#   the job already has one (Slurm sets it for allocated GPUs), else 0..N-1.  "auto"
-#   counts that list, or `nvidia-smi -L`.  CUDA_VISIBLE_DEVICES is then narrowed to that
-#   one GPU, so each rank initialises only its own device (mpda_dist picks the device by
-#   node-local rank too; with one visible it takes that one).
+#   the job already has one (Slurm sets it for allocated GPUs; spaces in it are ignored),
+#   else 0..N-1.  "auto" counts that list, or `nvidia-smi -L`.  CUDA_VISIBLE_DEVICES is
+#   then narrowed to that one GPU, so each rank initialises only its own device
+#   (mpda_dist picks the device by node-local rank too; with one visible it takes that
+#   one).
 # - When the number of ranks on the node is known, each rank gets an even share of its
 #   GPU's memory: XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 / (ranks on that GPU), and
 #   XLA_PYTHON_CLIENT_PREALLOCATE=false when several ranks share one (mpda_dist itself
-#   turns preallocation off for every rank).  Variables the user set are never changed.
+#   turns preallocation off for every rank).  Ranks on that GPU = the local ranks r with
+#   r mod N equal to this one's; only when Slurm narrowed CUDA_VISIBLE_DEVICES per task
+#   (fewer listed than SLURM_GPUS_ON_NODE, and N = all of them) are the ranks assumed to
+#   be spread round-robin over SLURM_GPUS_ON_NODE GPUs.  Variables the user set are
+#   never changed.
 # - MPDA_BIND_VERBOSE=1 prints one line per rank to stderr.
 set -euo pipefail
 
@@ -30,11 +36,14 @@ die() {
 [[ $# -ge 2 ]] || die "usage: bind_gpu.sh GPUS_PER_NODE|auto COMMAND [ARGS...]"
 want=$1
 shift
+[[ "$want" == auto || "$want" =~ ^[1-9][0-9]*$ ]] ||
+    die "GPUS_PER_NODE must be a positive integer or 'auto', got '$want'"
 
-local_rank=${MPI_LOCALRANKID:-${OMPI_COMM_WORLD_LOCAL_RANK:-${SLURM_LOCALID:-}}}
+local_rank=${MPI_LOCALRANKID:-${OMPI_COMM_WORLD_LOCAL_RANK:-${PALS_LOCAL_RANKID:-${MV2_COMM_WORLD_LOCAL_RANK:-${SLURM_LOCALID:-}}}}}
 if [[ -z "$local_rank" ]]; then
     exec "$@"
 fi
+[[ "$local_rank" =~ ^[0-9]+$ ]] || die "node-local rank '$local_rank' is not a number"
 
 # Ranks on this node; empty when the launcher does not say.
 slurm_tasks_on_node() {
@@ -44,7 +53,7 @@ slurm_tasks_on_node() {
     local item count times idx=0
     local -a items
     IFS=, read -ra items <<<"$spec"
-    for item in "${items[@]}"; do
+    for item in ${items[@]+"${items[@]}"}; do
         if [[ "$item" =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
             count=${BASH_REMATCH[1]}
             times=${BASH_REMATCH[2]}
@@ -61,19 +70,22 @@ slurm_tasks_on_node() {
         idx=$((idx + times))
     done
 }
-local_size=${MPI_LOCALNRANKS:-${OMPI_COMM_WORLD_LOCAL_SIZE:-}}
+local_size=${MPI_LOCALNRANKS:-${OMPI_COMM_WORLD_LOCAL_SIZE:-${PALS_LOCAL_SIZE:-${MV2_COMM_WORLD_LOCAL_SIZE:-}}}}
 if [[ -z "$local_size" && -n "${SLURM_LOCALID:-}" ]]; then
     local_size=$(slurm_tasks_on_node)
 fi
 
-if [[ -n "${CUDA_VISIBLE_DEVICES+set}" && -z "$CUDA_VISIBLE_DEVICES" ]]; then
+# "0, 1" is a list of two GPUs, as CUDA reads it: drop the blanks.
+visible=${CUDA_VISIBLE_DEVICES-}
+visible=${visible//[[:space:]]/}
+if [[ -n "${CUDA_VISIBLE_DEVICES+set}" && -z "$visible" ]]; then
     # The user hid every GPU (CUDA_VISIBLE_DEVICES set and empty): leave it so.
     [[ "${MPDA_BIND_VERBOSE:-0}" == 1 ]] && printf 'bind_gpu.sh: CUDA_VISIBLE_DEVICES is empty\n' >&2
     exec "$@"
 fi
 gpus=()
-if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
-    IFS=, read -ra gpus <<<"$CUDA_VISIBLE_DEVICES"
+if [[ -n "$visible" ]]; then
+    IFS=, read -ra gpus <<<"$visible"
 fi
 if [[ "$want" == auto ]]; then
     if ((${#gpus[@]} > 0)); then
@@ -88,15 +100,13 @@ if [[ "$want" == auto ]]; then
         [[ "${MPDA_BIND_VERBOSE:-0}" == 1 ]] && printf 'bind_gpu.sh: no GPU found\n' >&2
         exec "$@"
     fi
-elif [[ "$want" =~ ^[1-9][0-9]*$ ]]; then
-    n=$want
 else
-    die "GPUS_PER_NODE must be a positive integer or 'auto', got '$want'"
+    n=$want
 fi
 
 slot=$((local_rank % n))
 if ((${#gpus[@]} > 0)); then
-    ((slot < ${#gpus[@]})) || die "local rank $local_rank wants GPU slot $slot but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES lists ${#gpus[@]}"
+    ((slot < ${#gpus[@]})) || die "local rank $local_rank wants GPU slot $slot but CUDA_VISIBLE_DEVICES=$visible lists ${#gpus[@]}"
     gpu=${gpus[$slot]}
 else
     gpu=$slot
@@ -104,10 +114,14 @@ fi
 export CUDA_VISIBLE_DEVICES=$gpu
 
 if [[ "$local_size" =~ ^[1-9][0-9]*$ ]]; then
-    # GPUs on the node: Slurm may already have narrowed CUDA_VISIBLE_DEVICES to one GPU
-    # per task, in which case SLURM_GPUS_ON_NODE still counts them all.
+    # GPUs the ranks of this node use: the N asked for.  Slurm may have narrowed
+    # CUDA_VISIBLE_DEVICES per task (--gpus-per-task, --gpu-bind), so that each task
+    # lists fewer than SLURM_GPUS_ON_NODE; when this rank then takes every GPU it sees,
+    # the node's ranks are spread over all SLURM_GPUS_ON_NODE.  A smaller N of the
+    # user's (`bind_gpu.sh 2` with 4 allocated) uses N GPUs, not the allocation.
     node_gpus=$n
-    if [[ "${SLURM_GPUS_ON_NODE:-}" =~ ^[0-9]+$ ]] && ((SLURM_GPUS_ON_NODE > n)); then
+    if [[ "${SLURM_GPUS_ON_NODE:-}" =~ ^[0-9]+$ ]] && ((${#gpus[@]} > 0)) &&
+        ((n == ${#gpus[@]} && SLURM_GPUS_ON_NODE > ${#gpus[@]})); then
         node_gpus=$SLURM_GPUS_ON_NODE
     fi
     # Local ranks r with r mod node_gpus == this one's share its GPU.

@@ -11,7 +11,8 @@
 #   launch/mpirun.sh -n 4 --gpus-per-node 4 -- configs/demo.yaml -o out.h5
 #
 # What it does:
-# - Launcher: $MPDA_MPIEXEC if set, else the mpiexec of the project's virtual environment
+# - Launcher: $MPDA_MPIEXEC if set (a command with arguments, split on blanks, e.g.
+#   "srun --mpi=pmi2"), else the mpiexec of the project's virtual environment
 #   ($MPDA_VENV, else ./.venv, else the .venv next to this script's directory), else
 #   mpiexec on PATH.  The `mpda` command comes from the same venv, else PATH.  The venv's
 #   mpiexec (the PyPI `mpich` wheel) is the one mpi4py there was built against.
@@ -21,9 +22,9 @@
 #   on, so --bind core (T cores per rank) is what really limits it.  Without -t, mpda sets
 #   these per rank from the cores and ranks of the node (again never overriding yours).
 # - --bind core: pin each rank to T cores (MPICH/hydra `-bind-to core:T`, Open MPI
-#   `--bind-to core --map-by slot:PE=T`).  Worth it when ranks x threads >= cores: each
-#   rank starts ~17 XLA threads.  --bind none asks the launcher not to bind; without
-#   --bind the launcher's default applies.
+#   `--bind-to core --map-by slot:PE=T`, srun `--cpus-per-task=T --cpu-bind=cores`).
+#   Worth it when ranks x threads >= cores: each rank starts ~17 XLA threads.  --bind
+#   none asks the launcher not to bind; without --bind the launcher's default applies.
 # - --gpus-per-node N (or auto): each rank sees one GPU, chosen by node-local rank, via
 #   launch/bind_gpu.sh, which also splits a shared GPU's memory between its ranks.
 # - --jemalloc: LD_PRELOAD libjemalloc into every rank if it can be found ($JEMALLOC_LIB,
@@ -67,7 +68,8 @@ bundled demo.
 environment:
   MPDA_VENV          virtual environment to take mpiexec and mpda from (default ./.venv,
                      then the .venv beside launch/)
-  MPDA_MPIEXEC       launcher to use instead (e.g. mpirun of a system MPI)
+  MPDA_MPIEXEC       launcher to use instead, with its arguments split on blanks
+                     (e.g. mpirun of a system MPI, or "srun --mpi=pmi2")
   MPDA_MPIEXEC_ARGS  extra launcher arguments, split on spaces (e.g. "-f hostfile")
   JEMALLOC_LIB       path of libjemalloc.so to preload with --jemalloc
 
@@ -175,12 +177,15 @@ elif [[ -d "$here/../.venv" ]]; then
     venv=$(cd "$here/../.venv" && pwd)
 fi
 
+# The launcher is a list of words: MPDA_MPIEXEC may carry arguments ("srun --mpi=pmi2").
+mpiexec=()
 if [[ -n "${MPDA_MPIEXEC:-}" ]]; then
-    mpiexec=$MPDA_MPIEXEC
+    read -ra mpiexec <<<"$MPDA_MPIEXEC"
+    ((${#mpiexec[@]} > 0)) || die "MPDA_MPIEXEC='$MPDA_MPIEXEC' names no command"
 elif [[ -n "$venv" && -x "$venv/bin/mpiexec" ]]; then
-    mpiexec=$venv/bin/mpiexec
+    mpiexec=("$venv/bin/mpiexec")
 elif command -v mpiexec >/dev/null 2>&1; then
-    mpiexec=$(command -v mpiexec)
+    mpiexec=("$(command -v mpiexec)")
 else
     die "no mpiexec: create the venv first ('make venv'), set MPDA_VENV, or set MPDA_MPIEXEC"
 fi
@@ -193,14 +198,25 @@ else
     die "no mpda command: run 'make venv' (or pip install -e .) or set MPDA_VENV"
 fi
 
-# MPICH/hydra and Open MPI spell binding differently; anything else gets hydra's spelling
-# (Intel MPI's launcher is hydra too).
+# MPICH/hydra, Open MPI and srun spell binding differently; anything else gets hydra's
+# spelling (Intel MPI's launcher is hydra too).
 vendor=hydra
-# (the text first: `grep -q` stops reading at a match, and under pipefail the launcher's
-# SIGPIPE would make the test fail)
-version_text=$("$mpiexec" --version 2>&1 || true)
-if grep -qiE 'open ?mpi|openrte|prrte' <<<"$version_text"; then
-    vendor=openmpi
+if [[ "$(basename -- "${mpiexec[0]}")" == srun ]]; then
+    vendor=srun
+else
+    # (the text first: `grep -q` stops reading at a match, and under pipefail the
+    # launcher's SIGPIPE would make the test fail)
+    version_text=$("${mpiexec[@]}" --version 2>&1 || true)
+    if grep -qiE 'open ?mpi|openrte|prrte' <<<"$version_text"; then
+        vendor=openmpi
+    elif grep -qE '^slurm ' <<<"$version_text"; then
+        vendor=srun
+    fi
+fi
+if [[ "$vendor" == srun && " ${mpiexec[*]} ${MPDA_MPIEXEC_ARGS:-} " != *" --mpi"[=\ ]* &&
+    -z "${SLURM_MPI_TYPE:-}" ]]; then
+    note "note: srun without --mpi=pmi2 may start independent 1-rank copies (mpda" \
+        "refuses them); set MPDA_MPIEXEC=\"srun --mpi=pmi2\" unless Slurm's MpiDefault is pmi2"
 fi
 
 # ------------------------------------------------------------------ per-rank environment
@@ -249,10 +265,13 @@ if ((jemalloc)); then
 fi
 
 # ------------------------------------------------------------------------- the command
-cmd=("$mpiexec" -n "$ranks")
+cmd=("${mpiexec[@]}" -n "$ranks")
 if [[ "$bind" == core ]]; then
     per_rank=${threads:-1}
-    if [[ "$vendor" == openmpi ]]; then
+    if [[ "$vendor" == srun ]]; then
+        # srun does not know hydra's -bind-to: its own spelling, T CPUs per task
+        cmd+=(--cpus-per-task="$per_rank" --cpu-bind=cores)
+    elif [[ "$vendor" == openmpi ]]; then
         cmd+=(--bind-to core)
         ((per_rank == 1)) || cmd+=(--map-by "slot:PE=$per_rank")
     elif ((per_rank == 1)); then
@@ -261,19 +280,24 @@ if [[ "$bind" == core ]]; then
         cmd+=(-bind-to "core:$per_rank")
     fi
 elif [[ "$bind" == none ]]; then
-    if [[ "$vendor" == openmpi ]]; then cmd+=(--bind-to none); else cmd+=(-bind-to none); fi
+    case "$vendor" in
+    openmpi) cmd+=(--bind-to none) ;;
+    srun) cmd+=(--cpu-bind=none) ;;
+    *) cmd+=(-bind-to none) ;;
+    esac
 elif cores=$(nproc 2>/dev/null) && ((ranks * ${threads:-1} >= cores && cores > 1)); then
     note "note: $ranks rank(s) x ${threads:-1} thread(s) on $cores cores of this node;" \
         "--bind core usually helps"
 fi
 if [[ -n "${MPDA_MPIEXEC_ARGS:-}" ]]; then
     read -ra extra <<<"$MPDA_MPIEXEC_ARGS"
-    cmd+=("${extra[@]}")
+    # (${a[@]+"${a[@]}"}: an empty array is "unbound" to bash < 4.4 under set -u)
+    cmd+=(${extra[@]+"${extra[@]}"})
 fi
 # `env` puts the settings on the ranks only, whatever the launcher forwards.
 ((${#rank_env[@]} == 0)) || cmd+=(env "${rank_env[@]}")
 [[ -z "$gpus" ]] || cmd+=("$here/bind_gpu.sh" "$gpus")
-cmd+=("$mpda" run "${mpda_args[@]}")
+cmd+=("$mpda" run ${mpda_args[@]+"${mpda_args[@]}"})
 
 printf '+' >&2
 printf ' %q' "${cmd[@]}" >&2
