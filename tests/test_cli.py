@@ -304,22 +304,6 @@ def test_a_failed_run_without_an_earlier_file_says_only_that_nothing_was_written
     assert _nothing_written(str(tmp_path / "none.h5")) == "no output was written"
 
 
-def test_delta_stopping_names_the_rule_that_ended_the_run(tmp_path):
-    """``stopping: delta`` ends with status ``converged`` at any residual: the root
-    attribute ``stopping`` (and the level's ``stopped_by``) says which rule it was
-    (review helper)."""
-    import json
-
-    out = tmp_path / "d.h5"
-    proc = mpda("run", "-o", str(out), *SMALL, "--set", "solver.stopping=delta")
-    assert proc.returncode == 0, proc.stderr
-    with h5py.File(out) as f:
-        a = dict(f.attrs)
-    assert a["status"] == "converged" and a["tol"] == 1e-4
-    assert a["stopping"] in ("delta", "delta_stall")
-    assert json.loads(a["levels"])[-1]["stopped_by"] == a["stopping"]
-
-
 def test_a_lower_level_that_did_not_converge_is_a_warning(caplog):
     """A level below the last one that reached max_iterations (or stalled) shows in
     the output's ``levels`` alone: rank 0 warns, naming it (review helper)."""

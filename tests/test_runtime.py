@@ -132,7 +132,8 @@ def test_which_gpu_a_rank_uses_and_who_shares_it(clean_env, tmp_path):
     script = tmp_path / "share.py"
     script.write_text(
         "import os\nfrom mpda_dist import runtime\ncomm = runtime.start()\n"
-        "print(comm.Get_rank(), os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'))\n"
+        "rows = comm.gather((comm.Get_rank(), os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION')))\n"
+        "if rows:\n    print(*(f'{r} {f}' for r, f in rows), sep='\\n')\n"
     )
     cmd = [str(MPIEXEC), "-n", "3", sys.executable, str(script)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout

@@ -95,6 +95,9 @@ def test_delta_rule_stops_early_and_is_less_accurate():
     delta = run(levels[-1:], nodes, dtype="float64", stopping="delta", momentum=0.0, tol=1e-4)
     resid = run(levels[-1:], nodes, dtype="float64", tol=1e-12, momentum=0.0)
     assert delta.status == CONVERGED
+    # which rule ended each (the output's `stopping`: a δ stop says nothing of accuracy)
+    assert delta.levels[-1].stopped_by in ("delta", "delta_stall")
+    assert resid.levels[-1].stopped_by == "residual"
     assert delta.levels[-1].iterations < resid.levels[-1].iterations
     assert rel_rmse(resid.anomaly, exact) < rel_rmse(delta.anomaly, exact)
     # solver.tol is the rule's ratio δ/δ₀ (it was ignored: always 1e-4)
