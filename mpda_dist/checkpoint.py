@@ -35,6 +35,9 @@ def handlers_kept() -> Iterator[None]:
     """Within: :class:`Requests` may set the handlers of :data:`SIGNALS`; after, they
     are what they were (an ignored SIGTERM would otherwise outlive the run in this
     process, and pass on to every child it starts)."""
+    from mpda_dist import runtime
+
+    runtime.stop_catching()  # the handler from before start-up is the one to keep
     saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
     try:
         yield

@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # driver does): OpenBLAS reads its thread count when numpy loads.
         from mpda_dist import runtime
 
-        runtime.start_checked()
+        runtime.start_checked(catch_signals=args.command == "run")
     if args.command == "run":
         from mpda_dist.driver import run_from_cli
 

@@ -204,6 +204,7 @@ def check_launch(world_size: int) -> None:
 
 _COMM: Any = None
 _EARLY_SIGNALS: list[str] = []  # caught between MPI's start and the run's own handlers
+_BEFORE: list[Any] = []  # the SIGUSR1 handler before catch_early_signals, while it catches
 
 
 def _record_signal(signum: int, _frame: Any) -> None:
@@ -211,33 +212,50 @@ def _record_signal(signum: int, _frame: Any) -> None:
 
 
 def catch_early_signals() -> None:
-    """Record SIGUSR1 until the run installs its own handlers
-    (:meth:`mpda_dist.checkpoint.Requests.install`, which takes it with
-    :func:`early_signal`).  MPICH installs a SIGUSR1 handler of its own when MPI starts,
-    which swallowed Slurm's warning before a time limit when it came during start-up:
-    the run went on without a checkpoint (review helper).  A no-op outside the main
-    thread, where Python cannot set handlers."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR1, _record_signal)
+    """Record SIGUSR1 from now until :func:`stop_catching` (``mpda run`` only:
+    :func:`start` with ``catch_signals``).  MPICH installs a SIGUSR1 handler of its own
+    when MPI starts, which swallowed Slurm's warning before a time limit when it came
+    during start-up: the run went on without a checkpoint (review helper).  A no-op
+    outside the main thread, where Python cannot set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGUSR1, _record_signal)
+    if not _BEFORE:
+        _BEFORE.append(previous)
+
+
+def stop_catching() -> None:
+    """Put back the SIGUSR1 handler that was there before :func:`catch_early_signals`;
+    what was recorded stays for :func:`early_signal`.  Called as the run sets up its own
+    handlers (:func:`mpda_dist.checkpoint.handlers_kept`), so that they are restored to
+    that one afterwards, not to the recorder (a signal between two runs in one process
+    stopped the second, review helper)."""
+    if _BEFORE and threading.current_thread() is threading.main_thread():
+        before = _BEFORE.pop()
+        signal.signal(signal.SIGUSR1, before if before is not None else signal.SIG_DFL)
 
 
 def early_signal() -> str | None:
-    """The first signal :func:`catch_early_signals` recorded (and forget them)."""
+    """The first signal :func:`catch_early_signals` recorded (and forget them: a later
+    run in this process does not see it again)."""
     name = _EARLY_SIGNALS[0] if _EARLY_SIGNALS else None
     _EARLY_SIGNALS.clear()
     return name
 
 
-def start() -> Any:
+def start(catch_signals: bool = False) -> Any:
     """Initialise MPI and the environment; returns ``COMM_WORLD``.  A second call
-    returns the same communicator."""
+    returns the same communicator.  ``catch_signals`` (``mpda run``): record a SIGUSR1
+    that comes before the run's own handlers (:func:`catch_early_signals`)."""
     global _COMM
     if _COMM is not None:
         return _COMM
-    catch_early_signals()  # before MPI starts (SIGUSR1 would end the process) and after:
+    if catch_signals:  # before MPI starts (SIGUSR1 would end the process) and after:
+        catch_early_signals()
     from mpi4py import MPI  # MPI_Init: MPICH takes SIGUSR1 here
 
-    catch_early_signals()
+    if catch_signals:
+        catch_early_signals()
     comm = MPI.COMM_WORLD
     install_abort_hook(comm)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -258,11 +276,11 @@ def start() -> Any:
     return comm
 
 
-def start_checked() -> Any:
+def start_checked(catch_signals: bool = False) -> Any:
     """:func:`start` for a command: a launch mistake or a bad value of one of the
     package's environment variables is one line on stderr and exit 2 (an input error)."""
     try:
-        return start()
+        return start(catch_signals)
     except (LaunchError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None

@@ -161,21 +161,34 @@ def test_the_command_line_imports_neither_numpy_nor_jax():
 
 
 _EARLY = """
-import os, signal, time
+import os, signal, sys, time
 from mpda_dist import checkpoint, runtime
-runtime.start()
+runtime.start(catch_signals=sys.argv[1] == "run")
+if sys.argv[1] == "library":  # start() alone leaves SIGUSR1's handler alone
+    print(signal.getsignal(signal.SIGUSR1) is runtime._record_signal)
+    sys.exit()
 os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning, while the run starts
 time.sleep(0.2)
-requests = checkpoint.Requests()
-requests.install()
-print(requests.signal_name)
+for _ in range(2):  # two runs in one process: the second does not see it again
+    with checkpoint.handlers_kept():
+        requests = checkpoint.Requests()
+        requests.install()
+        print(requests.signal_name)
+    print(signal.getsignal(signal.SIGUSR1) is runtime._record_signal)
 """
 
 
 def test_a_sigusr1_during_start_up_is_not_lost():
     """MPICH's own SIGUSR1 handler, installed when MPI starts, swallowed Slurm's warning
     before a time limit that came before the run's handlers: it went on without a
-    checkpoint (review helper).  Now it counts at the first check."""
-    cmd = [str(MPIEXEC), "-n", "1", sys.executable, "-c", _EARLY]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
-    assert out.strip() == "SIGUSR1"
+    checkpoint (review helper).  Now ``mpda run`` records it and the first run takes
+    it; afterwards the handler from before start-up is back (a signal between two runs
+    stopped the second), and a library's ``start()`` changes no handler."""
+
+    def run(mode: str) -> list[str]:
+        cmd = [str(MPIEXEC), "-n", "1", sys.executable, "-c", _EARLY, mode]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+        return proc.stdout.split()
+
+    assert run("run") == ["SIGUSR1", "False", "None", "False"]
+    assert run("library") == ["False"]
