@@ -180,7 +180,11 @@ fi
 # The launcher is a list of words: MPDA_MPIEXEC may carry arguments ("srun --mpi=pmi2").
 mpiexec=()
 if [[ -n "${MPDA_MPIEXEC:-}" ]]; then
-    read -ra mpiexec <<<"$MPDA_MPIEXEC"
+    if [[ -x "$MPDA_MPIEXEC" ]]; then # a path, which may hold blanks
+        mpiexec=("$MPDA_MPIEXEC")
+    else
+        read -ra mpiexec <<<"$MPDA_MPIEXEC"
+    fi
     ((${#mpiexec[@]} > 0)) || die "MPDA_MPIEXEC='$MPDA_MPIEXEC' names no command"
 elif [[ -n "$venv" && -x "$venv/bin/mpiexec" ]]; then
     mpiexec=("$venv/bin/mpiexec")

@@ -27,7 +27,10 @@ import numpy as np
 from mpda_dist import io
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-FORMAT = "mpda_dist checkpoint 2"
+FORMAT = "mpda_dist checkpoint 3"
+# Read too: 3 added the levels' `stopped_by`, which a reader of 2 cannot take (it
+# refuses 3 as not a checkpoint, rather than failing on the key)
+READABLE = ("mpda_dist checkpoint 2", FORMAT)
 
 
 @contextlib.contextmanager
@@ -152,8 +155,8 @@ def read(path: str) -> State:
     """A checkpoint written by :func:`write`; errors name the file."""
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                raise io.InputError(f"{path}: not an mpda_dist checkpoint")
+            if f.attrs.get("format") not in READABLE:
+                raise io.InputError(f"{path}: not an mpda_dist checkpoint this version reads")
             delta0 = float(f.attrs["delta0"])
             return State(
                 level=int(f.attrs["level"]),

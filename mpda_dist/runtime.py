@@ -67,6 +67,8 @@ def gpu_of(local_rank: int) -> str:
             if not entry or entry == "-1":
                 break
             entries.append(entry)
+        if entries and entries[0].startswith("MIG-"):
+            return entries[0]  # CUDA shows a process one MIG instance: the first
         return entries[local_rank % len(entries)] if entries else "?"
     try:
         count = len(os.listdir("/proc/driver/nvidia/gpus"))

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import jax
@@ -817,5 +817,7 @@ def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:
 
 
 def _tuples(d: dict) -> dict:
-    """A level summary read back from JSON (lists where the dataclass has tuples)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    """A level summary read back from JSON (lists where the dataclass has tuples), with
+    only the fields :class:`LevelResult` has."""
+    names = {f.name for f in fields(LevelResult)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}

@@ -362,3 +362,20 @@ def test_resume_at_another_depth_says_which_min_size_would_match(tmp_path):
     assert "stop this run's levels there too: --set solver.multigrid.min_size=40" in proc.stderr
     assert len(schedule(40, 40, 1.0, 1.0, 40)) == 1 and len(schedule(40, 40, 1.0, 1.0, 20)) == 2
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_level_summaries_from_another_version_still_resume():
+    """Format 3 added the levels' ``stopped_by``: format 2 checkpoints are still read,
+    and a summary key this version does not know is dropped, not a TypeError."""
+    from dataclasses import asdict
+
+    from mpda_dist import checkpoint
+    from mpda_dist.solver import LevelResult, _tuples
+
+    level = LevelResult((5, 7), 1, (1, 1), "converged", 30, 1e-6, stopped_by="residual")
+    summary = asdict(level) | {"from_a_later_version": 1}
+    summary["shape"] = list(summary["shape"])  # as JSON gives it back
+    back = LevelResult(**_tuples(summary))
+    assert (back.shape, back.iterations, back.residual) == ((5, 7), 30, 1e-6)
+    assert back.stopped_by == "residual"
+    assert "mpda_dist checkpoint 2" in checkpoint.READABLE

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -150,6 +151,17 @@ def test_mpirun_srun_bind_none_and_a_hydra_launcher_with_arguments(tmp_path):
     assert printed_command(got.stderr).startswith(f"+ {mpiexec} -v -n 2 -bind-to core ")
 
 
+def test_mpirun_launcher_path_with_a_blank_is_one_word(tmp_path):
+    """A launcher given by a path that holds a blank is not split (review helper)."""
+    launcher = tmp_path / "my mpi" / "mpiexec"
+    launcher.parent.mkdir()
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    got = mpirun_dry(tmp_path, "-n", "2", MPDA_MPIEXEC=str(launcher))
+    assert got.returncode == 0, got.stderr
+    assert printed_command(got.stderr).startswith("+ " + str(launcher).replace(" ", "\\ "))
+
+
 def test_mpirun_blank_launcher_is_an_error(tmp_path):
     got = mpirun_dry(tmp_path, "-n", "2", MPDA_MPIEXEC="   ")
     assert got.returncode == 2
@@ -262,10 +274,14 @@ def test_assimilate_bad_forward_signal_is_an_error_at_start(tmp_path):
         (["--set=checkpoint.file=mine.h5"], {}, None),
         ([], {"MPDA_CHECKPOINT": "env.h5"}, "checkpoint.file=env.h5"),
         ([], {"CONFIG": "job.yaml"}, None),  # the config's
+        (["job.yaml"], {}, None),  # the config's, given as an argument (review helper)
+        ([], {"CONFIG": "default.yaml"}, None),  # named, though it is the default's name
+        (["--set", "checkpoint.file=checkpoint.h5"], {}, None),  # likewise
     ],
 )
 def test_assimilate_checkpoint_is_per_job_unless_chosen(tmp_path, args, env, expected):
     (tmp_path / "job.yaml").write_text("checkpoint:\n  file: cfg.h5\n")
+    (tmp_path / "default.yaml").write_text("checkpoint:\n  file: checkpoint.h5\n")
     got = run_assimilate(tmp_path, *args, **env)
     assert got.returncode == 0, got.stderr
     ours = [a for a in mpda_args(tmp_path) if a.startswith("checkpoint.file=")]
@@ -357,3 +373,24 @@ def test_scaling_launcher_with_arguments(tmp_path, monkeypatch):
     )
     assert "error" in scaling.launch(args, "strong", 2, 4, tmp_path)
     assert seen[0][:5] == ["srun", "--mpi=pmi2", "-n", "2", "--cpu-bind=cores"]
+
+
+def test_assimilate_requeue_takes_only_a_checkpoint_of_this_job(tmp_path):
+    """A checkpoint older than the job's first run (an earlier job's, under a name the
+    user chose) is not resumed from on a requeue; the job's own, written after that
+    first run began, is (review helper).  A job that ends with 0 removes its marker."""
+    named = ["--set", "checkpoint.file=mine.h5"]
+    (tmp_path / "mine.h5").write_bytes(b"")  # an earlier job's
+    old = time.time() - 60
+    os.utime(tmp_path / "mine.h5", (old, old))
+    first = run_assimilate(tmp_path, *named, mpda_body="exit 5")  # checkpointed, requeued
+    assert first.returncode == 5
+    marker = tmp_path / ".mpda-777.started"
+    assert marker.exists()
+    got = run_assimilate(tmp_path, *named, SLURM_RESTART_COUNT="1")
+    assert got.returncode == 0 and "--resume" not in mpda_args(tmp_path)
+    assert not marker.exists()  # done
+    marker.write_bytes(b"")
+    os.utime(marker, (old - 60, old - 60))  # the job began before mine.h5 was written
+    got = run_assimilate(tmp_path, *named, SLURM_RESTART_COUNT="1")
+    assert mpda_args(tmp_path)[-2:] == ["--resume", "mine.h5"]

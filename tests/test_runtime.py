@@ -116,6 +116,7 @@ def test_which_gpu_a_rank_uses_and_who_shares_it(clean_env, tmp_path):
         ("0,1,2,3", 5, "1"),
         ("0, 1", 1, "1"),
         ("GPU-a,GPU-b", 2, "GPU-a"),
+        ("MIG-a,MIG-b", 1, "MIG-a"),  # a process sees one MIG instance: every rank shares it
         ("3,-1,2", 1, "3"),
         ("", 0, "?"),
         ("-1", 0, "?"),
