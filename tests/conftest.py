@@ -53,3 +53,19 @@ def _prune_programs(root: str, days: float = 3.0) -> None:
 
 if _OWN_STORE:
     _prune_programs(os.environ["MPDA_PROGRAM_CACHE_DIR"])
+
+
+# The long groups first: with two pytest-xdist workers (`make test`, --dist loadgroup) a
+# group is one unit of work, handed out in collection order, and `slurm` (about 2 min)
+# and `global` (about 1.5 min) came late, so one worker ran them while the other sat idle
+# (benchmarks/RESULTS.md §25).  Within a group the order is unchanged.
+_FIRST = ("slurm", "global")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        marker = item.get_closest_marker("xdist_group")
+        name = (marker.args[0] if marker.args else marker.kwargs.get("name")) if marker else None
+        return _FIRST.index(name) if name in _FIRST else len(_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
