@@ -11,9 +11,10 @@
 #   launch/mpirun.sh -n 4 --gpus-per-node 4 -- configs/demo.yaml -o out.h5
 #
 # What it does:
-# - Launcher: $MPDA_MPIEXEC if set (a command with arguments, split on blanks, e.g.
-#   "srun --mpi=pmi2"), else the mpiexec of the project's virtual environment
-#   ($MPDA_VENV, else ./.venv, else the .venv next to this script's directory), else
+# - Launcher: $MPDA_MPIEXEC if set (a command with arguments, split on blanks unless it
+#   is the path of an executable, e.g. "srun --mpi=pmi2"), else the mpiexec of the
+#   project's virtual environment ($MPDA_VENV, else ./.venv, else the .venv next to this
+#   script's directory), else
 #   mpiexec on PATH.  The `mpda` command comes from the same venv, else PATH.  The venv's
 #   mpiexec (the PyPI `mpich` wheel) is the one mpi4py there was built against.
 # - -t T: OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS = T for every rank,
@@ -69,7 +70,8 @@ environment:
   MPDA_VENV          virtual environment to take mpiexec and mpda from (default ./.venv,
                      then the .venv beside launch/)
   MPDA_MPIEXEC       launcher to use instead, with its arguments split on blanks
-                     (e.g. mpirun of a system MPI, or "srun --mpi=pmi2")
+                     (e.g. mpirun of a system MPI, or "srun --mpi=pmi2"); the path of
+                     an executable stays one word
   MPDA_MPIEXEC_ARGS  extra launcher arguments, split on spaces (e.g. "-f hostfile")
   JEMALLOC_LIB       path of libjemalloc.so to preload with --jemalloc
 

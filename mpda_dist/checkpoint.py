@@ -36,12 +36,16 @@ READABLE = ("mpda_dist checkpoint 2", FORMAT)
 @contextlib.contextmanager
 def handlers_kept() -> Iterator[None]:
     """Within: :class:`Requests` may set the handlers of :data:`SIGNALS`; after, they
-    are what they were (an ignored SIGTERM would otherwise outlive the run in this
-    process, and pass on to every child it starts)."""
+    are what they were before the run, and SIGUSR1 what it was before ``mpda run``'s
+    start-up recorder (:func:`mpda_dist.runtime.catch_early_signals`), which records
+    until :meth:`Requests.install` (an ignored SIGTERM would otherwise outlive the run in
+    this process, and pass on to every child it starts)."""
     from mpda_dist import runtime
 
-    runtime.stop_catching()  # the handler from before start-up is the one to keep
     saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    before = runtime.handler_before_catching()  # not the start-up recorder
+    if before is not None:
+        saved[signal.SIGUSR1] = before
     try:
         yield
     finally:
@@ -65,6 +69,7 @@ class Requests:
         counts as one that comes now."""
         from mpda_dist import runtime
 
+        runtime.stop_catching()  # a SIGUSR1 from now on is this run's own
         early = runtime.early_signal()
         if not can_checkpoint:  # SIGTERM as the default, whatever the parent left
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

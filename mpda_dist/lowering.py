@@ -16,7 +16,7 @@ registered settings (:func:`mpda_dist.programs.key_settings`), and refuses a pro
 whose settings differ; any failure, a helper that died included, lowers the program in
 the main process as before (and that program is not sent again).  ``mpda run`` starts
 the helpers once JAX has its devices (:func:`start`; otherwise the first background
-program does), one import of JAX each: about a CPU-second, while the main process reads
+program does), one import of JAX each: 1-2 CPU-seconds, while the main process reads
 its inputs, and about 200 MB of host memory each while it runs.  They end when the
 main process ends (their input closes), or when they are given up.
 

@@ -228,13 +228,21 @@ def catch_early_signals() -> None:
 
 def stop_catching() -> None:
     """Put back the SIGUSR1 handler that was there before :func:`catch_early_signals`;
-    what was recorded stays for :func:`early_signal`.  Called as the run sets up its own
-    handlers (:func:`mpda_dist.checkpoint.handlers_kept`), so that they are restored to
-    that one afterwards, not to the recorder (a signal between two runs in one process
-    stopped the second, review helper)."""
+    what was recorded stays for :func:`early_signal`.  Called as the run installs its own
+    handlers (:meth:`mpda_dist.checkpoint.Requests.install`)."""
     if _BEFORE and threading.current_thread() is threading.main_thread():
         before = _BEFORE.pop()
         signal.signal(signal.SIGUSR1, before if before is not None else signal.SIG_DFL)
+
+
+def handler_before_catching() -> Any:
+    """The SIGUSR1 handler from before :func:`catch_early_signals` while it records, so
+    that :func:`mpda_dist.checkpoint.handlers_kept` restores that one after a run, not
+    the recorder (a signal between two runs in one process stopped the second, review
+    helper); None when nothing records."""
+    if not _BEFORE:
+        return None
+    return _BEFORE[0] if _BEFORE[0] is not None else signal.SIG_DFL
 
 
 def early_signal() -> str | None:
