@@ -23,6 +23,8 @@
 #           JAX's default, which mpda turns off
 #   coldab  the helpers and nohelpers stages alternated, GPU_BENCH_ROUNDS rounds (default
 #           3): first runs only, a fresh process and empty caches each
+#   coldflags  the same for XLA options that may compile faster (GPU_BENCH_COLD_FLAGS),
+#           each with a warm run after its first
 #   serial  1024² at 5 %, first run only, in a fresh process with empty caches and
 #           MPDA_COMPILE_THREADS=1: the cold start without compiling in background
 #           threads (the solve stage's first 5 % run compiles with one per core)
@@ -40,7 +42,7 @@
 #   profile one warm 1024² 10 % solve and 5 calls of 10 frozen updates under JAX's
 #           profiler: per kernel name the count and device time, busy against wall
 #   report  all tables again
-# GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc coldab pads cached
+# GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc coldab coldflags pads cached
 # big padsbig fit mpi profile strips serial jaxcache"; they run in that order, and the budget skips
 # what is left)
 # picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
@@ -83,7 +85,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc coldab pads cached big padsbig fit mpi profile strips serial jaxcache} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc coldab coldflags pads cached big padsbig fit mpi profile strips serial jaxcache} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -185,25 +187,26 @@ stage prealloc $L_R env XDG_CACHE_HOME="$COLD_C" XLA_PYTHON_CLIENT_PREALLOCATE=t
     benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 2 \
     --label " preallocated" --exact-wait 0
 rm -rf "$COLD_A" "$COLD_B" "$COLD_C"
-# helpers against none, alternated over GPU_BENCH_ROUNDS rounds (default 3), each a
-# fresh process with empty caches: one run each (RESULTS §25) could not tell them apart.
-# The exit status is the first failing run's (the stage is then FAILED).
-coldab() {
-    local r h d rc=0
+# alternate VAR RUNS VALUES: a 1024² 5 % solve (RUNS runs: the first, then warm ones)
+# in a fresh process with empty caches for each of VALUES (separated by ";"; "default"
+# leaves VAR unset), the values in turn, GPU_BENCH_ROUNDS rounds (default 3): one run
+# each (RESULTS §25) could not tell two settings apart.  The exit status is the first
+# failing run's (the stage is then FAILED).
+alternate() {
+    local var=$1 runs=$2 r v d st rc=0
+    local -a values
+    IFS=';' read -ra values <<<"$3"
     trap 'rm -rf "$d" "$d.log"' EXIT
     trap 'rm -rf "$d" "$d.log"; exit 143' TERM
     for r in $(seq "$ROUNDS"); do
-        for h in default 0; do
+        for v in "${values[@]}"; do
             d=$(mktemp -d /tmp/mpda_cold.XXXXXX)
-            if [ "$h" = default ]; then
-                env XDG_CACHE_HOME="$d" "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
-                    --fractions 0.05 --runs 1 --label " helpers $h r$r" --exact-wait 0
-            else
-                env XDG_CACHE_HOME="$d" MPDA_LOWER_PROCESSES="$h" "$PY" benchmarks/gpu_bench.py \
-                    solve $QUICK --csv "$CSV" --fractions 0.05 --runs 1 --label " helpers $h r$r" \
-                    --exact-wait 0
-            fi >"$d.log" 2>&1
-            local st=$?
+            local -a set=()
+            [ "$v" = default ] || set=("$var=$v")
+            env -u "$var" XDG_CACHE_HOME="$d" ${set[@]+"${set[@]}"} "$PY" benchmarks/gpu_bench.py \
+                solve $QUICK --csv "$CSV" --fractions 0.05 --runs "$runs" \
+                --label " $var=$v r$r" --exact-wait 0 >"$d.log" 2>&1
+            st=$?
             [ $st -ne 0 ] && [ $rc -eq 0 ] && rc=$st
             # the first solve, where the rank waited and for what, and the helpers' line
             grep -a -A6 "^  solve \|waited" "$d.log" | grep -av "^--$\|slowest programs"
@@ -216,7 +219,19 @@ coldab() {
 }
 ROUNDS=${GPU_BENCH_ROUNDS:-3}
 export PY QUICK CSV ROUNDS
-stage coldab $((L_R * ROUNDS * 2 / 3)) bash -c "$(declare -f coldab); coldab"
+# the lowering helpers (default) against none
+stage coldab $((L_R * ROUNDS * 2 / 3)) bash -c "$(declare -f alternate); alternate \
+    MPDA_LOWER_PROCESSES 1 'default;0'"
+# XLA's options that may make compiling cheaper, with the warm run they give: autotuning
+# off; LLVM's optimisation off; ptxas's optimisation off; LLVM modules split.
+# GPU_BENCH_COLD_FLAGS replaces the list (";" between values).
+COLD_FLAGS=${GPU_BENCH_COLD_FLAGS:-"default;--xla_gpu_autotune_level=0;\
+--xla_gpu_autotune_level=0 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true;\
+--xla_gpu_autotune_level=0 --xla_gpu_disable_gpuasm_optimizations=true;\
+--xla_gpu_enable_llvm_module_compilation_parallelism=true"}
+n_flags=$(($(tr -cd ';' <<<"$COLD_FLAGS" | wc -c) + 1))
+stage coldflags $((L_R * ROUNDS * n_flags / 3)) bash -c "$(declare -f alternate); alternate \
+    XLA_FLAGS 2 '$COLD_FLAGS'"
 stage pads $L_S env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py solve $QUICK \
     --csv "$CSV" --fractions 0.1 0.01 --label " pads" --exact-dir "$EXACT_DIR" --exact-wait 20
 stage cached $L_C "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
