@@ -191,7 +191,7 @@ rm -rf "$COLD_A" "$COLD_B" "$COLD_C"
 # in a fresh process with empty caches for each of VALUES (separated by ";"; "default"
 # leaves VAR unset), the values in turn, GPU_BENCH_ROUNDS rounds (default 3): one run
 # each (RESULTS §25) could not tell two settings apart.  The exit status is the first
-# failing run's (the stage is then FAILED).
+# failing run's (the stage is then FAILED).  Each run's output is kept in $OUTDIR/cold/.
 alternate() {
     local var=$1 runs=$2 r v d st rc=0
     local -a values
@@ -212,13 +212,15 @@ alternate() {
             grep -a -A6 "^  solve \|waited" "$d.log" | grep -av "^--$\|slowest programs"
             grep -a "lowering helpers:" "$d.log"
             [ $st -ne 0 ] && tail -5 "$d.log"
+            # each run's whole output (the main thread's samples) beside the CSV
+            mkdir -p "$OUTDIR/cold" && mv "$d.log" "$OUTDIR/cold/$var-$(printf '%s' "$v" | tr -c 'A-Za-z0-9_.=-' _ | cut -c1-60)-r$r.log"
             rm -rf "$d" "$d.log"
         done
     done
     return $rc
 }
 ROUNDS=${GPU_BENCH_ROUNDS:-3}
-export PY QUICK CSV ROUNDS
+export PY QUICK CSV ROUNDS OUTDIR
 # the lowering helpers (default) against none
 stage coldab $((L_R * ROUNDS * 2 / 3)) bash -c "$(declare -f alternate); alternate \
     MPDA_LOWER_PROCESSES 1 'default;0'"

@@ -46,6 +46,9 @@ log = logging.getLogger("mpda_dist")
 
 METHODS = ("cg", "3dvar")
 _STRIKES = 3  # restarts in a row without halving the true residual: stagnation
+# The memory's dot products in full float32: JAX's default computes float32 dots in
+# TensorFloat-32 (10 bits of mantissa) on recent NVIDIA GPUs.
+EXACT = jax.lax.Precision.HIGHEST
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def _lbfgs_direction(
     M: jax.Array, g: jax.Array, coef: jax.Array, sc: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """``d = Σ coef·[M; g]`` (v-space) and the border of ``u = sc·d``; one pass over M."""
-    d = jnp.tensordot(coef[:-1], M, 1) + coef[-1] * g
+    d = jnp.tensordot(coef[:-1], M, 1, precision=EXACT) + coef[-1] * g
     return d, kernel.pack_frame(sc * d)
 
 
@@ -166,7 +169,7 @@ def _memory_dots(M: jax.Array, *vectors: jax.Array) -> jax.Array:
 
     Reading the ``2m`` memory vectors here and in :func:`_lbfgs_direction` is what makes
     an L-BFGS iteration several times the memory traffic of a CG iteration."""
-    return jnp.einsum("kij,vij->vk", M, jnp.stack(vectors))
+    return jnp.einsum("kij,vij->vk", M, jnp.stack(vectors), precision=EXACT)
 
 
 # Layout of the reduced vector of one L-BFGS step (see _lbfgs_matvec).

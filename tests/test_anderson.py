@@ -51,6 +51,29 @@ def test_mixed_residual_is_the_residual_of_the_mixed_mean_and_is_least():
         assert np.linalg.norm(r / op.diag) <= np.linalg.norm(scaled[-1])
 
 
+def test_no_dot_products():
+    """The check's sums and the mix are products and sums, not dot products: JAX
+    computes float32 dots in TensorFloat-32 on recent NVIDIA GPUs, and XLA autotunes
+    them when it compiles.  (The solver's other programs have none either; the Krylov
+    baselines' dots ask for full precision.)"""
+    rng = np.random.default_rng(5)
+    by, bx, depth = 5, 6, 2
+    op = _operator(rng, by, bx)
+    frame = jnp.zeros(field_layout(by, bx).in_offsets[-1], jnp.float32)
+    stack = jnp.zeros((depth + 1, by, bx), jnp.float32)
+    mu = jnp.ones((by, bx), jnp.float32)
+    texts = {
+        "record": anderson.record.lower(stack, stack, mu, frame, op).as_text(),
+        "mixed": anderson.mixed.lower(stack, stack, jnp.zeros(depth), op.diag).as_text(),
+    }
+    for name, text in texts.items():
+        assert "dot_general" not in text, name
+    from mpda_dist import krylov
+
+    text = krylov._lbfgs_direction.lower(stack, mu, jnp.ones(depth + 2), 1.0).as_text()
+    assert "dot_general" in text and "HIGHEST" in text
+
+
 def test_degenerate_history_restarts():
     rng = np.random.default_rng(8)
     with jax.enable_x64(True):
