@@ -17,9 +17,9 @@
 #           form that is 1.6-2.5x faster per iteration on a CPU and 5x slower on an H100
 #           (benchmarks/RESULTS.md §15)
 #   helpers, nohelpers  1024² at 5 %, first run only, each in a fresh process with
-#           empty caches: the cold start with the default lowering helpers
+#           empty caches: the cold start with 4 lowering helpers
 #           (mpda_dist/lowering.py), then with MPDA_LOWER_PROCESSES=0
-#   prealloc  the helpers stage (and a warm run) with XLA_PYTHON_CLIENT_PREALLOCATE=true:
+#   prealloc  the nohelpers stage (and a warm run) with XLA_PYTHON_CLIENT_PREALLOCATE=true:
 #           JAX's default, which mpda turns off
 #   coldab  the helpers and nohelpers stages alternated, GPU_BENCH_ROUNDS rounds (default
 #           3): first runs only, a fresh process and empty caches each
@@ -175,12 +175,12 @@ stage solve $L_S "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
     --exact-dir "$EXACT_DIR" --exact-wait 40
 # the cold start with and without lowering helpers, each with empty caches
 COLD_A=$(mktemp -d /tmp/mpda_cold.XXXXXX) COLD_B=$(mktemp -d /tmp/mpda_cold.XXXXXX)
-stage helpers $L_R env XDG_CACHE_HOME="$COLD_A" "$PY" benchmarks/gpu_bench.py solve $QUICK \
+stage helpers $L_R env XDG_CACHE_HOME="$COLD_A" MPDA_LOWER_PROCESSES=4 "$PY" benchmarks/gpu_bench.py solve $QUICK \
     --csv "$CSV" --fractions 0.05 --runs 1 --label " lowering helpers" --exact-wait 0
 stage nohelpers $L_R env XDG_CACHE_HOME="$COLD_B" MPDA_LOWER_PROCESSES=0 "$PY" \
     benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 1 \
     --label " no lowering helpers" --exact-wait 0
-# the same cold start (helpers on) with JAX's default preallocation of 75 % of the GPU,
+# the same cold start (no helpers) with JAX's default preallocation of 75 % of the GPU,
 # which mpda turns off (runtime.configure_jax_env; RESULTS §25): first and warm run
 COLD_C=$(mktemp -d /tmp/mpda_cold.XXXXXX)
 stage prealloc $L_R env XDG_CACHE_HOME="$COLD_C" XLA_PYTHON_CLIENT_PREALLOCATE=true "$PY" \
@@ -191,7 +191,7 @@ rm -rf "$COLD_A" "$COLD_B" "$COLD_C"
 # in a fresh process with empty caches for each of VALUES (separated by ";"; "default"
 # leaves VAR unset), the values in turn, GPU_BENCH_ROUNDS rounds (default 3): one run
 # each (RESULTS §25) could not tell two settings apart.  The exit status is the first
-# failing run's (the stage is then FAILED).  Each run's output is kept in $OUTDIR/cold/.
+# failing run's (the stage is then FAILED).  The first round's output is kept in $OUTDIR/cold/.
 alternate() {
     local var=$1 runs=$2 r v d st rc=0
     local -a values
@@ -212,8 +212,9 @@ alternate() {
             grep -a -A6 "^  solve \|waited" "$d.log" | grep -av "^--$\|slowest programs"
             grep -a "lowering helpers:" "$d.log"
             [ $st -ne 0 ] && tail -5 "$d.log"
-            # each run's whole output (the main thread's samples) beside the CSV
-            mkdir -p "$OUTDIR/cold" && mv "$d.log" "$OUTDIR/cold/$var-$(printf '%s' "$v" | tr -c 'A-Za-z0-9_.=-' _ | cut -c1-60)-r$r.log"
+            # the first round's whole output (the main thread's samples) beside the CSV
+            [ "$r" = 1 ] && mkdir -p "$OUTDIR/cold" \
+                && mv "$d.log" "$OUTDIR/cold/${var}_$(printf '%s' "$v" | tr -c 'A-Za-z0-9_.' _ | cut -c1-60).log"
             rm -rf "$d" "$d.log"
         done
     done
@@ -221,9 +222,9 @@ alternate() {
 }
 ROUNDS=${GPU_BENCH_ROUNDS:-3}
 export PY QUICK CSV ROUNDS OUTDIR
-# the lowering helpers (default) against none
+# no lowering helpers (the default) against 4
 stage coldab $((L_R * ROUNDS * 2 / 3)) bash -c "$(declare -f alternate); alternate \
-    MPDA_LOWER_PROCESSES 1 'default;0'"
+    MPDA_LOWER_PROCESSES 1 'default;4'"
 # XLA's options that may make compiling cheaper, with the warm run they give: autotuning
 # off; LLVM's optimisation off; ptxas's optimisation off; LLVM modules split.
 # GPU_BENCH_COLD_FLAGS replaces the list (";" between values).

@@ -20,9 +20,16 @@ program does), one import of JAX each: 1-2 CPU-seconds, while the main process r
 its inputs, and about 200 MB of host memory each while it runs.  They end when the
 main process ends (their input closes), or when they are given up.
 
-Default: on a CUDA GPU, half the compile threads up to :data:`DEFAULT_MAX`; on a CPU
-none (its ranks usually have a core each, and XLA's CPU compile, not tracing, is most
-of a cold start there).  ``MPDA_LOWER_PROCESSES=0`` turns them off.
+Default: none (``MPDA_LOWER_PROCESSES`` unset or 0).  On an H200 they did not pay:
+over six cold 1024² solves alternated with and without 4 helpers, the solve took 0.35 s
+longer with them on average (benchmarks/RESULTS.md §26).  The helpers take the tracing
+off the rank's interpreter lock, but their Python competes with XLA's compiles for the
+cores, and the compiles are most of a cold start.
+
+:func:`start` also imports, in a background thread of the rank, the modules that the
+first solve would import (scipy's sparse solver for the coarsest level, the solver's
+modules, and on a CUDA GPU Pallas's lowering): on the H200 the first solve spent about
+1.2 s importing them.
 """
 
 from __future__ import annotations
@@ -51,7 +58,6 @@ from mpda_dist import programs
 log = logging.getLogger("mpda_dist")
 
 ENV = "MPDA_LOWER_PROCESSES"
-DEFAULT_MAX = 4
 REPLY_TIMEOUT = 30.0  # seconds a helper may take for one program before it is dropped
 MAX_LOST = 3  # helpers that died or hung before the rest are given up
 # Seconds a compile thread waits for a busy (or still starting) helper before it lowers
@@ -105,14 +111,8 @@ def requested() -> int | None:
 
 
 def processes() -> int:
-    """Helper processes for this process: ``$MPDA_LOWER_PROCESSES`` if set, else on a
-    CUDA GPU half the compile threads (at most :data:`DEFAULT_MAX`), else 0."""
-    count = requested()
-    if count is not None:
-        return count
-    if target_platform() != "cuda":
-        return 0
-    return min(DEFAULT_MAX, programs.compile_threads() // 2)
+    """Helper processes for this process: ``$MPDA_LOWER_PROCESSES``, else 0."""
+    return requested() or 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,11 +506,40 @@ def reset() -> None:
 
 
 def start() -> None:
-    """Start this process's helpers now rather than at its first background program
-    (``mpda run`` does, once JAX has its devices)."""
+    """Start this process's helpers now rather than at its first background program, and
+    import in a background thread what the first solve will import (``mpda run`` does,
+    once JAX has its devices, before it reads its inputs)."""
+    import_ahead()
     pool = helpers()
     if pool is not None:
         pool.start()
+
+
+# What a first solve imports that the package's import does not: the coarsest level's
+# direct solve (scipy), the solver's modules.
+_AHEAD = ("scipy.sparse.linalg", "mpda_dist.baselines", "mpda_dist.solver")
+_AHEAD_THREAD: list[threading.Thread] = []
+
+
+def import_ahead() -> threading.Thread:
+    """Import :data:`_AHEAD` and what :func:`preload` imports for this process's platform,
+    in a daemon thread (once per process), and return that thread.  The first solve
+    would import them on its own critical path, behind the compile threads' hold on the
+    interpreter lock; a module that fails to import here fails where it is used."""
+    with _HELPERS_LOCK:
+        if not _AHEAD_THREAD:
+
+            def run() -> None:
+                for name in _AHEAD:
+                    with contextlib.suppress(Exception):
+                        importlib.import_module(name)
+                with contextlib.suppress(Exception):
+                    preload(target_platform() or "")
+
+            thread = threading.Thread(target=run, name="mpda-imports", daemon=True)
+            thread.start()
+            _AHEAD_THREAD.append(thread)
+        return _AHEAD_THREAD[0]
 
 
 def helpers() -> Helpers | None:

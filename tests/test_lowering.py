@@ -8,6 +8,8 @@ import dataclasses
 import io
 import os
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -351,5 +353,29 @@ def test_the_helper_environment_and_count(monkeypatch):
     with pytest.raises(ValueError, match="MPDA_LOWER_PROCESSES='many'"):
         lowering.requested()
     monkeypatch.delenv(lowering.ENV)
+    assert lowering.processes() == 0  # none unless asked for, on any backend
     if jax.default_backend() == "cpu":
-        assert lowering.processes() == 0 and lowering.target_platform() == "cpu"
+        assert lowering.target_platform() == "cpu"
+
+
+def test_start_imports_what_the_first_solve_needs():
+    """``lowering.start()`` (``mpda run``, before it reads its inputs) imports scipy's
+    sparse solver and the solver's modules in a background thread, once."""
+    code = (
+        "import sys\n"
+        "from mpda_dist import lowering\n"
+        "ahead = ('scipy.sparse.linalg', 'mpda_dist.baselines', 'mpda_dist.solver')\n"
+        "assert not any(m in sys.modules for m in ahead), [m for m in ahead if m in sys.modules]\n"
+        "lowering.start()\n"
+        "thread = lowering.import_ahead()\n"
+        "assert thread is lowering.import_ahead() and thread.daemon\n"
+        "thread.join(120)\n"
+        "missing = [m for m in ahead if m not in sys.modules]\n"
+        "assert not missing and not thread.is_alive(), missing\n"
+        "print('imported ahead')\n"
+    )
+    env = {**os.environ, lowering.ENV: "0", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0 and "imported ahead" in out.stdout, out.stderr[-3000:]
