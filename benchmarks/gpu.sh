@@ -23,6 +23,8 @@
 #           JAX's default, which mpda turns off
 #   coldab  the helpers and nohelpers stages alternated, GPU_BENCH_ROUNDS rounds (default
 #           3): first runs only, a fresh process and empty caches each
+#   coldimports  the same for lowering.start()'s imports ahead (default) against none
+#           (GPU_BENCH_NO_IMPORT_AHEAD=1)
 #   coldflags  the same for XLA options that may compile faster (GPU_BENCH_COLD_FLAGS),
 #           each with a warm run after its first
 #   serial  1024² at 5 %, first run only, in a fresh process with empty caches and
@@ -42,7 +44,7 @@
 #   profile one warm 1024² 10 % solve and 5 calls of 10 frozen updates under JAX's
 #           profiler: per kernel name the count and device time, busy against wall
 #   report  all tables again
-# GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc coldab coldflags pads cached
+# GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc coldab coldimports coldflags pads cached
 # big padsbig fit mpi profile strips serial jaxcache"; they run in that order, and the budget skips
 # what is left)
 # picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
@@ -85,7 +87,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc coldab coldflags pads cached big padsbig fit mpi profile strips serial jaxcache} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc coldab coldimports coldflags pads cached big padsbig fit mpi profile strips serial jaxcache} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -225,6 +227,10 @@ export PY QUICK CSV ROUNDS OUTDIR
 # no lowering helpers (the default) against 4
 stage coldab $((L_R * ROUNDS * 2 / 3)) bash -c "$(declare -f alternate); alternate \
     MPDA_LOWER_PROCESSES 1 'default;4'"
+# the first solve's imports ahead, in a thread that lowering.start() starts (the
+# default), against none
+stage coldimports $((L_R * ROUNDS * 2 / 3)) bash -c "$(declare -f alternate); alternate \
+    GPU_BENCH_NO_IMPORT_AHEAD 1 'default;1'"
 # XLA's options that may make compiling cheaper, with the warm run they give: autotuning
 # off; LLVM's optimisation off; ptxas's optimisation off; LLVM modules split.
 # GPU_BENCH_COLD_FLAGS replaces the list (";" between values).
