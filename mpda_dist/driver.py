@@ -508,7 +508,7 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     if cfg.solver.method == "mp":  # a signal or the timer writes it, hours from now
         on_root(comm, lambda: _check_checkpoint_file(cfg.checkpoint.file))
     rows = runtime.device_table(comm)
-    lowering.start()  # the helpers import JAX while the inputs are read
+    lowering.start()  # imports ahead (and any helpers) while the inputs are read
     if rank == 0:
         log.info("mpda_dist %s on %d rank(s)", __version__, size)
         for r, host, dev in rows[:16]:
