@@ -21,18 +21,12 @@
 #           (mpda_dist/lowering.py), then with MPDA_LOWER_PROCESSES=0
 #   prealloc  the nohelpers stage (and a warm run) with XLA_PYTHON_CLIENT_PREALLOCATE=true:
 #           JAX's default, which mpda turns off
-#   coldab  the helpers and nohelpers stages alternated, GPU_BENCH_ROUNDS rounds (default
-#           3): first runs only, a fresh process and empty caches each
-#   coldimports  the same for lowering.start()'s imports ahead (default) against none
-#           (GPU_BENCH_NO_IMPORT_AHEAD=1)
-#   coldflags  the same for XLA options that may compile faster (GPU_BENCH_COLD_FLAGS),
-#           each with a warm run after its first
 #   serial  1024² at 5 %, first run only, in a fresh process with empty caches and
 #           MPDA_COMPILE_THREADS=1: the cold start without compiling in background
 #           threads (the solve stage's first 5 % run compiles with one per core)
-#   cached  1024² at 10 % again in a fresh process: "first" now loads every program from
-#           mpda_dist's program cache (programs.py) and JAX's persistent cache, as a
-#           rerun does
+#   cached  1024² at 10 % in a fresh process after another filled its caches: "first"
+#           loads every program from mpda_dist's program cache (programs.py) and JAX's
+#           persistent cache, as a rerun does
 #   jaxcache  the same with MPDA_PROGRAM_CACHE_DIR empty: JAX's cache only (tracing and
 #           lowering are paid again, as before the program cache)
 #   big     4096² at 5 % (compile warm-up, then the warm run)
@@ -43,11 +37,17 @@
 #   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
 #   profile one warm 1024² 10 % solve and 5 calls of 10 frozen updates under JAX's
 #           profiler: per kernel name the count and device time, busy against wall
+#   coldab  the nohelpers (default) and helpers stages alternated, GPU_BENCH_ROUNDS rounds
+#           (default 3): first runs only, a fresh process and empty caches each; the
+#           first round's whole output is kept in $OUT/cold/
+#   coldimports  the same for lowering.start()'s imports ahead (default) against none
+#           (GPU_BENCH_NO_IMPORT_AHEAD=1)
+#   coldflags  the same for XLA options that may compile faster (GPU_BENCH_COLD_FLAGS,
+#           values separated by ";", "default" for none), each with a warm run
 #   report  all tables again
-# GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc coldab coldimports coldflags pads cached
-# big padsbig fit mpi profile strips serial jaxcache"; they run in that order, and the budget skips
-# what is left)
-# picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
+# GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc pads cached big
+# padsbig fit mpi profile strips serial jaxcache coldab coldimports coldflags"; they run
+# in that order, and the budget skips what is left) picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
 # other (RESULTS §17), =all makes the kernel stage time the coupled
 # update and the strips form too (default frozen: the frozen update, pads against fused);
 # GPU_BENCH_KERNEL_SIZES="1024" times those sizes only (default 1024 2048 4096).
@@ -87,7 +87,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc coldab coldimports coldflags pads cached big padsbig fit mpi profile strips serial jaxcache} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi profile strips serial jaxcache coldab coldimports coldflags} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -189,6 +189,62 @@ stage prealloc $L_R env XDG_CACHE_HOME="$COLD_C" XLA_PYTHON_CLIENT_PREALLOCATE=t
     benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 2 \
     --label " preallocated" --exact-wait 0
 rm -rf "$COLD_A" "$COLD_B" "$COLD_C"
+stage pads $L_S env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py solve $QUICK \
+    --csv "$CSV" --fractions 0.1 0.01 --label " pads" --exact-dir "$EXACT_DIR" --exact-wait 20
+export PY QUICK CSV OUTDIR
+# rerun CACHEDIR ENV... LABEL: 1024² 10 % in a fresh process whose caches are in CACHEDIR,
+# filled first (by another fresh process) when CACHEDIR is empty: "first" then loads
+# what a rerun loads, whichever stages ran before
+rerun() {
+    local dir=$1 label=${*: -1}
+    local -a env=("${@:2:$#-2}")
+    if [ -z "$(ls -A "$dir" 2>/dev/null)" ]; then
+        env XDG_CACHE_HOME="$dir" ${env[@]+"${env[@]}"} "$PY" benchmarks/gpu_bench.py solve \
+            $QUICK --fractions 0.1 --runs 1 --exact-wait 0 >/dev/null 2>&1 \
+            || { echo "filling the caches in $dir failed"; return 1; }
+    fi
+    env XDG_CACHE_HOME="$dir" ${env[@]+"${env[@]}"} "$PY" benchmarks/gpu_bench.py solve $QUICK \
+        --csv "$CSV" --fractions 0.1 --label "$label" --exact-wait 0
+}
+export -f rerun
+CACHED=$(mktemp -d /tmp/mpda_cached.XXXXXX)
+stage cached $L_C bash -c 'rerun "$1" " disk caches"' _ "$CACHED"
+stage big $L_B "$PY" benchmarks/gpu_bench.py big $QUICK --csv "$CSV"
+stage padsbig $L_B env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py big $QUICK \
+    --csv "$CSV" --label " pads"
+stage fit $L_F "$PY" benchmarks/gpu_bench.py fit $QUICK --csv "$CSV"
+
+MPIEXEC=$(command -v mpiexec || true)
+[ -z "$MPIEXEC" ] && [ -x "$(dirname "$(command -v "$PY")")/mpiexec" ] \
+    && MPIEXEC="$(dirname "$(command -v "$PY")")/mpiexec"
+if [ -n "$MPIEXEC" ]; then
+    MPIFLAGS=""
+    if "$MPIEXEC" --version 2>&1 | grep -qi "open mpi\|open-mpi\|openrte"; then
+        # -x: Open MPI does not pass PYTHONPATH (the package and /tmp/site) on by itself
+        MPIFLAGS="--allow-run-as-root --oversubscribe -x PYTHONPATH -x PYTHONUNBUFFERED"
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    fi
+    # whether this MPI can take GPU buffers (what a GPU-direct exchange would need)
+    command -v ompi_info >/dev/null \
+        && ompi_info --parsable --all 2>/dev/null | grep -m1 "mpi_built_with_cuda_support:value"
+    stage mpi $L_M "$MPIEXEC" $MPIFLAGS -n 2 "$PY" benchmarks/gpu_bench.py mpi $QUICK --csv "$CSV"
+else
+    echo
+    echo "SKIPPED stage mpi: no mpiexec on PATH or next to $PY"
+fi
+
+stage profile $L_P "$PY" benchmarks/gpu_bench.py profile $QUICK --csv "$CSV"
+stage strips $L_T env MPDA_KERNEL_FORM=strips "$PY" benchmarks/gpu_bench.py solve $QUICK \
+    --csv "$CSV" --fractions 0.1 --label " strips" --exact-wait 0
+COLD_CACHE=$(mktemp -d /tmp/mpda_cold.XXXXXX)
+stage serial $L_R env XDG_CACHE_HOME="$COLD_CACHE" MPDA_COMPILE_THREADS=1 \
+    "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 1 \
+    --label " 1 compile thread" --exact-wait 0
+rm -rf "$COLD_CACHE"
+JAXCACHED=$(mktemp -d /tmp/mpda_cached.XXXXXX)
+stage jaxcache $L_C bash -c 'rerun "$1" MPDA_PROGRAM_CACHE_DIR= " JAX cache only"' _ "$JAXCACHED"
+rm -rf "$CACHED" "$JAXCACHED"
+# the cold-start comparisons last: each is minutes of fresh processes
 # alternate VAR RUNS VALUES: a 1024² 5 % solve (RUNS runs: the first, then warm ones)
 # in a fresh process with empty caches for each of VALUES (separated by ";"; "default"
 # leaves VAR unset), the values in turn, GPU_BENCH_ROUNDS rounds (default 3): one run
@@ -223,62 +279,22 @@ alternate() {
     return $rc
 }
 ROUNDS=${GPU_BENCH_ROUNDS:-3}
-export PY QUICK CSV ROUNDS OUTDIR
+export ROUNDS
+ALTERNATE="$(declare -f alternate); alternate \"\$@\""
 # no lowering helpers (the default) against 4
-stage coldab $((L_R * ROUNDS * 2 / 3)) bash -c "$(declare -f alternate); alternate \
-    MPDA_LOWER_PROCESSES 1 'default;4'"
+stage coldab $((L_R * ROUNDS * 2 / 3)) bash -c "$ALTERNATE" _ MPDA_LOWER_PROCESSES 1 'default;4'
 # the first solve's imports ahead, in a thread that lowering.start() starts (the
 # default), against none
-stage coldimports $((L_R * ROUNDS * 2 / 3)) bash -c "$(declare -f alternate); alternate \
-    GPU_BENCH_NO_IMPORT_AHEAD 1 'default;1'"
+stage coldimports $((L_R * ROUNDS * 2 / 3)) bash -c "$ALTERNATE" _ GPU_BENCH_NO_IMPORT_AHEAD 1 \
+    'default;1'
 # XLA's options that may make compiling cheaper, with the warm run they give: autotuning
-# off; LLVM's optimisation off; ptxas's optimisation off; LLVM modules split.
+# off; LLVM's optimisation off; ptxas's optimisation off (RESULTS §26).
 # GPU_BENCH_COLD_FLAGS replaces the list (";" between values).
 COLD_FLAGS=${GPU_BENCH_COLD_FLAGS:-"default;--xla_gpu_autotune_level=0;\
 --xla_gpu_autotune_level=0 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true;\
---xla_gpu_autotune_level=0 --xla_gpu_disable_gpuasm_optimizations=true;\
---xla_gpu_enable_llvm_module_compilation_parallelism=true"}
+--xla_gpu_autotune_level=0 --xla_gpu_disable_gpuasm_optimizations=true"}
 n_flags=$(($(tr -cd ';' <<<"$COLD_FLAGS" | wc -c) + 1))
-stage coldflags $((L_R * ROUNDS * n_flags / 3)) bash -c "$(declare -f alternate); alternate \
-    XLA_FLAGS 2 '$COLD_FLAGS'"
-stage pads $L_S env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py solve $QUICK \
-    --csv "$CSV" --fractions 0.1 0.01 --label " pads" --exact-dir "$EXACT_DIR" --exact-wait 20
-stage cached $L_C "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" \
-    --fractions 0.1 --label " disk caches" --exact-wait 0
-stage big $L_B "$PY" benchmarks/gpu_bench.py big $QUICK --csv "$CSV"
-stage padsbig $L_B env MPDA_KERNEL_FORM=pads "$PY" benchmarks/gpu_bench.py big $QUICK \
-    --csv "$CSV" --label " pads"
-stage fit $L_F "$PY" benchmarks/gpu_bench.py fit $QUICK --csv "$CSV"
-
-MPIEXEC=$(command -v mpiexec || true)
-[ -z "$MPIEXEC" ] && [ -x "$(dirname "$(command -v "$PY")")/mpiexec" ] \
-    && MPIEXEC="$(dirname "$(command -v "$PY")")/mpiexec"
-if [ -n "$MPIEXEC" ]; then
-    MPIFLAGS=""
-    if "$MPIEXEC" --version 2>&1 | grep -qi "open mpi\|open-mpi\|openrte"; then
-        # -x: Open MPI does not pass PYTHONPATH (the package and /tmp/site) on by itself
-        MPIFLAGS="--allow-run-as-root --oversubscribe -x PYTHONPATH -x PYTHONUNBUFFERED"
-        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-    fi
-    # whether this MPI can take GPU buffers (what a GPU-direct exchange would need)
-    command -v ompi_info >/dev/null \
-        && ompi_info --parsable --all 2>/dev/null | grep -m1 "mpi_built_with_cuda_support:value"
-    stage mpi $L_M "$MPIEXEC" $MPIFLAGS -n 2 "$PY" benchmarks/gpu_bench.py mpi $QUICK --csv "$CSV"
-else
-    echo
-    echo "SKIPPED stage mpi: no mpiexec on PATH or next to $PY"
-fi
-
-stage profile $L_P "$PY" benchmarks/gpu_bench.py profile $QUICK --csv "$CSV"
-stage strips $L_T env MPDA_KERNEL_FORM=strips "$PY" benchmarks/gpu_bench.py solve $QUICK \
-    --csv "$CSV" --fractions 0.1 --label " strips" --exact-wait 0
-COLD_CACHE=$(mktemp -d /tmp/mpda_cold.XXXXXX)
-stage serial $L_R env XDG_CACHE_HOME="$COLD_CACHE" MPDA_COMPILE_THREADS=1 \
-    "$PY" benchmarks/gpu_bench.py solve $QUICK --csv "$CSV" --fractions 0.05 --runs 1 \
-    --label " 1 compile thread" --exact-wait 0
-rm -rf "$COLD_CACHE"
-stage jaxcache $L_C env MPDA_PROGRAM_CACHE_DIR= "$PY" benchmarks/gpu_bench.py solve $QUICK \
-    --csv "$CSV" --fractions 0.1 --label " JAX cache only" --exact-wait 0
+stage coldflags $((L_R * ROUNDS * n_flags / 3)) bash -c "$ALTERNATE" _ XLA_FLAGS 2 "$COLD_FLAGS"
 
 for pid in $EXACT_PIDS; do kill "$pid" 2>/dev/null; done
 [ -f "$EXACT_DIR/exact.log" ] && { echo; echo "--- exact stage log:"; cat "$EXACT_DIR/exact.log"; }

@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -258,19 +259,22 @@ def _register_dialect_module() -> None:
     file-system lookups per program, a fifth of the Triton lowering (benchmarks/RESULTS.md
     §23).  With the module found the bindings remember it; the lowered IR is the same
     byte for byte (tests/test_kernel.py)."""
-    if DIALECT_MODULE in sys.modules or _REGISTERED[0]:
-        return
-    _REGISTERED[0] = True
-    try:
-        if importlib.util.find_spec(DIALECT_MODULE) is not None:
-            return  # a jaxlib that ships it under that name: nothing to do
-        from jaxlib.triton import dialect
-    except ImportError:  # another jaxlib: leave the bindings as they are
-        return
-    sys.modules[DIALECT_MODULE] = dialect
+    # a lock: the imports ahead (mpda_dist.lowering) and a compile thread may both be here
+    with _REGISTERING:
+        if DIALECT_MODULE in sys.modules or _REGISTERED[0]:
+            return
+        _REGISTERED[0] = True
+        try:
+            if importlib.util.find_spec(DIALECT_MODULE) is not None:
+                return  # a jaxlib that ships it under that name: nothing to do
+            from jaxlib.triton import dialect
+        except ImportError:  # another jaxlib: leave the bindings as they are
+            return
+        sys.modules[DIALECT_MODULE] = dialect
 
 
 _REGISTERED = [False]
+_REGISTERING = threading.Lock()
 
 
 def _triton_params():

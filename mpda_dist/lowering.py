@@ -20,16 +20,17 @@ program does), one import of JAX each: 1-2 CPU-seconds, while the main process r
 its inputs, and about 200 MB of host memory each while it runs.  They end when the
 main process ends (their input closes), or when they are given up.
 
-Default: none (``MPDA_LOWER_PROCESSES`` unset or 0).  On an H200 they did not pay:
-over six cold 1024² solves alternated with and without 4 helpers, the solve took 0.35 s
-longer with them on average (benchmarks/RESULTS.md §26).  The helpers take the tracing
-off the rank's interpreter lock, but their Python competes with XLA's compiles for the
-cores, and the compiles are most of a cold start.
+Default: none (``MPDA_LOWER_PROCESSES`` unset or 0).  On average they did not pay:
+over nine cold 1024² solves on four H200 machines, alternated with and without 4
+helpers, the solve took 0.05 s longer with them (from 0.83 s shorter to 0.77 s longer;
+the last machine favoured them three times out of three; benchmarks/RESULTS.md §26).
+The helpers take the tracing off the rank's interpreter lock, but their Python competes
+with XLA's compiles for the cores, and they cost processes and host memory.
 
 :func:`start` also imports, in a background thread of the rank, the modules that the
 first solve would import (scipy's sparse solver for the coarsest level, the solver's
-modules, and on a CUDA GPU Pallas's lowering): on the H200 the first solve spent about
-1.2 s importing them.
+modules, and on a CUDA GPU Pallas's lowering), while ``mpda run`` reads its inputs: on
+an H200 a cold first solve spent about 1.2 s importing them.
 """
 
 from __future__ import annotations
@@ -515,9 +516,9 @@ def start() -> None:
         pool.start()
 
 
-# What a first solve imports that the package's import does not: the coarsest level's
-# direct solve (scipy), the solver's modules.
-_AHEAD = ("scipy.sparse.linalg", "mpda_dist.baselines", "mpda_dist.solver")
+# What a first solve imports that `mpda run` has not imported by then: the coarsest
+# level's direct solve (scipy), the solver's modules (preload imports more).
+_AHEAD = ("scipy.sparse.linalg", "mpda_dist.baselines", "mpda_dist.cycle")
 _AHEAD_THREAD: list[threading.Thread] = []
 
 

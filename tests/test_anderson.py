@@ -68,6 +68,9 @@ def test_no_dot_products():
     }
     for name, text in texts.items():
         assert "dot_general" not in text, name
+    one = stack[:1]  # depth 0 (Anderson off never calls them): they still trace
+    assert anderson.record.lower(one, one, mu, frame, op).out_info[2].shape == (2,)
+    assert anderson.mixed.lower(one, one, jnp.zeros(0), op.diag).out_info[2].shape == (by, bx)
     from mpda_dist import krylov
 
     text = krylov._lbfgs_direction.lower(stack, mu, jnp.ones(depth + 2), 1.0).as_text()

@@ -364,7 +364,7 @@ def test_start_imports_what_the_first_solve_needs():
     code = (
         "import sys\n"
         "from mpda_dist import lowering\n"
-        "ahead = ('scipy.sparse.linalg', 'mpda_dist.baselines', 'mpda_dist.solver')\n"
+        "ahead = ('scipy.sparse.linalg', 'mpda_dist.baselines', 'mpda_dist.cycle')\n"
         "assert not any(m in sys.modules for m in ahead), [m for m in ahead if m in sys.modules]\n"
         "lowering.start()\n"
         "thread = lowering.import_ahead()\n"

@@ -66,6 +66,19 @@ except ImportError:
     HAVE_CHECKPOINT = False
 
 
+# The ids of the jobs this module submitted: the markers (.mpda-<id>.started) that
+# those that did not end with 0 left in the submit directory are removed at the end.
+_JOBS: set[str] = set()
+
+
+def _remember(sbatch_output: str) -> str:
+    """The job id in ``sbatch``'s output ("?" if none), kept in :data:`_JOBS`."""
+    found = re.search(r"Submitted batch job (\d+)", sbatch_output)
+    if found:
+        _JOBS.add(found[1])
+    return found[1] if found else "?"
+
+
 class Job:
     def __init__(self, returncode: int, job_id: str, log: str, sbatch_output: str) -> None:
         self.returncode, self.job_id, self.log = returncode, job_id, log
@@ -106,9 +119,9 @@ def submit(
         log = tmp / f"{name}-{attempt}.log"
         cmd = _sbatch_cmd(name, log, options, script)
         proc = cluster.run(cmd, timeout=timeout, cwd=ROOT, env=_job_env(env))
-        found = re.search(r"Submitted batch job (\d+)", proc.stdout)
+        job_id = _remember(proc.stdout)
         text = log.read_text(errors="replace") if log.exists() else "(no job log)"
-        job = Job(proc.returncode, found[1] if found else "?", text, proc.stdout + proc.stderr)
+        job = Job(proc.returncode, job_id, text, proc.stdout + proc.stderr)
         if not job.init_failed:
             break
         print(f"{name}: MPI_Init failed (attempt {attempt}); resubmitting")
@@ -128,11 +141,16 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.stop()
-        # the markers that the jobs which did not end with 0 left in the submit
-        # directory (assimilate.sbatch's requeue check)
-        for marker in ROOT.glob(".mpda-*.started"):
-            if marker.stat().st_mtime >= c.started_at - 1:
-                marker.unlink(missing_ok=True)
+        # the requeue markers of this module's jobs (not a user's job of the same id:
+        # only a marker made while this cluster ran)
+        for job_id in _JOBS:
+            marker = ROOT / f".mpda-{job_id}.started"
+            try:
+                if marker.stat().st_mtime >= c.started_at - 1:
+                    marker.unlink()
+            except OSError:
+                pass
+        _JOBS.clear()
     assert not c.leftovers, f"job processes outlived the cluster: {c.leftovers}"
 
 
@@ -222,6 +240,7 @@ def test_sigkill_of_a_rank_ends_the_job(cluster, tmp_path, launcher):
             if sbatch.poll() is None:
                 sbatch.kill()
                 sbatch.wait(10)
+            _remember(sbatch.stdout.read() if sbatch.stdout else "")
     else:
         pytest.skip(f"MPI_Init failed {attempts} times under {name} (pmodels/mpich#7417)")
     text = log.read_text()
