@@ -44,9 +44,11 @@
 #           (GPU_BENCH_NO_IMPORT_AHEAD=1)
 #   coldflags  the same for XLA options that may compile faster (GPU_BENCH_COLD_FLAGS,
 #           values separated by ";", "default" for none), each with a warm run
+#   coldvar  the same for any variable: GPU_BENCH_COLD_VAR (default MPDA_COMPILE_THREADS)
+#           over GPU_BENCH_COLD_VALUES (default "default;4;8")
 #   report  all tables again
 # GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc pads cached big
-# padsbig fit mpi profile strips serial jaxcache coldab coldimports coldflags"; they run
+# padsbig fit mpi profile strips serial jaxcache coldab coldimports coldflags coldvar"; they run
 # in that order, and the budget skips what is left) picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
 # other (RESULTS §17), =all makes the kernel stage time the coupled
 # update and the strips form too (default frozen: the frozen update, pads against fused);
@@ -87,7 +89,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi profile strips serial jaxcache coldab coldimports coldflags} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi profile strips serial jaxcache coldab coldimports coldflags coldvar} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -295,6 +297,13 @@ COLD_FLAGS=${GPU_BENCH_COLD_FLAGS:-"default;--xla_gpu_autotune_level=0;\
 --xla_gpu_autotune_level=0 --xla_gpu_disable_gpuasm_optimizations=true"}
 n_flags=$(($(tr -cd ';' <<<"$COLD_FLAGS" | wc -c) + 1))
 stage coldflags $((L_R * ROUNDS * n_flags / 3)) bash -c "$ALTERNATE" _ XLA_FLAGS 2 "$COLD_FLAGS"
+# any other setting: GPU_BENCH_COLD_VAR (default MPDA_COMPILE_THREADS) over
+# GPU_BENCH_COLD_VALUES (default "default;4;8": fewer compiles at once may finish the
+# programs needed first sooner)
+COLD_VAR=${GPU_BENCH_COLD_VAR:-MPDA_COMPILE_THREADS}
+COLD_VALUES=${GPU_BENCH_COLD_VALUES:-"default;4;8"}
+n_values=$(($(tr -cd ';' <<<"$COLD_VALUES" | wc -c) + 1))
+stage coldvar $((L_R * ROUNDS * n_values / 3)) bash -c "$ALTERNATE" _ "$COLD_VAR" 1 "$COLD_VALUES"
 
 for pid in $EXACT_PIDS; do kill "$pid" 2>/dev/null; done
 [ -f "$EXACT_DIR/exact.log" ] && { echo; echo "--- exact stage log:"; cat "$EXACT_DIR/exact.log"; }
