@@ -843,6 +843,43 @@ def stage_report(args) -> None:
         for r in pk:
             if r[3]:
                 print(f"\n{stage}: {r[2]} = {float(r[3]) / 2**30:.2f} GiB")
+    summary = alternated(rows)
+    if summary:
+        print(summary)
+
+
+def alternated(rows: list[tuple]) -> str:
+    """gpu.sh's alternated settings (solve cases ending in `` rN``): per setting, in
+    order of appearance, the runs' first solve, time from the script's start and warm
+    solve as ``mean (min–max)``; "" when there are none."""
+    runs: dict[str, dict[str, list[float]]] = {}
+    for stage, case, metric, value, _ in rows:
+        found = re.fullmatch(r"(.*) r\d+", case)
+        if stage != "solve" or not found or not value:
+            continue
+        if metric in ("first_wall", "first_since_start", "warm_wall"):
+            with contextlib.suppress(ValueError):
+                runs.setdefault(found[1], {}).setdefault(metric, []).append(float(value))
+    if not runs:
+        return ""
+
+    def cell(v: list[float] | None) -> str:
+        if not v:
+            return "–"
+        return f"{sum(v) / len(v):.2f} ({min(v):.2f}–{max(v):.2f})"
+
+    out = [
+        "\n### alternated settings (mean, min–max over the rounds)\n",
+        "| setting | runs | first solve [s] | script start to its end [s] | warm [s] |",
+        "|---|---|---|---|---|",
+    ]
+    for setting, m in runs.items():
+        n = len(m.get("first_wall", []))
+        out.append(
+            f"| {setting} | {n} | {cell(m.get('first_wall'))} | "
+            f"{cell(m.get('first_since_start'))} | {cell(m.get('warm_wall'))} |"
+        )
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:

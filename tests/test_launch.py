@@ -394,3 +394,33 @@ def test_assimilate_requeue_takes_only_a_checkpoint_of_this_job(tmp_path):
     os.utime(marker, (old - 60, old - 60))  # the job began before mine.h5 was written
     got = run_assimilate(tmp_path, *named, SLURM_RESTART_COUNT="1")
     assert mpda_args(tmp_path)[-2:] == ["--resume", "mine.h5"]
+
+
+# --------------------------------------------------------------- benchmarks/gpu_bench.py
+
+
+def test_gpu_bench_summarises_the_alternated_settings(monkeypatch):
+    """``gpu.sh``'s alternated stages label each run ``<setting> rN``; the report gives
+    each setting's mean, min and max, in order of appearance, and leaves the rest out."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "gpu_bench_under_test", ROOT / "benchmarks" / "gpu_bench.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [
+        ("solve", "1024 5% X=0 r1", "first_wall", "4.0", "s"),
+        ("solve", "1024 5% X=0 r1", "warm_wall", "0.3", "s"),
+        ("solve", "1024 5% X=default r1", "first_wall", "6.0", "s"),
+        ("solve", "1024 5% X=0 r2", "first_wall", "5.0", "s"),
+        ("solve", "1024 5% X=0 r2", "warm_wall", "", "s"),  # not measured: left out
+        ("solve", "1024 10%", "first_wall", "9.0", "s"),  # not alternated
+        ("big", "4096 5% r1", "first_wall", "9.0", "s"),
+    ]
+    text = bench.alternated(rows)
+    lines = [ln for ln in text.splitlines() if ln.startswith("| 1024")]
+    assert lines == [
+        "| 1024 5% X=0 | 2 | 4.50 (4.00–5.00) | – | 0.30 (0.30–0.30) |",
+        "| 1024 5% X=default | 1 | 6.00 (6.00–6.00) | – | – |",
+    ]
+    assert bench.alternated(rows[5:]) == ""
