@@ -42,16 +42,20 @@
 #           first round's whole output is kept in $OUT/cold/
 #   coldimports  the same for lowering.start()'s imports ahead (default) against none
 #           (GPU_BENCH_NO_IMPORT_AHEAD=1)
+#   coldprepare  the same for the solve prepared before the problem is built (default,
+#           as mpda run does) against prepared in the solve (GPU_BENCH_NO_PREPARE=1);
+#           compare the build and first solve together
 #   coldflags  the same for XLA options that may compile faster (GPU_BENCH_COLD_FLAGS,
 #           values separated by ";", "default" for none), each with a warm run
 #   coldvar  the same for any variable: GPU_BENCH_COLD_VAR (default MPDA_COMPILE_THREADS)
 #           over GPU_BENCH_COLD_VALUES (default "default;4;8")
 #   report  all tables again
 # GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc pads cached big
-# padsbig fit mpi profile strips serial jaxcache coldab coldimports coldflags coldvar"; they run
-# in that order, and the budget skips what is left) picks stages; GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each
-# other (RESULTS §17), =all makes the kernel stage time the coupled
-# update and the strips form too (default frozen: the frozen update, pads against fused);
+# padsbig fit mpi profile strips serial jaxcache coldab coldimports coldprepare coldflags
+# coldvar"; they run in that order, and the budget skips what is left) picks stages;
+# GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each other
+# (RESULTS §17), =all makes the kernel stage time the coupled update and the strips form
+# too (default frozen: the frozen update, pads against fused);
 # GPU_BENCH_KERNEL_SIZES="1024" times those sizes only (default 1024 2048 4096).
 # Results: $OUT/gpu_results.csv (+ .json metadata, + gpu_log.txt) when OUT is set,
 # else ./gpu_results.csv.  Every stage runs and the report is printed whatever happens;
@@ -89,7 +93,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi profile strips serial jaxcache coldab coldimports coldflags coldvar} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi profile strips serial jaxcache coldab coldimports coldprepare coldflags coldvar} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -288,6 +292,10 @@ stage coldab $((L_R * ROUNDS * 2 / 3)) bash -c "$ALTERNATE" _ MPDA_LOWER_PROCESS
 # the first solve's imports ahead, in a thread that lowering.start() starts (the
 # default), against none
 stage coldimports $((L_R * ROUNDS * 2 / 3)) bash -c "$ALTERNATE" _ GPU_BENCH_NO_IMPORT_AHEAD 1 \
+    'default;1'
+# the solve prepared (its programs compiling) before the problem is built, as `mpda run`
+# does (the default), against prepared in the solve
+stage coldprepare $((L_R * ROUNDS * 2 / 3)) bash -c "$ALTERNATE" _ GPU_BENCH_NO_PREPARE 1 \
     'default;1'
 # XLA's options that may make compiling cheaper, with the warm run they give: autotuning
 # off; LLVM's optimisation off; ptxas's optimisation off (RESULTS §26).

@@ -284,7 +284,41 @@ class Hierarchy:
         """``prefetch(self)`` is called once the levels' shapes are known, before the
         operators are built (it may use :meth:`op_spec`, not :attr:`ops`), after the
         set-up's own restrictions are queued; without it nothing is compiled ahead (and
-        no compile threads start in a :class:`Programs` of the hierarchy's own)."""
+        no compile threads start in a :class:`Programs` of the hierarchy's own).
+
+        The same in two steps: :meth:`laid_out` (the levels' blocks, and the prefetch:
+        no observations needed), then :meth:`build`."""
+        self._lay_out(comm, levels, grid, periodic, dtype, programs, prefetch)
+        self.build(nodes, lengthscale, amplitude, params, momentum)
+
+    @classmethod
+    def laid_out(
+        cls,
+        comm: Any,
+        levels: list[Level],
+        grid: tuple[int, int] | None,
+        periodic: tuple[bool, bool],
+        dtype: Any,
+        programs: Programs | None = None,
+        prefetch: Callable[[Hierarchy], None] | None = None,
+    ) -> Hierarchy:
+        """The hierarchy's levels and blocks, with ``prefetch`` called, but no operators
+        yet (:meth:`build` makes them): the programs compile while the caller reads
+        the observations.  Collective over ``comm``."""
+        self = cls.__new__(cls)
+        self._lay_out(comm, levels, grid, periodic, dtype, programs, prefetch)
+        return self
+
+    def _lay_out(
+        self,
+        comm: Any,
+        levels: list[Level],
+        grid: tuple[int, int] | None,
+        periodic: tuple[bool, bool],
+        dtype: Any,
+        programs: Programs | None,
+        prefetch: Callable[[Hierarchy], None] | None,
+    ) -> None:
         self.dtype = np.dtype(dtype)
         # every level's programs, and its visits' in the corrections
         self.programs = programs if programs is not None else Programs()
@@ -310,6 +344,20 @@ class Hierarchy:
         if prefetch is not None:  # the programs compile while the host builds
             self._prefetch_restrictions()
             prefetch(self)
+        self.ops: list[kernel.Operator] = []
+
+    def build(
+        self,
+        nodes: Any,
+        lengthscale: float,
+        amplitude: float,
+        params: kernel.Params,
+        momentum: float,
+    ) -> None:
+        """The levels' operators from the observations ``nodes`` and the prior, the
+        coarsest level's factorisation and the smoothers.  Once."""
+        if self.ops:
+            raise RuntimeError("this hierarchy is built already")
         self.ops = self._operators(nodes, lengthscale, amplitude)
         self.coarse = None
         if len(self.levels) > 1:

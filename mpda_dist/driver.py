@@ -497,6 +497,7 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
         STALLED,
         CheckpointError,
         ResumeError,
+        prepare,
         solve,
     )
 
@@ -526,9 +527,6 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     grid = None if pg == "auto" else (int(pg[0]), int(pg[1]))
     if grid is not None:  # exact and amg_cg run on rank 0, but a grid for other ranks
         check_ranks(grid[::-1], size)  # is a mistake in the config or the launch all the same
-    problem = on_root(comm, lambda: build_problem(cfg))
-    nodes = comm.bcast(problem.nodes if rank == 0 else None, root=0)
-    inputs = comm.bcast(_inputs_digest(cfg, problem) if rank == 0 else None, root=0)
     ny, nx = cfg.grid.ny, cfg.grid.nx
     lx, ly = cfg.grid.extent
     dy, dx = ly / (ny - 1), lx / (nx - 1)
@@ -546,6 +544,20 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     else:
         levels = schedule(ny, nx, dy, dx, mg.min_size, multigrid)
     s = settings_from(cfg)
+    # The programs' shapes follow from the grid, not from the data: they start
+    # compiling now, while rank 0 reads the inputs and builds the problem.
+    prepared = None
+    if cfg.solver.method == "mp":
+        with jax.enable_x64(s.dtype == "float64"):
+            prepared = prepare(comm, levels, s, process_grid=grid)
+    try:
+        problem = on_root(comm, lambda: build_problem(cfg))
+        nodes = comm.bcast(problem.nodes if rank == 0 else None, root=0)
+        inputs = comm.bcast(_inputs_digest(cfg, problem) if rank == 0 else None, root=0)
+    except BaseException:
+        if prepared is not None:
+            prepared.close()
+        raise
     if rank == 0:
         log.info(
             "%d x %d grid, %d observations used (%d given), method %s, %s, tol %.1e",
@@ -578,7 +590,12 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
                 )
             return state
 
-        state = on_root(comm, read_checkpoint)
+        try:
+            state = on_root(comm, read_checkpoint)
+        except BaseException:
+            if prepared is not None:  # its queued compiles would run for nothing
+                prepared.close()
+            raise
         if rank == 0:
             log.info(
                 "resuming %s: level %d, iteration %d", resume, state.level + 1, state.iteration
@@ -598,6 +615,7 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
                     cfg.prior.amplitude,
                     s,
                     process_grid=grid,
+                    prepared=prepared,
                     resume=state,
                     checkpoint_path=cfg.checkpoint.file,
                     requests=requests,

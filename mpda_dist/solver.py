@@ -7,7 +7,6 @@ path.  Rank 0 holds the level schedule and the whole-grid messages between level
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -439,6 +438,58 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
             hier.prefetch_corrections(i)
 
 
+class Prepared:
+    """A solve's hierarchy laid out and its programs compiling (:func:`prepare`), before
+    the observations are known; :func:`solve` builds the operators and runs it.  Close
+    it (:meth:`close`, or ``with``) if it is not solved: the queued compiles stop."""
+
+    def __init__(self, hier: Any, programs: Programs, key: tuple) -> None:
+        self.hier, self.programs, self.key = hier, programs, key
+        self.used = False
+
+    def close(self) -> None:
+        self.programs.close()
+
+    def __enter__(self) -> Prepared:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def prepare(
+    comm: Any,
+    levels: list[Level],
+    s: Settings,
+    process_grid: tuple[int, int] | None = None,
+    periodic: tuple[bool, bool] | None = None,
+) -> Prepared:
+    """Lay out the hierarchy of :func:`solve` for these levels, settings and process
+    grid, and start compiling its programs in the background: their shapes follow from
+    the grid, not from the observations, so they compile while the caller reads and
+    builds those (``mpda run`` does).  Collective over ``comm``; call it, like
+    :func:`solve`, under the ``jax.enable_x64`` setting of ``s.dtype``.  Pass the result to
+    :func:`solve` with the same arguments."""
+    from mpda_dist.cycle import Hierarchy
+
+    programs = Programs()
+    grid = None
+    if process_grid is not None:
+        grid = (process_grid[1], process_grid[0])
+        check_grid(grid, comm.Get_size(), levels[-1].interior)
+    per = levels[-1].periodic if periodic is None else periodic
+
+    def prefetch(h: Hierarchy) -> None:
+        _prefetch(h, s, range(1 if len(h.levels) > 1 else 0, len(h.levels)))
+
+    try:
+        hier = Hierarchy.laid_out(comm, levels, grid, per, jnp.dtype(s.dtype), programs, prefetch)
+    except BaseException:
+        programs.close()
+        raise
+    return Prepared(hier, programs, (levels, s, process_grid, periodic))
+
+
 def solve(
     comm: Any,
     levels: list[Level],
@@ -452,6 +503,7 @@ def solve(
     requests: Any = None,
     config_text: str = "",
     periodic: tuple[bool, bool] | None = None,
+    prepared: Prepared | None = None,
 ) -> SolveResult:
     """Multigrid message passing on every rank of ``comm``; ``levels`` coarse → fine.
 
@@ -463,29 +515,24 @@ def solve(
     level's own, :attr:`Level.periodic`: x periodic on the sphere).
     ``resume`` (a :class:`checkpoint.State`, on rank 0; None elsewhere) continues a
     checkpointed run; ``checkpoint_path`` and ``requests`` enable writing them.
+    ``prepared``: the result of :func:`prepare` with the same levels, settings, process
+    grid and periodicity (None: prepared here); it is closed when the solve ends.
     """
+    t0 = time.perf_counter()
+    if prepared is None:
+        prepared = prepare(comm, levels, s, process_grid, periodic)
+    elif prepared.used or prepared.key != (levels, s, process_grid, periodic):
+        prepared.close()
+        raise ValueError("solve: prepared for another solve (or solved already)")
+    prepared.used = True
     # The background compiles end with the solve: an error or an interrupt does not
     # wait for the queued ones.
-    with contextlib.closing(Programs()) as programs:
-        from mpda_dist.cycle import Hierarchy
-
+    with prepared:
+        hier, programs = prepared.hier, prepared.programs
         size, rank = comm.Get_size(), comm.Get_rank()
         dtype = jnp.dtype(s.dtype)
-        grid = None
-        if process_grid is not None:
-            grid = (process_grid[1], process_grid[0])
-            check_grid(grid, size, levels[-1].interior)
-        per = levels[-1].periodic if periodic is None else periodic
         p = kernel.device_params(s.c, s.damping)
-        t0 = time.perf_counter()
-
-        def prefetch(h: Hierarchy) -> None:
-            _prefetch(h, s, range(1 if len(h.levels) > 1 else 0, len(h.levels)))
-
-        hier = Hierarchy(
-            comm, levels, nodes, lengthscale, amplitude, grid, per, p, s.momentum, dtype, programs,
-            prefetch,
-        )  # fmt: skip
+        hier.build(nodes, lengthscale, amplitude, p, s.momentum)
         for sm in hier.smoothers:  # coarse visits run the level solves' compiled calls
             sm.chunk = s.check_every
         setup = time.perf_counter() - t0

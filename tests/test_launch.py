@@ -420,7 +420,7 @@ def test_gpu_bench_summarises_the_alternated_settings(monkeypatch):
     text = bench.alternated(rows)
     lines = [ln for ln in text.splitlines() if ln.startswith("| 1024")]
     assert lines == [
-        "| 1024 5% X=0 | 2 | 4.50 (4.00–5.00) | – | 0.30 (0.30–0.30) |",
-        "| 1024 5% X=default | 1 | 6.00 (6.00–6.00) | – | – |",
+        "| 1024 5% X=0 | 2 | 4.50 (4.00–5.00) | – | – | 0.30 (0.30–0.30) |",
+        "| 1024 5% X=default | 1 | 6.00 (6.00–6.00) | – | – | – |",
     ]
     assert bench.alternated(rows[5:]) == ""

@@ -176,9 +176,13 @@ class _StopAt:
 
 def test_checkpoint_on_the_finest_level_resumes_exactly(tmp_path):
     """Stopped on the finest of 4 levels, the checkpoint carries the coarser levels' warm
-    messages: the resumed run ends with the uninterrupted run's mean and iterations."""
+    messages: the resumed run ends with the uninterrupted run's mean and iterations.
+    So does a run prepared (laid out, its programs compiling) before the observations
+    were known, as ``mpda run`` prepares it while it reads them."""
+    import dataclasses
+
     from mpda_dist import checkpoint
-    from mpda_dist.solver import INTERRUPTED
+    from mpda_dist.solver import INTERRUPTED, prepare
 
     _, nodes, levels, _ = problem(66, 66, 0.02, seed=4)
     s = Settings(dtype="float64", tol=1e-9, mode="sync", momentum=0.5)
@@ -197,5 +201,13 @@ def test_checkpoint_on_the_finest_level_resumes_exactly(tmp_path):
         state = checkpoint.read(path)
         assert state.level == len(levels) - 1 and len(state.coarse) == len(levels) - 2
         again = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s, resume=state)
-    assert [r.iterations for r in again.levels] == [r.iterations for r in full.levels]
-    assert np.array_equal(again.anomaly, full.anomaly)
+        prepared = prepare(MPI.COMM_SELF, levels, s)
+        early = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s, prepared=prepared)
+        with pytest.raises(ValueError, match="solved already"):
+            solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s, prepared=prepared)
+        other = prepare(MPI.COMM_SELF, levels, dataclasses.replace(s, tol=1e-8))
+        with pytest.raises(ValueError, match="prepared for another solve"):
+            solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s, prepared=other)
+    for run in (again, early):
+        assert [r.iterations for r in run.levels] == [r.iterations for r in full.levels]
+        assert np.array_equal(run.anomaly, full.anomaly)
