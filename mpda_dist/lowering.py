@@ -524,7 +524,7 @@ _AHEAD_THREAD: list[threading.Thread] = []
 
 def import_ahead() -> threading.Thread:
     """Import :data:`_AHEAD` and what :func:`preload` imports for this process's platform,
-    in a daemon thread (once per process), and return that thread.  The first solve
+    in a background thread (once per process), and return that thread.  The first solve
     would import them on its own critical path, behind the compile threads' hold on the
     interpreter lock; a module that fails to import here fails where it is used."""
     with _HELPERS_LOCK:
@@ -537,7 +537,11 @@ def import_ahead() -> threading.Thread:
                 with contextlib.suppress(Exception):
                     preload(target_platform() or "")
 
-            thread = threading.Thread(target=run, name="mpda-imports", daemon=True)
+            # Not a daemon: the interpreter's exit waits for it.  A daemon thread still
+            # importing (in an extension's C++ code) when a failed run exited was ended
+            # by the finalisation, and the forced unwinding aborted the process
+            # ("FATAL: exception not rethrown", exit -6 instead of 2).
+            thread = threading.Thread(target=run, name="mpda-imports", daemon=False)
             thread.start()
             _AHEAD_THREAD.append(thread)
         return _AHEAD_THREAD[0]

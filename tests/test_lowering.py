@@ -368,7 +368,7 @@ def test_start_imports_what_the_first_solve_needs():
         "assert not any(m in sys.modules for m in ahead), [m for m in ahead if m in sys.modules]\n"
         "lowering.start()\n"
         "thread = lowering.import_ahead()\n"
-        "assert thread is lowering.import_ahead() and thread.daemon\n"
+        "assert thread is lowering.import_ahead() and not thread.daemon\n"
         "thread.join(120)\n"
         "missing = [m for m in ahead if m not in sys.modules]\n"
         "assert not missing and not thread.is_alive(), missing\n"
