@@ -511,14 +511,14 @@ def solve_case(
     s0 = s
     if first_max_iterations:
         s0 = dataclasses.replace(s, max_iterations=first_max_iterations)
+    t0 = time.perf_counter()  # the build's time includes the preparing (its main thread)
     prepared = None  # as `mpda run` does: the programs compile while the problem is built
     if os.environ.get("GPU_BENCH_NO_PREPARE") != "1" and runs:  # (gpu.sh's coldprepare)
         with jax.enable_x64(False):
             prepared = prepare(comm, levels, s0)
-    t0 = time.perf_counter()
     problem = driver.on_root(comm, lambda: driver.build_problem(cfg))
     nodes = comm.bcast(problem.nodes if rank == 0 else None, root=0)
-    build_s = time.perf_counter() - t0
+    build_s = C.max_over_ranks(comm, time.perf_counter() - t0)
     out = {"build_s": build_s, "runs": [], "problem": problem}
     for i in range(runs):
         si = s0 if i == 0 else s

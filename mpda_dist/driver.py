@@ -554,86 +554,80 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
         problem = on_root(comm, lambda: build_problem(cfg))
         nodes = comm.bcast(problem.nodes if rank == 0 else None, root=0)
         inputs = comm.bcast(_inputs_digest(cfg, problem) if rank == 0 else None, root=0)
-    except BaseException:
-        if prepared is not None:
-            prepared.close()
-        raise
-    if rank == 0:
-        log.info(
-            "%d x %d grid, %d observations used (%d given), method %s, %s, tol %.1e",
-            nx,
-            ny,
-            len(nodes.iy),
-            len(problem.observations),
-            cfg.solver.method,
-            s.dtype,
-            s.tol,
-        )
-    from mpda_dist import checkpoint
-
-    state = None
-    if resume is not None:
-        if cfg.solver.method != "mp":
-            raise RunError("--resume continues message passing; solver.method must be mp")
-
-        def read_checkpoint() -> Any:
-            state = checkpoint.read(resume)
-            changed = _config_changes(state.config, cfg)
-            stored = _stored_digest(state.config)
-            if stored is not None and stored != inputs:
-                changed.append("the observations' or the background's contents")
-            if changed:
-                raise RunError(
-                    f"{resume}: written for another problem ({', '.join(changed)} differ); "
-                    "resume with the config of the interrupted run",
-                    EXIT_INPUT,
-                )
-            return state
-
-        try:
-            state = on_root(comm, read_checkpoint)
-        except BaseException:
-            if prepared is not None:  # its queued compiles would run for nothing
-                prepared.close()
-            raise
         if rank == 0:
             log.info(
-                "resuming %s: level %d, iteration %d", resume, state.level + 1, state.iteration
+                "%d x %d grid, %d observations used (%d given), method %s, %s, tol %.1e",
+                nx,
+                ny,
+                len(nodes.iy),
+                len(problem.observations),
+                cfg.solver.method,
+                s.dtype,
+                s.tol,
             )
-    requests = checkpoint.Requests(cfg.checkpoint.every_seconds)
-    # The baselines cannot checkpoint: a caught SIGTERM was never looked at, and the run
-    # went on to the end.
-    requests.install(can_checkpoint=cfg.solver.method == "mp")
-    with jax.enable_x64(s.dtype == "float64"):
-        if cfg.solver.method == "mp":
-            try:
-                result = solve(
-                    comm,
-                    levels,
-                    nodes,
-                    cfg.prior.lengthscale,
-                    cfg.prior.amplitude,
-                    s,
-                    process_grid=grid,
-                    prepared=prepared,
-                    resume=state,
-                    checkpoint_path=cfg.checkpoint.file,
-                    requests=requests,
-                    config_text=(
-                        f"{dump_config(cfg)}{_RANKS_LINE}{size}\n{_DIGEST_LINE}{inputs}\n"
-                    ),
+        from mpda_dist import checkpoint
+
+        state = None
+        if resume is not None:
+            if cfg.solver.method != "mp":
+                raise RunError("--resume continues message passing; solver.method must be mp")
+
+            def read_checkpoint() -> Any:
+                state = checkpoint.read(resume)
+                changed = _config_changes(state.config, cfg)
+                stored = _stored_digest(state.config)
+                if stored is not None and stored != inputs:
+                    changed.append("the observations' or the background's contents")
+                if changed:
+                    raise RunError(
+                        f"{resume}: written for another problem ({', '.join(changed)} differ); "
+                        "resume with the config of the interrupted run",
+                        EXIT_INPUT,
+                    )
+                return state
+
+            state = on_root(comm, read_checkpoint)
+            if rank == 0:
+                log.info(
+                    "resuming %s: level %d, iteration %d", resume, state.level + 1, state.iteration
                 )
-            except ResumeError as exc:  # raised on every rank
-                raise RunError(f"{resume}: {exc}", EXIT_INPUT) from None
-            except CheckpointError as exc:  # raised on every rank
-                raise RunError(
-                    f"interrupted by {requests.signal_name or 'a signal on another rank'}, "
-                    f"and the checkpoint failed: {exc}; {_nothing_written(out_path)}",
-                    EXIT_INPUT,
-                ) from None
-            level_results, anomaly = result.levels, result.anomaly
-        else:
-            level_results, anomaly = _reference_solve(comm, cfg, levels[-1], nodes)
+        requests = checkpoint.Requests(cfg.checkpoint.every_seconds)
+        # The baselines cannot checkpoint: a caught SIGTERM was never looked at, and the run
+        # went on to the end.
+        requests.install(can_checkpoint=cfg.solver.method == "mp")
+        with jax.enable_x64(s.dtype == "float64"):
+            if cfg.solver.method == "mp":
+                try:
+                    result = solve(
+                        comm,
+                        levels,
+                        nodes,
+                        cfg.prior.lengthscale,
+                        cfg.prior.amplitude,
+                        s,
+                        process_grid=grid,
+                        prepared=prepared,
+                        resume=state,
+                        checkpoint_path=cfg.checkpoint.file,
+                        requests=requests,
+                        config_text=(
+                            f"{dump_config(cfg)}{_RANKS_LINE}{size}\n{_DIGEST_LINE}{inputs}\n"
+                        ),
+                    )
+                except ResumeError as exc:  # raised on every rank
+                    raise RunError(f"{resume}: {exc}", EXIT_INPUT) from None
+                except CheckpointError as exc:  # raised on every rank
+                    raise RunError(
+                        f"interrupted by {requests.signal_name or 'a signal on another rank'}, "
+                        f"and the checkpoint failed: {exc}; {_nothing_written(out_path)}",
+                        EXIT_INPUT,
+                    ) from None
+                level_results, anomaly = result.levels, result.anomaly
+            else:
+                level_results, anomaly = _reference_solve(comm, cfg, levels[-1], nodes)
+    finally:  # solve closes it too; a failure before must stop its compiles
+        if prepared is not None:
+            prepared.close()
     requests.uninstall()  # the solve is over: a late signal would only end the job badly
     status = level_results[-1].status
     if rank == 0:

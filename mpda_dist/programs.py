@@ -492,7 +492,9 @@ class Jit:
     def prefetch(self, pool: ThreadPoolExecutor, *args: Any, **static: Any) -> None:
         """Start compiling (or loading) the program for these arguments in ``pool``."""
         args, static, key = self._key(args, static)
-        if key in self.programs or key in self.pending:
+        job = self.pending.get(key)
+        # (a job cancelled by an earlier pool's close is no job: queued again)
+        if key in self.programs or (job is not None and not job.cancelled()):
             return
         x64 = key[-1]
 

@@ -448,7 +448,12 @@ class Prepared:
         self.used = False
 
     def close(self) -> None:
+        """Stop the queued compiles and free the hierarchy (its communicators; on every
+        rank, as :func:`solve` ends or fails there).  Once; later calls do nothing."""
         self.programs.close()
+        hier, self.hier = self.hier, None
+        if hier is not None:
+            hier.free()
 
     def __enter__(self) -> Prepared:
         return self
@@ -487,7 +492,13 @@ def prepare(
     except BaseException:
         programs.close()
         raise
-    return Prepared(hier, programs, (levels, s, process_grid, periodic))
+    return Prepared(hier, programs, _key(levels, s, process_grid, periodic))
+
+
+def _key(*args: Any) -> tuple:
+    """What a :class:`Prepared` must match: the arguments, and JAX's x64 setting (the
+    frames were made in its dtype)."""
+    return (*args, bool(jax.config.jax_enable_x64))
 
 
 def solve(
@@ -521,9 +532,12 @@ def solve(
     t0 = time.perf_counter()
     if prepared is None:
         prepared = prepare(comm, levels, s, process_grid, periodic)
-    elif prepared.used or prepared.key != (levels, s, process_grid, periodic):
+    elif prepared.used or prepared.key != _key(levels, s, process_grid, periodic):
         prepared.close()
-        raise ValueError("solve: prepared for another solve (or solved already)")
+        raise ValueError(
+            "solve: prepared for another solve (levels, settings, process grid, "
+            "periodicity or jax_enable_x64 differ), or solved already"
+        )
     prepared.used = True
     # The background compiles end with the solve: an error or an interrupt does not
     # wait for the queued ones.
@@ -655,8 +669,7 @@ def solve(
         anomaly = None
         if results[-1].status not in (DIVERGED, INTERRUPTED) and len(results) == nlev:
             anomaly = hier.decomps[-1].gather(np.asarray(mean, np.float64))
-        hier.free()
-        return SolveResult(results, anomaly if rank == 0 else None)
+        return SolveResult(results, anomaly if rank == 0 else None)  # (closing frees hier)
 
 
 def _coarse_residual(hier: Any, mean: Any) -> float:

@@ -205,9 +205,14 @@ def test_checkpoint_on_the_finest_level_resumes_exactly(tmp_path):
         early = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s, prepared=prepared)
         with pytest.raises(ValueError, match="solved already"):
             solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s, prepared=prepared)
+        assert prepared.hier is None  # freed as the solve ended
         other = prepare(MPI.COMM_SELF, levels, dataclasses.replace(s, tol=1e-8))
         with pytest.raises(ValueError, match="prepared for another solve"):
             solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s, prepared=other)
+        assert other.hier is None
+    single = prepare(MPI.COMM_SELF, levels, s)  # float64 settings, x64 off: float32 frames
+    with jax.enable_x64(True), pytest.raises(ValueError, match="jax_enable_x64"):
+        solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s, prepared=single)
     for run in (again, early):
         assert [r.iterations for r in run.levels] == [r.iterations for r in full.levels]
         assert np.array_equal(run.anomaly, full.anomaly)

@@ -467,6 +467,13 @@ def test_closing_drops_queued_compiles_and_later_calls_compile_themselves():
     for k in ks:
         p.prefetch(f, jax.ShapeDtypeStruct((3,), jnp.float32), k=k)
     p.close()
+    assert any(job.cancelled() for job in list(f.pending.values()))
+    # a later pool (another solve) queues again what the closed one cancelled
+    again = programs.Programs(threads=2)
+    for k in ks:
+        again.prefetch(f, jax.ShapeDtypeStruct((3,), jnp.float32), k=k)
+    assert not any(job.cancelled() for job in list(f.pending.values()))
     for k in ks:  # whether it ran, was cancelled or never started
         np.testing.assert_array_equal(f(jnp.ones(3), k=k), k * np.ones(3))
+    again.close()
     assert not f.pending
