@@ -25,6 +25,22 @@ program), which is what holds a run's interpreter lock; ``wall`` is for all of t
 for what the helper imports and sets up on first use, unless it did that at start
 (:func:`mpda_dist.lowering.preload`).
 
+``--hierarchy N`` lowers instead every program that a prepared ``N²`` solve compiles in
+the background (one rank, the demo's settings, float32: :func:`mpda_dist.solver.prepare`
+with its prefetch recorded rather than run, each program once), for a CUDA GPU with
+``--gpu``, and sums them per program: the whole tracing that a cold start's compile
+threads do under Python's lock, measured on any machine.
+
+``--contention`` (with ``--hierarchy``) measures what that tracing does to the rank's own
+Python: the main thread builds the levels' prior stencils and copies them to the device
+(host work of ``Hierarchy.build``), alone, then over and over while a thread lowers the
+hierarchy's programs, at each ``--intervals`` (``sys.setswitchinterval``, seconds;
+Python's default is 0.005).  A thread that gives up the lock (a NumPy call, a copy)
+waits up to one interval to get it back while another thread traces.
+
+    python benchmarks/tracing.py --hierarchy 1024 --gpu
+    python benchmarks/tracing.py --hierarchy 1024 --gpu --contention --intervals 0.005 0.0005
+
 For A/B comparisons run a copy of this script inside each checkout, alternately, each in
 a fresh process (JAX keeps what it traced).
 """
@@ -70,7 +86,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--first", action="store_true", help="time one fresh helper's requests in order"
     )
+    ap.add_argument(
+        "--hierarchy", type=int, metavar="N", help="every program of a prepared N² solve"
+    )
+    ap.add_argument(
+        "--contention",
+        action="store_true",
+        help="with --hierarchy: the rank's host work while a thread lowers the programs",
+    )
+    ap.add_argument(
+        "--intervals",
+        type=float,
+        nargs="+",
+        default=[0.005, 0.001, 0.0005],
+        help="switch intervals for --contention, seconds (default 0.005 0.001 0.0005)",
+    )
     args = ap.parse_args(argv)
+    if args.contention and not args.hierarchy:
+        ap.error("--contention needs --hierarchy N")
+    if args.hierarchy:
+        return _hierarchy(args)
     if args.first:
         args.helpers = 1
 
@@ -189,6 +224,144 @@ def _first(args, helpers, lowerings) -> int:
     print(f"machine: {C.machine_line(C.machine_info())}")
     print(f"command: {C.command_line()}")
     return 0
+
+
+def _hierarchy_programs(n: int, gpu: bool) -> list[tuple[str, object]]:
+    """``(name, lower)`` for every program that :func:`mpda_dist.solver.prepare` of an
+    ``n²`` solve prefetches, each once (as :meth:`Jit.prefetch` drops a repeat); ``lower()``
+    traces and lowers it (for CUDA with ``gpu``) and returns ``(trace s, lower s)``."""
+    import jax
+
+    from mpda_dist import driver, fused, programs, runtime
+    from mpda_dist.config import load_config
+    from mpda_dist.multigrid import schedule
+    from mpda_dist.solver import prepare
+
+    comm = runtime.start()
+    if gpu:  # the forms a CUDA GPU traces (as a lowering helper does for its rank)
+        programs.TRACE_BACKEND[0] = "gpu"
+        fused.SUPPORTED[0] = True
+        fused.INTERPRET = False
+        fused.preload()
+    cfg = load_config(None, [f"grid.nx={n}", f"grid.ny={n}", "solver.dtype=float32"])
+    levels = schedule(n, n, 1 / (n - 1), 1 / (n - 1), cfg.solver.multigrid.min_size, True)
+    jobs, seen = [], set()
+
+    def record(self, fn, *args, **static):
+        key = (fn.name, fn._key(args, static)[2])
+        if key not in seen:
+            seen.add(key)
+            jobs.append((fn, args, static))
+
+    real = programs.Programs.prefetch
+    programs.Programs.prefetch = record
+    try:
+        with jax.enable_x64(False):
+            prepare(comm, levels, driver.settings_from(cfg)).close()
+    finally:
+        programs.Programs.prefetch = real
+    platforms = ("cuda",) if gpu else None
+
+    def lowering(fn, args, static):
+        def lower() -> tuple[float, float]:
+            dyn, stat, _ = fn._key(args, static)
+            with jax.enable_x64(False):
+                t0 = time.perf_counter()
+                traced = fn.jitted.trace(*dyn, **stat)
+                t1 = time.perf_counter()
+                traced.lower(lowering_platforms=platforms)
+            return t1 - t0, time.perf_counter() - t1
+
+        return lower
+
+    return [(fn.name.rsplit(".", 1)[-1], lowering(fn, a, st)) for fn, a, st in jobs]
+
+
+def _hierarchy(args) -> int:
+    jobs = _hierarchy_programs(args.hierarchy, args.gpu)
+    where = "a CUDA GPU" if args.gpu else "this backend"
+    if args.contention:
+        _contention(args, jobs)
+    else:
+        rows: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        for name, lower in jobs:
+            tr, lo = lower()
+            row = rows.setdefault(name, [0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += tr
+            row[2] += lo
+        total = time.perf_counter() - t0
+        print(
+            f"{len(jobs)} programs of a prepared {args.hierarchy}² solve (one rank, float32), "
+            f"traced and lowered for {where}, one after another: {total:.2f} s"
+        )
+        print(f"  {'program':16s} {'count':>5s} {'trace s':>8s} {'lower s':>8s}")
+        for name, (k, tr, lo) in sorted(rows.items(), key=lambda r: -(r[1][1] + r[1][2])):
+            print(f"  {name:16s} {k:5d} {tr:8.3f} {lo:8.3f}")
+    print(f"machine: {C.machine_line(C.machine_info())}")
+    print(f"command: {C.command_line()}")
+    return 0
+
+
+def _host_work(n: int) -> None:
+    """What :meth:`mpda_dist.cycle.Hierarchy.build` does on the host per level: the prior's
+    stencil (as float32) and its copy to the device."""
+    import jax
+    import numpy as np
+
+    from mpda_dist import prior
+
+    side = n - 2
+    while side >= 30:
+        diag, weights = prior.rectangle_stencil(
+            (side, side), (1 / (side + 1),) * 2, 0.1, 1.0, (0, side), (0, side), np.float32
+        )
+        jax.block_until_ready((jax.device_put(weights), jax.device_put(diag)))
+        side //= 2
+
+
+def _contention(args, jobs) -> None:
+    """The host work alone, then repeated while a thread lowers ``jobs`` (each program
+    anew: JAX's caches are cleared before each interval), per switch interval."""
+    import statistics
+
+    import jax
+
+    n = args.hierarchy
+    alone = [C.timed(lambda: _host_work(n))[0] for _ in range(4)][1:]
+    print(
+        f"host work of a {n}² hierarchy (prior stencils, device copies), alone: "
+        f"{statistics.median(alone):.3f} s (median of 3)"
+    )
+    print(f"  {'interval':>9s} {'host passes':>11s} {'host s (median)':>15s} {'lowering s':>10s}")
+    default = sys.getswitchinterval()
+    try:
+        for interval in args.intervals:
+            jax.clear_caches()
+            sys.setswitchinterval(interval)
+            done = threading.Event()
+            spent = [0.0]
+
+            def lower_all(done: threading.Event, spent: list[float]) -> None:
+                t0 = time.perf_counter()
+                for _, lower in jobs:
+                    lower()
+                spent[0] = time.perf_counter() - t0
+                done.set()
+
+            th = threading.Thread(target=lower_all, args=(done, spent))
+            th.start()
+            passes = []
+            while not done.is_set():
+                passes.append(C.timed(lambda: _host_work(n))[0])
+            th.join()
+            print(
+                f"  {interval * 1e3:7.2f} ms {len(passes):11d} "
+                f"{statistics.median(passes):15.3f} {spent[0]:10.2f}"
+            )
+    finally:
+        sys.setswitchinterval(default)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,17 @@ def pack_cavities(a: Array, b: Array, op: Operator, p: Params, layout: Layout) -
     return lax.concatenate(parts, 0)
 
 
+def _outgoing(a: Array, b: Array, op: Operator, p: Params, send: bool) -> Array:
+    """The update programs' outgoing cavity buffer (:func:`pack_cavities`), or with
+    ``send`` false an empty one: a block without neighbours sends nothing, and the
+    buffer was half the operations of each update program to trace, lower and compile
+    (iterate_a 936 → 423, the fused iterate_b 1093 → 580; benchmarks/RESULTS.md §27)."""
+    if not send:
+        return jnp.zeros((0,), a.dtype)
+    by, bx = a.shape[1:]
+    return pack_cavities(a, b, op, p, message_layout(by, bx))
+
+
 def _band(edge: slice, size: int) -> slice:
     """The border band (first or last ``_BAND`` of ``size``) that holds ``edge``."""
     if edge.start == 0:
@@ -374,7 +385,10 @@ def _precision_term(op: Operator, p: Params):
 
 
 # The updates' jit options: ``a``, ``b`` and ``b_prev`` are donated (see update_call).
-_UPDATE = {"static_argnames": ("n", "momentum", "delta", "form"), "donate_argnums": (0, 1, 2)}
+_UPDATE = {
+    "static_argnames": ("n", "momentum", "delta", "form", "send"),
+    "donate_argnums": (0, 1, 2),
+}
 
 
 @jit(**_UPDATE)
@@ -389,6 +403,7 @@ def iterate(
     momentum: float = 0.0,
     delta: bool = True,
     form: str | None = None,
+    send: bool = True,
 ) -> tuple[Array, Array, Array, Array, Array]:
     """``n ≥ 1`` synchronous damped updates of every message (DESIGN §2) with the halo
     held fixed.
@@ -399,8 +414,9 @@ def iterate(
     ``form`` is how the border is read (:data:`FORMS`; default :func:`default_form`).
 
     Returns the new messages, ``b_prev``, the flat outgoing cavity buffer for the
-    neighbours, and ``[Σ|Δa|, Σ|Δb|]`` of the last update (for the paper's δ rule;
-    zeros when ``delta`` is false, which compiles a smaller program).
+    neighbours (empty when ``send`` is false: a block without neighbours), and
+    ``[Σ|Δa|, Σ|Δb|]`` of the last update (for the paper's δ rule; zeros when ``delta``
+    is false, which compiles a smaller program).
     """
     by, bx = a.shape[1:]
     border = _Border(halo_flat, by, bx, form)
@@ -442,7 +458,7 @@ def iterate(
     change = jnp.zeros(2, a.dtype)
     if delta:
         change = jnp.stack([_abs_change(a, prev[0]), _abs_change(b, prev[1])])
-    return a, b, b_prev, pack_cavities(a, b, op, p, message_layout(by, bx)), change
+    return a, b, b_prev, _outgoing(a, b, op, p, send), change
 
 
 def _momentum(x: Array, b: Array, bp: Array, k: int, momentum: float) -> Array:
@@ -588,13 +604,20 @@ iterate_odd = _b_prev_first(iterate)
 # ``g = η (Γ/c) / α``: no division, no ``a`` traffic, and the same fixed point.
 
 
-@jit(static_argnames=("n", "form"), donate_argnums=(0,))
+@jit(static_argnames=("n", "form", "send"), donate_argnums=(0,))
 def iterate_a(
-    a: Array, b: Array, op: Operator, halo_flat: Array, p: Params, n: int, form: str | None = None
+    a: Array,
+    b: Array,
+    op: Operator,
+    halo_flat: Array,
+    p: Params,
+    n: int,
+    form: str | None = None,
+    send: bool = True,
 ) -> tuple[Array, Array, Array]:
     """``n`` updates of ``a`` alone (``b`` only fills the outgoing buffer).  Returns
-    ``a``, the outgoing cavity buffer and the largest ``|Δa| / |a|`` over the ``n``
-    updates."""
+    ``a``, the outgoing cavity buffer (empty when ``send`` is false) and the largest
+    ``|Δa| / |a|`` over the ``n`` updates."""
     by, bx = a.shape[1:]
     border = _Border(halo_flat, by, bx, form)
     term = _precision_term(op, p)
@@ -619,7 +642,7 @@ def iterate_a(
     # must have converged too.
     scale = jnp.maximum(jnp.maximum(jnp.abs(new), jnp.abs(a)), jnp.finfo(a.dtype).tiny)
     change = jnp.max(jnp.abs(new - a) / scale)
-    return new, pack_cavities(new, b, op, p, message_layout(by, bx)), change
+    return new, _outgoing(new, b, op, p, send), change
 
 
 @jit
@@ -651,17 +674,19 @@ def iterate_b(
     momentum: float = 0.0,
     delta: bool = True,
     form: str | None = None,
+    send: bool = True,
 ) -> tuple[Array, Array, Array, Array]:
     """Like :func:`iterate` with ``a`` frozen at its fixed point and ``g = gains(a)``.
 
     Returns ``a`` (as given, donated: JAX pairs donated inputs with the first outputs
     of their shape, so with ``b`` and ``b_prev`` alone donated they would alias the
     outputs ``a`` and ``b``, and XLA would copy three full arrays per call), ``b``,
-    ``b_prev``, the outgoing cavity buffer and ``[0, Σ|Δb|]``."""
+    ``b_prev``, the outgoing cavity buffer (empty when ``send`` is false) and
+    ``[0, Σ|Δb|]``."""
     by, bx = b.shape[1:]
     form = frozen_form(form, n)
     if form == FUSED:
-        return _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta)
+        return _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta, send)
     border = _Border(halo_flat, by, bx, form)
 
     def term(k, idx, alpha, beta):
@@ -693,7 +718,7 @@ def iterate_b(
     change = jnp.zeros(2, b.dtype)
     if delta:
         change = jnp.stack([jnp.zeros((), b.dtype), _abs_change(b, prev[0] if keep else b_prev)])
-    return a, b, b_prev, pack_cavities(a, b, op, p, message_layout(by, bx)), change
+    return a, b, b_prev, _outgoing(a, b, op, p, send), change
 
 
 iterate_b_odd = _b_prev_first(iterate_b)
@@ -737,7 +762,7 @@ def framed_messages(x: Array, halo_flat: Array) -> Array:
     return out
 
 
-def _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta):
+def _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta, send):
     """:func:`iterate_b` with each update one :func:`fused.step`; same results."""
     by, bx = b.shape[1:]
     bpad = framed_messages(b, halo_flat)
@@ -763,7 +788,7 @@ def _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta):
     change = jnp.zeros(2, b.dtype)
     if delta:
         change = jnp.stack([jnp.zeros((), b.dtype), _abs_change(new, last)])
-    return a, new, b_prev, pack_cavities(a, new, op, p, message_layout(by, bx)), change
+    return a, new, b_prev, _outgoing(a, new, op, p, send), change
 
 
 @jit

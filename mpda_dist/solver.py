@@ -229,7 +229,9 @@ def solve_level(
             res.status = CAPPED
             break
         fn, args = kernel.update_call(a, b, bp, g, op, halo, p, n)
-        step = jit(fn, *args, n=n, momentum=s.momentum, delta=s.stopping == "delta")
+        step = jit(
+            fn, *args, n=n, momentum=s.momentum, delta=s.stopping == "delta", send=neighbours
+        )
         t0 = time.perf_counter()
         a, b, bp, out, d = step(*args)
         it += n
@@ -379,7 +381,7 @@ def _freeze(
     tol = n * 16 * float(jnp.finfo(a.dtype).eps)
     its = 0
     while not already:
-        step = jit(kernel.iterate_a, a, b, op, halo, p, n=n)
+        step = jit(kernel.iterate_a, a, b, op, halo, p, n=n, send=decomp.has_neighbours)
         a, out, change = step(a, b, op, halo, p)
         its += n
         if decomp.has_neighbours:
@@ -419,12 +421,16 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
         # the start's first program (the messages of the mean from the level below)
         hier.programs.prefetch(kernel.shift_messages, msg, bp, field, frame, op, p.c)
         if s.freeze_precisions:
-            hier.programs.prefetch(kernel.iterate_a, msg, msg, op, halo, p, n=FREEZE_CHUNK)
+            hier.programs.prefetch(
+                kernel.iterate_a, msg, msg, op, halo, p, n=FREEZE_CHUNK, send=neighbours
+            )
             hier.programs.prefetch(kernel.gains, msg, op, halo, p)
         g = msg if s.freeze_precisions else None
         for n, delta in calls:  # (a repeated one is prefetched once)
             fn, args = kernel.update_call(msg, msg, bp, g, op, halo, p, n)
-            hier.programs.prefetch(fn, *args, n=n, momentum=s.momentum, delta=delta)
+            hier.programs.prefetch(
+                fn, *args, n=n, momentum=s.momentum, delta=delta, send=neighbours
+            )
         hier.programs.prefetch(kernel.marginal_mean, msg, msg, op, p)
         hist = jax.ShapeDtypeStruct((s.anderson + 1, *field.shape), hier.dtype)
         if s.anderson:

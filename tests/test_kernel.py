@@ -78,6 +78,42 @@ def test_border_forms_agree(shape):
             _close(x, y)
 
 
+def test_a_block_without_neighbours_sends_nothing():
+    """``send=False`` (a block with no neighbours): the same messages and change, an
+    empty outgoing buffer, and a program with fewer operations (the buffer was half of
+    them).  Each update in one of the two forms (they share the code that sends)."""
+    p = kernel.Params(10.0, 0.6)
+    with jax.enable_x64(True):
+        op, halo, (a, b, bp) = _block(5, 4)
+        g = kernel.gains(jnp.abs(a) + 1.0, op, halo, p)
+        calls = {
+            "iterate (strips)": lambda send: kernel.iterate(
+                *(jnp.array(x) for x in (a, b, bp)), op, halo, p, n=5, momentum=0.3,
+                form="strips", send=send,
+            ),
+            "iterate_a (pads)": lambda send: kernel.iterate_a(
+                jnp.array(a), b, op, halo, p, n=4, form="pads", send=send
+            ),
+            "iterate_b (strips)": lambda send: kernel.iterate_b(
+                *(jnp.array(x) for x in (a, b, bp)), g, op, halo, p, n=6, momentum=0.4,
+                form="strips", send=send,
+            ),
+        }  # fmt: skip
+        for name, call in calls.items():
+            sent, quiet = call(True), call(False)
+            out = 1 if name.startswith("iterate_a") else 3  # where the buffer is
+            assert sent[out].size > 0 and quiet[out].shape == (0,), name
+            for i, (x, y) in enumerate(zip(quiet, sent, strict=True)):
+                if i != out:
+                    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+        lowered = {
+            send: kernel.iterate_b.lower(a, b, bp, g, op, halo, p, n=6, form="pads", send=send)
+            for send in (True, False)
+        }
+    ops = {k: v.as_text().count(" = stablehlo.") for k, v in lowered.items()}
+    assert ops[False] < 0.7 * ops[True], ops
+
+
 def test_halo_reaches_the_border_only():
     """One update with another halo β changes the two border rows and columns only."""
     ny, nx = 9, 11

@@ -51,6 +51,24 @@ def test_mp_equals_exact_float32():
     assert rel_rmse(res.anomaly, exact) <= 1e-4
 
 
+def test_a_block_without_neighbours_sends_nothing(monkeypatch):
+    """One rank, no neighbours: the update programs compute no outgoing cavities
+    (``send=False``), so :func:`kernel.pack_cavities` is never traced, and the answer is
+    still exact.  A grid no other test uses and no program store: every program is
+    traced here."""
+    from mpda_dist import kernel, programs
+
+    traced = []
+    real = kernel.pack_cavities
+    monkeypatch.setattr(kernel, "pack_cavities", lambda *a: traced.append(1) or real(*a))
+    monkeypatch.setattr(programs, "_STORE", programs.Store(None))
+    _, nodes, levels, exact = problem(23, 21, 0.1)
+    res = run(levels[-1:], nodes, dtype="float32", tol=5e-7, max_iterations=20000)
+    assert res.levels[-1].residual < 1e-6
+    assert rel_rmse(res.anomaly, exact) <= 1e-4
+    assert traced == []
+
+
 def test_bilinear_rows_touching_the_boundary_mp_equals_exact():
     """Bilinear observations in cells with corners on the boundary (held at the
     background): the corners there carry no weight in the model.  The message-passing
