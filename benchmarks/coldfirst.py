@@ -14,8 +14,9 @@ compiles run beside it).
     python benchmarks/coldfirst.py --size 512 --rounds 3
     python benchmarks/coldfirst.py --size 512 --jax-cache --switch-intervals default 0.0005
 
-To compare two versions of the package, run the script once per checkout (its
-``PYTHONPATH``), alternately.
+To compare two versions of the package, run each checkout's own copy of the script
+(copy it into the older one), alternately: ``benchmarks/_common.py`` puts its own
+checkout first on ``sys.path``, whatever ``PYTHONPATH`` says.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ interval, n, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if interval != "default":
     sys.setswitchinterval(float(interval))
 sys.path.insert(0, sys.argv[4])
-import gpu_bench as G
+import gpu_bench as G  # (its _common puts this checkout first on sys.path)
 comm = G._start()
 out = G.solve_case(comm, n, 0.05, runs=1, first_max_iterations=cap)
 r = out["runs"][0]
@@ -53,7 +54,7 @@ def run_once(args, interval: str, cache: str | None) -> tuple[float, ...]:
         here = str(Path(__file__).resolve().parent)
         cmd = [sys.executable, "-c", INNER, interval, str(args.size), str(args.cap), here]
         # (run in the empty directory: `python -c` puts its working directory first on
-        # sys.path, which would shadow a PYTHONPATH that names another checkout)
+        # sys.path, which could shadow this checkout's package)
         p = subprocess.run(
             cmd, capture_output=True, text=True, env=env, timeout=args.timeout, cwd=d
         )

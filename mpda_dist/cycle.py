@@ -235,16 +235,16 @@ class Smoother:
         ``exchange.every`` says: visits on lagged halos diverged at 1 % observations on
         four ranks, benchmarks/RESULTS.md §16)."""
         halo = self.cavities(op)
-        send = self.decomp.has_neighbours
-        chunk = 1 if send else (self.chunk or n)
+        nb = self.decomp.has_neighbours
+        chunk = 1 if nb else (self.chunk or n)
         done = 0
         while done < n:
             k = min(chunk, n - done)
             fn, args = kernel.update_call(self.a, self.b, self.bp, self.g, op, halo, self.params, k)
-            step = self.programs(fn, *args, n=k, momentum=self.momentum, delta=False, send=send)
+            step = self.programs(fn, *args, n=k, momentum=self.momentum, delta=False, neighbours=nb)
             self.a, self.b, self.bp, out, _ = step(*args)
             done += k
-            if send and done < n:
+            if nb and done < n:
                 halo = self.mex.exchange(np.asarray(out))
         self.iterations += n
 

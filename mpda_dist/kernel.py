@@ -196,12 +196,13 @@ def pack_cavities(a: Array, b: Array, op: Operator, p: Params, layout: Layout) -
     return lax.concatenate(parts, 0)
 
 
-def _outgoing(a: Array, b: Array, op: Operator, p: Params, send: bool) -> Array:
-    """The update programs' outgoing cavity buffer (:func:`pack_cavities`), or with
-    ``send`` false an empty one: a block without neighbours sends nothing, and the
-    buffer was half the operations of each update program to trace, lower and compile
-    (iterate_a 936 → 423, the fused iterate_b 1093 → 580; benchmarks/RESULTS.md §27)."""
-    if not send:
+def _outgoing(a: Array, b: Array, op: Operator, p: Params, neighbours: bool) -> Array:
+    """The update programs' outgoing cavity buffer (:func:`pack_cavities`), or an empty
+    one for a block without ``neighbours``: it sends nothing.  The buffer was half the
+    operations of each update program to trace, lower and compile; with the halo not
+    read either (:class:`_Border`) iterate_a has 287 instead of 936 and the fused
+    iterate_b 300 instead of 1093 (benchmarks/RESULTS.md §27)."""
+    if not neighbours:
         return jnp.zeros((0,), a.dtype)
     by, bx = a.shape[1:]
     return pack_cavities(a, b, op, p, message_layout(by, bx))
@@ -323,10 +324,19 @@ ALL = (slice(None), slice(None))
 
 
 class _Border:
-    """How one call's updates read the cavities of senders across the block border."""
+    """How one call's updates read the cavities of senders across the block border.
 
-    def __init__(self, halo_flat: Array, by: int, bx: int, form: str | None):
-        self.pieces = _split(halo_flat, message_layout(by, bx).incoming)
+    A block without ``neighbours`` has the domain edge on every side, where the halo is
+    the layout's constant fill (``α = 1, β = 0``): the updates read that constant
+    outside the block (:func:`_shift_in`) and not the halo, in either form, which also
+    spares the programs the halo's pieces (cut from the flat buffer, padded and added)."""
+
+    def __init__(
+        self, halo_flat: Array, by: int, bx: int, form: str | None, neighbours: bool = True
+    ):
+        layout = message_layout(by, bx)
+        self.edge = None if neighbours else layout.fill
+        self.pieces = _split(halo_flat, layout.incoming) if neighbours else {}
         self.form = form or default_form()
         if self.form == FUSED:
             self.form = "pads"
@@ -338,14 +348,17 @@ class _Border:
         """``x[j + OFFSETS[k]]``: the cavity (``kind`` alpha or beta) of slot ``k``'s
         senders."""
         array = k if kind == "alpha" else k + NSLOTS
+        if self.edge is not None:  # no neighbours: the domain edge's constant
+            return _shift_in(x, OFFSETS[k], self.edge[array])
         if self.form == "pads":
             return _shifted(x, OFFSETS[k], self.pieces, array)
         return _shift_in(x, OFFSETS[k], _FILL[kind])
 
     def edge_terms(self, term) -> list[list[tuple]]:
         """Per slot, ``[(index, term(k, index, alpha, beta))]`` on its border strips
-        from the halo (none with ``pads``, where the update reads the halo itself)."""
-        if self.form == "pads":
+        from the halo (none with ``pads``, where the update reads the halo itself, nor
+        without neighbours, where :meth:`shift` reads the edge's constant)."""
+        if self.form == "pads" or self.edge is not None:
             return [[] for _ in OFFSETS]
         out = []
         for k, d in enumerate(OFFSETS):
@@ -386,7 +399,7 @@ def _precision_term(op: Operator, p: Params):
 
 # The updates' jit options: ``a``, ``b`` and ``b_prev`` are donated (see update_call).
 _UPDATE = {
-    "static_argnames": ("n", "momentum", "delta", "form", "send"),
+    "static_argnames": ("n", "momentum", "delta", "form", "neighbours"),
     "donate_argnums": (0, 1, 2),
 }
 
@@ -403,7 +416,7 @@ def iterate(
     momentum: float = 0.0,
     delta: bool = True,
     form: str | None = None,
-    send: bool = True,
+    neighbours: bool = True,
 ) -> tuple[Array, Array, Array, Array, Array]:
     """``n ≥ 1`` synchronous damped updates of every message (DESIGN §2) with the halo
     held fixed.
@@ -412,14 +425,16 @@ def iterate(
     ``b`` update; it vanishes at a fixed point, so the answer is unchanged.  ``b_prev``
     is the previous ``b`` (any array when ``momentum == 0``; returned as given).
     ``form`` is how the border is read (:data:`FORMS`; default :func:`default_form`).
+    ``neighbours`` false: the block has none, its halo is the domain edge's constant
+    (``halo_flat`` is not read) and it sends nothing.
 
     Returns the new messages, ``b_prev``, the flat outgoing cavity buffer for the
-    neighbours (empty when ``send`` is false: a block without neighbours), and
+    neighbours (empty without them), and
     ``[Σ|Δa|, Σ|Δb|]`` of the last update (for the paper's δ rule; zeros when ``delta``
     is false, which compiles a smaller program).
     """
     by, bx = a.shape[1:]
-    border = _Border(halo_flat, by, bx, form)
+    border = _Border(halo_flat, by, bx, form, neighbours)
     term_a = _precision_term(op, p)
     c, neg_eta, decay = _cast(p.c, b), _cast(-p.damping, b), _cast(1 - p.damping, b)
 
@@ -458,7 +473,7 @@ def iterate(
     change = jnp.zeros(2, a.dtype)
     if delta:
         change = jnp.stack([_abs_change(a, prev[0]), _abs_change(b, prev[1])])
-    return a, b, b_prev, _outgoing(a, b, op, p, send), change
+    return a, b, b_prev, _outgoing(a, b, op, p, neighbours), change
 
 
 def _momentum(x: Array, b: Array, bp: Array, k: int, momentum: float) -> Array:
@@ -604,7 +619,7 @@ iterate_odd = _b_prev_first(iterate)
 # ``g = η (Γ/c) / α``: no division, no ``a`` traffic, and the same fixed point.
 
 
-@jit(static_argnames=("n", "form", "send"), donate_argnums=(0,))
+@jit(static_argnames=("n", "form", "neighbours"), donate_argnums=(0,))
 def iterate_a(
     a: Array,
     b: Array,
@@ -613,13 +628,13 @@ def iterate_a(
     p: Params,
     n: int,
     form: str | None = None,
-    send: bool = True,
+    neighbours: bool = True,
 ) -> tuple[Array, Array, Array]:
     """``n`` updates of ``a`` alone (``b`` only fills the outgoing buffer).  Returns
-    ``a``, the outgoing cavity buffer (empty when ``send`` is false) and the largest
-    ``|Δa| / |a|`` over the ``n`` updates."""
+    ``a``, the outgoing cavity buffer (empty without ``neighbours``, see
+    :func:`iterate`) and the largest ``|Δa| / |a|`` over the ``n`` updates."""
     by, bx = a.shape[1:]
-    border = _Border(halo_flat, by, bx, form)
+    border = _Border(halo_flat, by, bx, form, neighbours)
     term = _precision_term(op, p)
     edges = border.edge_terms(term)
 
@@ -642,20 +657,21 @@ def iterate_a(
     # must have converged too.
     scale = jnp.maximum(jnp.maximum(jnp.abs(new), jnp.abs(a)), jnp.finfo(a.dtype).tiny)
     change = jnp.max(jnp.abs(new - a) / scale)
-    return new, _outgoing(new, b, op, p, send), change
+    return new, _outgoing(new, b, op, p, neighbours), change
 
 
-@jit
-def gains(a: Array, op: Operator, halo_flat: Array, p: Params) -> Array:
+@jit(static_argnames=("neighbours",))
+def gains(a: Array, op: Operator, halo_flat: Array, p: Params, neighbours: bool = True) -> Array:
     """``g[k] = η (Γ_k/c) / α_k`` for frozen ``a`` (its cavities across the border come
-    from ``halo_flat``, which must hold the frozen ``a``'s cavities)."""
+    from ``halo_flat``, which must hold the frozen ``a``'s cavities; without
+    ``neighbours``, from the domain edge, see :func:`iterate`)."""
     by, bx = a.shape[1:]
-    halo = _split(halo_flat, message_layout(by, bx).incoming)
+    border = _Border(halo_flat, by, bx, "pads", neighbours)
     A = _node_sum(op.diag, a, p.c)
     c, eta = _cast(p.c, a), _cast(p.damping, a)
 
     def gain(k: int) -> Array:
-        alpha = _shifted(lax.sub(A, _part(a, OPPOSITE[k])), OFFSETS[k], halo, k)
+        alpha = border.shift(lax.sub(A, _part(a, OPPOSITE[k])), k, "alpha")
         return lax.div(lax.mul(eta, lax.div(_part(op.weights, k), c)), alpha)
 
     return _slot_terms(gain)
@@ -674,20 +690,20 @@ def iterate_b(
     momentum: float = 0.0,
     delta: bool = True,
     form: str | None = None,
-    send: bool = True,
+    neighbours: bool = True,
 ) -> tuple[Array, Array, Array, Array]:
     """Like :func:`iterate` with ``a`` frozen at its fixed point and ``g = gains(a)``.
 
     Returns ``a`` (as given, donated: JAX pairs donated inputs with the first outputs
     of their shape, so with ``b`` and ``b_prev`` alone donated they would alias the
     outputs ``a`` and ``b``, and XLA would copy three full arrays per call), ``b``,
-    ``b_prev``, the outgoing cavity buffer (empty when ``send`` is false) and
-    ``[0, Σ|Δb|]``."""
+    ``b_prev``, the outgoing cavity buffer (empty without ``neighbours``, see
+    :func:`iterate`) and ``[0, Σ|Δb|]``."""
     by, bx = b.shape[1:]
     form = frozen_form(form, n)
     if form == FUSED:
-        return _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta, send)
-    border = _Border(halo_flat, by, bx, form)
+        return _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta, neighbours)
+    border = _Border(halo_flat, by, bx, form, neighbours)
 
     def term(k, idx, alpha, beta):
         return lax.mul(lax.neg(_part(g, k, *idx)), beta)
@@ -718,13 +734,13 @@ def iterate_b(
     change = jnp.zeros(2, b.dtype)
     if delta:
         change = jnp.stack([jnp.zeros((), b.dtype), _abs_change(b, prev[0] if keep else b_prev)])
-    return a, b, b_prev, _outgoing(a, b, op, p, send), change
+    return a, b, b_prev, _outgoing(a, b, op, p, neighbours), change
 
 
 iterate_b_odd = _b_prev_first(iterate_b)
 
 
-def framed_messages(x: Array, halo_flat: Array) -> Array:
+def framed_messages(x: Array, halo_flat: Array, neighbours: bool = True) -> Array:
     """``b`` messages ``(12, by, bx)`` padded for :mod:`fused`, with the halo in the
     frame.  The pass reads the cavity of slot ``k``'s sender at ``j + d`` as
     ``B[j + d] − b[OPPOSITE[k]][j + d]``; outside the block ``B``'s frame is 0, so
@@ -732,7 +748,10 @@ def framed_messages(x: Array, halo_flat: Array) -> Array:
     frame node and slot is read by one update only).  The halo's pieces are written
     into the padded array where they lie (20 small writes in place), rather than each
     slot's shifted into a full-size array and all subtracted (on a CPU 2.7× the time
-    of the padding alone, now about the same)."""
+    of the padding alone, now about the same).  Without ``neighbours`` the halo is the
+    domain edge's, ``β = 0``: the frame stays 0 and ``halo_flat`` is not read."""
+    if not neighbours:
+        return fused.pad(x)
     by, bx = x.shape[1:]
     pieces = _split(halo_flat, message_layout(by, bx).incoming)
     top, lead = fused.origin()
@@ -762,11 +781,11 @@ def framed_messages(x: Array, halo_flat: Array) -> Array:
     return out
 
 
-def _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta, send):
+def _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta, neighbours):
     """:func:`iterate_b` with each update one :func:`fused.step`; same results."""
     by, bx = b.shape[1:]
-    bpad = framed_messages(b, halo_flat)
-    bppad = framed_messages(b_prev, halo_flat) if momentum else bpad
+    bpad = framed_messages(b, halo_flat, neighbours)
+    bppad = framed_messages(b_prev, halo_flat, neighbours) if momentum else bpad
     sums = fused.pad(_node_sum(op.rhs, b, p.c))
     gpad, rhs = fused.pad(g), fused.pad(op.rhs)
     scalars = jnp.stack([1 - p.damping, p.c]).astype(b.dtype)
@@ -788,7 +807,7 @@ def _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta, send
     change = jnp.zeros(2, b.dtype)
     if delta:
         change = jnp.stack([jnp.zeros((), b.dtype), _abs_change(new, last)])
-    return a, new, b_prev, _outgoing(a, new, op, p, send), change
+    return a, new, b_prev, _outgoing(a, new, op, p, neighbours), change
 
 
 @jit

@@ -230,7 +230,12 @@ def solve_level(
             break
         fn, args = kernel.update_call(a, b, bp, g, op, halo, p, n)
         step = jit(
-            fn, *args, n=n, momentum=s.momentum, delta=s.stopping == "delta", send=neighbours
+            fn,
+            *args,
+            n=n,
+            momentum=s.momentum,
+            delta=s.stopping == "delta",
+            neighbours=neighbours,
         )
         t0 = time.perf_counter()
         a, b, bp, out, d = step(*args)
@@ -380,17 +385,18 @@ def _freeze(
     n = FREEZE_CHUNK
     tol = n * 16 * float(jnp.finfo(a.dtype).eps)
     its = 0
+    nb = decomp.has_neighbours
     while not already:
-        step = jit(kernel.iterate_a, a, b, op, halo, p, n=n, send=decomp.has_neighbours)
+        step = jit(kernel.iterate_a, a, b, op, halo, p, n=n, neighbours=nb)
         a, out, change = step(a, b, op, halo, p)
         its += n
-        if decomp.has_neighbours:
+        if nb:
             halo = mex.exchange(np.asarray(out))
         if allreduce_max(decomp.comm, float(change)) <= tol:
             break
         if its >= FREEZE_CAP:
             return a, halo, None, its
-    g = jit(kernel.gains, a, op, halo, p)(a, op, halo, p)
+    g = jit(kernel.gains, a, op, halo, p, neighbours=nb)(a, op, halo, p)
     return a, halo, g, its
 
 
@@ -422,14 +428,14 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
         hier.programs.prefetch(kernel.shift_messages, msg, bp, field, frame, op, p.c)
         if s.freeze_precisions:
             hier.programs.prefetch(
-                kernel.iterate_a, msg, msg, op, halo, p, n=FREEZE_CHUNK, send=neighbours
+                kernel.iterate_a, msg, msg, op, halo, p, n=FREEZE_CHUNK, neighbours=neighbours
             )
-            hier.programs.prefetch(kernel.gains, msg, op, halo, p)
+            hier.programs.prefetch(kernel.gains, msg, op, halo, p, neighbours=neighbours)
         g = msg if s.freeze_precisions else None
         for n, delta in calls:  # (a repeated one is prefetched once)
             fn, args = kernel.update_call(msg, msg, bp, g, op, halo, p, n)
             hier.programs.prefetch(
-                fn, *args, n=n, momentum=s.momentum, delta=delta, send=neighbours
+                fn, *args, n=n, momentum=s.momentum, delta=delta, neighbours=neighbours
             )
         hier.programs.prefetch(kernel.marginal_mean, msg, msg, op, p)
         hist = jax.ShapeDtypeStruct((s.anderson + 1, *field.shape), hier.dtype)
@@ -857,7 +863,8 @@ def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:
         sm.a, sm.b = jax.device_put(part(c, ca)), jax.device_put(part(c, cb))
         sm.bp = jax.device_put(part(c, cp)) if has_bp else zeros((0,), dtype)
         if frozen:  # the coarse levels froze a too (their own solves ran before this one)
-            sm.g = kernel.gains(sm.a, sm.op, sm.cavities(sm.op), sm.params)
+            nb = sm.decomp.has_neighbours
+            sm.g = kernel.gains(sm.a, sm.op, sm.cavities(sm.op), sm.params, neighbours=nb)
     a0 = part(i, resume.a if root else None)
     b0 = part(i, resume.b if root else None)
     bp = part(i, resume.b_prev if root else None) if has_bp else None

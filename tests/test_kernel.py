@@ -78,37 +78,51 @@ def test_border_forms_agree(shape):
             _close(x, y)
 
 
-def test_a_block_without_neighbours_sends_nothing():
-    """``send=False`` (a block with no neighbours): the same messages and change, an
-    empty outgoing buffer, and a program with fewer operations (the buffer was half of
-    them).  Each update in one of the two forms (they share the code that sends)."""
+def test_a_block_without_neighbours_reads_the_edge_and_sends_nothing():
+    """``neighbours=False``: the block's halo is the domain edge's constant (α = 1,
+    β = 0), which the programs then use without reading the halo, and it sends nothing.
+    The same messages, change and gains as with that halo passed in, an empty outgoing
+    buffer, and programs with fewer operations (the buffer was half of them).  Each
+    update in one of the two forms; the fused pass's framing too."""
+    from mpda_dist import fused
+
     p = kernel.Params(10.0, 0.6)
     with jax.enable_x64(True):
-        op, halo, (a, b, bp) = _block(5, 4)
-        g = kernel.gains(jnp.abs(a) + 1.0, op, halo, p)
+        op, _, (a, b, bp) = _block(5, 4)
+        layout = message_layout(5, 4)
+        edge = jnp.asarray(
+            np.concatenate([layout.fill_segment(i) for i in range(len(layout.incoming))])
+        )
+        nowhere = jnp.full(edge.shape, jnp.nan)  # not read without neighbours
+        g = kernel.gains(jnp.abs(a) + 1.0, op, edge, p)
+        g_edge = kernel.gains(jnp.abs(a) + 1.0, op, nowhere, p, neighbours=False)
+        _close(g_edge, g)
         calls = {
-            "iterate (strips)": lambda send: kernel.iterate(
+            "iterate (strips)": lambda halo, nb: kernel.iterate(
                 *(jnp.array(x) for x in (a, b, bp)), op, halo, p, n=5, momentum=0.3,
-                form="strips", send=send,
+                form="strips", neighbours=nb,
             ),
-            "iterate_a (pads)": lambda send: kernel.iterate_a(
-                jnp.array(a), b, op, halo, p, n=4, form="pads", send=send
+            "iterate_a (pads)": lambda halo, nb: kernel.iterate_a(
+                jnp.array(a), b, op, halo, p, n=4, form="pads", neighbours=nb
             ),
-            "iterate_b (strips)": lambda send: kernel.iterate_b(
+            "iterate_b (strips)": lambda halo, nb: kernel.iterate_b(
                 *(jnp.array(x) for x in (a, b, bp)), g, op, halo, p, n=6, momentum=0.4,
-                form="strips", send=send,
+                form="strips", neighbours=nb,
             ),
         }  # fmt: skip
         for name, call in calls.items():
-            sent, quiet = call(True), call(False)
+            sent, quiet = call(edge, True), call(nowhere, False)
             out = 1 if name.startswith("iterate_a") else 3  # where the buffer is
             assert sent[out].size > 0 and quiet[out].shape == (0,), name
             for i, (x, y) in enumerate(zip(quiet, sent, strict=True)):
                 if i != out:
-                    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+                    _close(x, y)
+        framed = kernel.framed_messages(b, edge)
+        np.testing.assert_array_equal(kernel.framed_messages(b, nowhere, False), framed)
+        assert np.all(np.asarray(framed) == np.asarray(fused.pad(b)))  # β = 0: a zero frame
         lowered = {
-            send: kernel.iterate_b.lower(a, b, bp, g, op, halo, p, n=6, form="pads", send=send)
-            for send in (True, False)
+            nb: kernel.iterate_b.lower(a, b, bp, g, op, edge, p, n=6, form="pads", neighbours=nb)
+            for nb in (True, False)
         }
     ops = {k: v.as_text().count(" = stablehlo.") for k, v in lowered.items()}
     assert ops[False] < 0.7 * ops[True], ops

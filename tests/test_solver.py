@@ -53,9 +53,9 @@ def test_mp_equals_exact_float32():
 
 def test_a_block_without_neighbours_sends_nothing(monkeypatch):
     """One rank, no neighbours: the update programs compute no outgoing cavities
-    (``send=False``), so :func:`kernel.pack_cavities` is never traced, and the answer is
-    still exact.  A grid no other test uses and no program store: every program is
-    traced here."""
+    (``neighbours=False``), so :func:`kernel.pack_cavities` is never traced, and the
+    answer is still exact.  A grid no other test uses and no program store: every
+    program is traced here."""
     from mpda_dist import kernel, programs
 
     traced = []
