@@ -3,10 +3,12 @@
 (``--forms``; ``mpda_dist.kernel.FORMS``), as the solver calls them with the residual
 rule (``delta=False``).
 
-One block on a 1 × 1 process grid: the halo is the constant domain-edge payload from
-``message_layout(by, bx).fill_segment`` (what the solver uses when a block has no
-neighbour).  The operator is the real posterior stencil (Matérn prior, 5 % point
-observations) of a grid whose interior is the block.  ``--momentum`` (default 0: a
+One block on a 1 × 1 process grid, timed as the solver runs it there: with
+``neighbours=False``, the programs use the domain edge's constant instead of reading the
+halo (the constant payload from ``message_layout(by, bx).fill_segment``, still passed)
+and send nothing (benchmarks/RESULTS.md §27; before, they read that halo and packed an
+outgoing buffer per call). The operator is the real posterior stencil (Matérn prior, 5 %
+point observations) of a grid whose interior is the block. ``--momentum`` (default 0: a
 zero-size ``b_prev``, as the solver passes without momentum; the solver's default is
 0.5) adds the heavy-ball term and a full-size ``b_prev``, read once per iteration: 12
 more values per node in the floor.
@@ -104,13 +106,15 @@ def bench_size(
     g = None
     if frozen:
         a, b, bp, _, _ = kernel.iterate(a, b, bp, op, halo, p, n=60, momentum=0.0)
-        g = kernel.gains(a, op, halo, p)
+        g = kernel.gains(a, op, halo, p, neighbours=False)
     if momentum:
         bp = jnp.array(b)
-    # the program the solver runs (kernel.update_call; with the residual rule, the
-    # default, delta=False)
+    # the program the solver runs on one rank (kernel.update_call; with the residual
+    # rule, the default, delta=False; no neighbours)
     fn, args = kernel.update_call(a, b, bp, g, op, halo, p, iters)
-    compile_s, step = C.compile_timed(fn, *args, n=iters, momentum=momentum, delta=False, form=form)
+    compile_s, step = C.compile_timed(
+        fn, *args, n=iters, momentum=momentum, delta=False, form=form, neighbours=False
+    )
     # one untimed call: first-touch page faults and thread-pool start-up
     a, b, bp, out, d = C.block(step(*args))
     busy = C.wait_for_quiet(quiet) if quiet > 0 else C.cpu_busy(0.5)

@@ -3,9 +3,11 @@ block shape (what a cold start pays once per level, one program after another).
 
 Each ``--sizes`` side is a new shape, as the levels of a hierarchy are.  The programs
 are lowered from shapes alone (``jax.ShapeDtypeStruct``), nothing is compiled or run:
-the update programs as one rank runs them on a CPU (``strips``: ``iterate_a`` with 10
-updates, ``gains``, ``iterate_b`` with 10 updates and momentum 0.5), the one-update
-``iterate_b_odd`` that several ranks run (``pads``), and three small ones.  float32.
+the update programs as one rank runs them on a CPU (``strips``, no neighbours:
+``iterate_a`` with 10 updates, ``gains``, ``iterate_b`` with 10 updates and momentum
+0.5), the one-update ``iterate_b_odd`` that several ranks run (``pads``, with
+neighbours), and three small ones.  float32.  (Before benchmarks/RESULTS.md §27 the
+one-rank programs read the halo and packed an outgoing buffer.)
 
 With ``--gpu`` the programs are lowered for a CUDA GPU, as a GPU run traces them
 (``iterate_a`` as ``pads``, ``iterate_b`` as ``fused``: Pallas's Triton lowering), on
@@ -171,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         frozen = dict(momentum=0.5, delta=False)
         upd = (msg, msg, msg, msg, op, halo, p)
         return {
-            "iterate_a": lambda: k["iterate_a"].lower(msg, msg, op, halo, p, n=10, form=a_form),
-            "gains": lambda: k["gains"].lower(msg, op, halo, p),
-            "iterate_b": lambda: k["iterate_b"].lower(*upd, n=10, form=b_form, **frozen),
+            "iterate_a": lambda: k["iterate_a"].lower(
+                msg, msg, op, halo, p, n=10, form=a_form, neighbours=False
+            ),
+            "gains": lambda: k["gains"].lower(msg, op, halo, p, neighbours=False),
+            "iterate_b": lambda: k["iterate_b"].lower(
+                *upd, n=10, form=b_form, neighbours=False, **frozen
+            ),
             "iterate_b_odd (pads, 1)": lambda: k["iterate_b_odd"].lower(
                 *upd, n=1, form="pads", **frozen
             ),

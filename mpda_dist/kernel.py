@@ -6,8 +6,11 @@ message into node ``j`` from ``j + OFFSETS[k]``.  The posterior stencil is
 and ``rhs (by, bx)`` = ``h``.
 
 Everything that lies outside the block arrives as one flat ``halo`` array laid out by
-:mod:`mpda_dist.halo`; the kernel never knows whether a piece came from another rank,
-from this rank across a periodic seam, or is the constant at a domain edge.
+:mod:`mpda_dist.halo`; the kernel does not know whether a piece came from another rank,
+from this rank across a periodic seam, or is the constant at a domain edge.  The one
+exception is a block without neighbours (``neighbours=False``), whose halo is the
+domain edge's constant on every side: its programs use that constant and do not read
+the halo (:class:`_Border`).
 """
 
 from __future__ import annotations
