@@ -31,7 +31,9 @@ for what the helper imports and sets up on first use, unless it did that at star
 the background (one rank, the demo's settings, float32: :func:`mpda_dist.solver.prepare`
 with its prefetch recorded rather than run, each program once), for a CUDA GPU with
 ``--gpu``, and sums them per program: the whole tracing that a cold start's compile
-threads do under Python's lock, measured on any machine.
+threads do under Python's lock, measured on any machine.  The operations (the traced
+programs' equations, nested ones included) do not depend on the machine's load, as
+the seconds do.
 
 ``--contention`` (with ``--hierarchy``) measures what that tracing does to the rank's own
 Python: the main thread builds the levels' prior stencils and copies them to the device
@@ -232,10 +234,26 @@ def _first(args, helpers, lowerings) -> int:
     return 0
 
 
+def _operations(jaxpr) -> int:
+    """Operations of a traced program, those of the programs inside it included (loop
+    bodies, the fused pass's kernel): a count that, unlike the seconds, does not depend
+    on how busy the machine is."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's, or a Jaxpr
+                if hasattr(inner, "eqns"):
+                    count += _operations(inner)
+    return count
+
+
 def _hierarchy_programs(n: int, gpu: bool) -> list[tuple[str, object]]:
     """``(name, lower)`` for every program that :func:`mpda_dist.solver.prepare` of an
     ``n²`` solve prefetches, each once (as :meth:`Jit.prefetch` drops a repeat); ``lower()``
-    traces and lowers it (for CUDA with ``gpu``) and returns ``(trace s, lower s)``."""
+    traces and lowers it (for CUDA with ``gpu``) and returns ``(trace s, lower s,
+    operations)``."""
     import jax
 
     from mpda_dist import driver, fused, programs, runtime
@@ -269,14 +287,14 @@ def _hierarchy_programs(n: int, gpu: bool) -> list[tuple[str, object]]:
     platforms = ("cuda",) if gpu else None
 
     def lowering(fn, args, static):
-        def lower() -> tuple[float, float]:
+        def lower() -> tuple[float, float, int]:
             dyn, stat, _ = fn._key(args, static)
             with jax.enable_x64(False):
                 t0 = time.perf_counter()
                 traced = fn.jitted.trace(*dyn, **stat)
                 t1 = time.perf_counter()
                 traced.lower(lowering_platforms=platforms)
-            return t1 - t0, time.perf_counter() - t1
+            return t1 - t0, time.perf_counter() - t1, _operations(traced.jaxpr.jaxpr)
 
         return lower
 
@@ -292,19 +310,23 @@ def _hierarchy(args) -> int:
         rows: dict[str, list[float]] = {}
         t0 = time.perf_counter()
         for name, lower in jobs:
-            tr, lo = lower()
-            row = rows.setdefault(name, [0, 0.0, 0.0])
+            tr, lo, ops = lower()
+            row = rows.setdefault(name, [0, 0.0, 0.0, 0])
             row[0] += 1
             row[1] += tr
             row[2] += lo
+            row[3] += ops
         total = time.perf_counter() - t0
+        ops = sum(int(r[3]) for r in rows.values())
         print(
             f"{len(jobs)} programs of a prepared {args.hierarchy}² solve (one rank, float32), "
-            f"traced and lowered for {where}, one after another: {total:.2f} s"
+            f"traced and lowered for {where}, one after another: {total:.2f} s, "
+            f"{ops} operations"
         )
-        print(f"  {'program':16s} {'count':>5s} {'trace s':>8s} {'lower s':>8s}")
-        for name, (k, tr, lo) in sorted(rows.items(), key=lambda r: -(r[1][1] + r[1][2])):
-            print(f"  {name:16s} {k:5d} {tr:8.3f} {lo:8.3f}")
+        head = ("program", "count", "trace s", "lower s", "operations")
+        print("  {:16s} {:>5s} {:>8s} {:>8s} {:>10s}".format(*head))
+        for name, (k, tr, lo, n) in sorted(rows.items(), key=lambda r: -(r[1][1] + r[1][2])):
+            print(f"  {name:16s} {k:5d} {tr:8.3f} {lo:8.3f} {int(n):10d}")
     print(f"machine: {C.machine_line(C.machine_info())}")
     print(f"command: {C.command_line()}")
     return 0
