@@ -9,8 +9,8 @@ Everything that lies outside the block arrives as one flat ``halo`` array laid o
 :mod:`mpda_dist.halo`; the kernel does not know whether a piece came from another rank,
 from this rank across a periodic seam, or is the constant at a domain edge.  The one
 exception is a block without neighbours (``neighbours=False``), whose halo is the
-domain edge's constant on every side: its programs use that constant and do not read
-the halo (:class:`_Border`).
+domain edge's constant on every side: its ``pads`` and fused programs use that constant
+and do not read the halo (:class:`_Border`, :func:`framed_messages`).
 """
 
 from __future__ import annotations
@@ -330,21 +330,26 @@ class _Border:
     """How one call's updates read the cavities of senders across the block border.
 
     A block without ``neighbours`` has the domain edge on every side, where the halo is
-    the layout's constant fill (``α = 1, β = 0``): the updates read that constant
-    outside the block (:func:`_shift_in`) and not the halo, in either form, which also
-    spares the programs the halo's pieces (cut from the flat buffer, padded and added)."""
+    the layout's constant fill (``α = 1, β = 0``).  In the ``pads`` form (GPUs) the
+    updates then read that constant outside the block (:func:`_shift_in`) and not the
+    halo, which spares the programs the halo's pieces (cut from the flat buffer, padded
+    and added; XLA kept them as full-size arrays: a frozen update at 510² on a CPU took
+    8.6 instead of 12.9 ms per iteration).  The ``strips`` form (CPUs) still reads the
+    halo: without the border strips' updates XLA fused its loop differently, and the
+    frozen update took 8.4–9.5 instead of 5.0–5.3 ms (benchmarks/RESULTS.md §27)."""
 
     def __init__(
         self, halo_flat: Array, by: int, bx: int, form: str | None, neighbours: bool = True
     ):
-        layout = message_layout(by, bx)
-        self.edge = None if neighbours else layout.fill
-        self.pieces = _split(halo_flat, layout.incoming) if neighbours else {}
         self.form = form or default_form()
         if self.form == FUSED:
             self.form = "pads"
         if self.form not in FORMS:
             raise ValueError(f"kernel form {self.form!r}: expected one of {', '.join(FORMS)}")
+        layout = message_layout(by, bx)
+        edge = not neighbours and self.form == "pads"
+        self.edge = layout.fill if edge else None
+        self.pieces = {} if edge else _split(halo_flat, layout.incoming)
         self.shape = (by, bx)
 
     def shift(self, x: Array, k: int, kind: str) -> Array:
@@ -359,9 +364,9 @@ class _Border:
 
     def edge_terms(self, term) -> list[list[tuple]]:
         """Per slot, ``[(index, term(k, index, alpha, beta))]`` on its border strips
-        from the halo (none with ``pads``, where the update reads the halo itself, nor
-        without neighbours, where :meth:`shift` reads the edge's constant)."""
-        if self.form == "pads" or self.edge is not None:
+        from the halo (none with ``pads``, where the update reads the halo itself or,
+        without neighbours, the edge's constant)."""
+        if self.form == "pads":
             return [[] for _ in OFFSETS]
         out = []
         for k, d in enumerate(OFFSETS):
@@ -429,7 +434,8 @@ def iterate(
     is the previous ``b`` (any array when ``momentum == 0``; returned as given).
     ``form`` is how the border is read (:data:`FORMS`; default :func:`default_form`).
     ``neighbours`` false: the block has none, its halo is the domain edge's constant
-    (``halo_flat`` is not read) and it sends nothing.
+    (which the ``pads`` form uses without reading ``halo_flat``, :class:`_Border`) and it
+    sends nothing.
 
     Returns the new messages, ``b_prev``, the flat outgoing cavity buffer for the
     neighbours (empty without them), and
