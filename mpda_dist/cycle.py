@@ -156,7 +156,7 @@ class Frames:
 
     def __post_init__(self) -> None:
         self.ex = HaloExchange(self.decomp, field_layout(*self.decomp.shape), self.dtype, self.tag)
-        self.edge = jax.device_put(self.ex.edge)
+        self.edge = jax.device_put(self.ex.frame_edge())
 
     def of(self, x: Array) -> Array:
         """The frame of ``x`` (flat, as :func:`kernel.framed` takes it)."""
@@ -249,7 +249,8 @@ class Smoother:
         self.iterations += n
 
     def mean(self, op: kernel.Operator) -> Array:
-        return kernel.marginal_mean(self.a, self.b, op, self.params)[0]
+        nb = self.decomp.has_neighbours
+        return kernel.marginal_mean(self.a, self.b, op, self.params, neighbours=nb)[0]
 
     def shift(self, e: Array, op: kernel.Operator) -> None:
         """Move every sender's cavity mean by ``e`` (also in ``b_prev``, so the momentum

@@ -825,12 +825,15 @@ def initial_cavities(a: Array, b: Array, op: Operator, p: Params) -> Array:
     return pack_cavities(a, b, op, p, message_layout(by, bx))
 
 
-@jit
-def marginal_mean(a: Array, b: Array, op: Operator, p: Params) -> tuple[Array, Array]:
-    """Posterior mean ``μ = B/A`` and the flat frame of ``μ`` for the neighbours."""
+@jit(static_argnames=("neighbours",))
+def marginal_mean(
+    a: Array, b: Array, op: Operator, p: Params, neighbours: bool = True
+) -> tuple[Array, Array]:
+    """Posterior mean ``μ = B/A`` and the flat frame of ``μ`` for the neighbours (empty
+    without ``neighbours``: nobody reads it)."""
     A, B = _beliefs(a, b, op, p.c)
     mu = lax.div(B, A)
-    return mu, pack_frame(mu)
+    return mu, pack_frame(mu) if neighbours else jnp.zeros((0,), mu.dtype)
 
 
 def pack_frame(x: Array, width: int = 2) -> Array:
@@ -849,7 +852,12 @@ def outgoing_frame(x: Array) -> Array:
 
 
 def framed(x: Array, frame_flat: Array, width: int) -> Array:
-    """``x`` with a ``width``-wide frame around it, shape ``(by+2w, bx+2w)``."""
+    """``x`` with a ``width``-wide frame around it, shape ``(by+2w, bx+2w)``.  An empty
+    ``frame_flat`` is a block without neighbours (``HaloExchange.frame_edge``): the
+    frame is the domain edge's 0, one padding instead of cutting and joining eight
+    pieces."""
+    if frame_flat.shape[0] == 0:
+        return _pad(x, 0.0, ((width, width), (width, width)))
     by, bx = x.shape
     layout = field_layout(by, bx, width)
     pieces = {}

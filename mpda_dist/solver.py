@@ -188,7 +188,7 @@ def solve_level(
     check = max(1, math.ceil(s.check_every / chunk)) * chunk
     pending = 0 if s.mode == "sync" else s.max_staleness
     halo = jax.device_put(mex.edge)
-    frame_edge = jax.device_put(fex.edge)
+    frame_edge = jax.device_put(fex.frame_edge())
     jit = programs if programs is not None else Programs()
     compiled_before = jit.seconds
     bp = on_device(b) if s.momentum else zeros((0,), b.dtype)
@@ -251,7 +251,7 @@ def solve_level(
         if (it - it0) % check and it < s.max_iterations:
             continue
         t0 = time.perf_counter()
-        mean = jit(kernel.marginal_mean, a, b, op, p)
+        mean = jit(kernel.marginal_mean, a, b, op, p, neighbours=neighbours)
         mu, frame_out = mean(a, b, op, p)
         frame = jax.device_put(fex.exchange(np.asarray(frame_out))) if neighbours else frame_edge
         flags = requests.flags(decomp.rank == 0) if requests is not None else (0.0, 0.0)
@@ -437,7 +437,7 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
             hier.programs.prefetch(
                 fn, *args, n=n, momentum=s.momentum, delta=delta, neighbours=neighbours
             )
-        hier.programs.prefetch(kernel.marginal_mean, msg, msg, op, p)
+        hier.programs.prefetch(kernel.marginal_mean, msg, msg, op, p, neighbours=neighbours)
         hist = jax.ShapeDtypeStruct((s.anderson + 1, *field.shape), hier.dtype)
         if s.anderson:
             hier.programs.prefetch(anderson.record, hist, hist, field, frame, op)

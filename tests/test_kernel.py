@@ -130,6 +130,43 @@ def test_a_block_without_neighbours_reads_the_edge_and_sends_nothing():
     assert ops[False] < 0.7 * ops[True], ops
 
 
+def test_an_empty_field_frame_is_the_domain_edge():
+    """A block without neighbours passes an empty field frame
+    (:meth:`HaloExchange.frame_edge`): the field programs read it as the domain edge's
+    0, as the full frame of zeros they took before, in fewer operations; the mean's
+    outgoing frame is empty.  (The transfers between levels frame with
+    :func:`kernel.framed` too.)"""
+    from mpda_dist.halo import field_layout
+
+    p = kernel.Params(10.0, 0.6)
+    with jax.enable_x64(True):
+        op, _, (a, b, bp) = _block(13, 18)
+        x = op.rhs * 0.5 + 1.0  # no zeros near the border: a missed frame would show
+        zero = jnp.zeros((field_layout(13, 18).in_offsets[-1],))
+        empty = zero[:0]
+        np.testing.assert_array_equal(kernel.framed(x, empty, 2), kernel.framed(x, zero, 2))
+        assert kernel.framed(x, empty, 2).shape == (17, 22)
+        fns = {  # the arguments, fresh for each call (shift_messages donates b, b_prev)
+            "residual": (kernel.residual, lambda f: (x, f, op)),
+            "residual_sq": (kernel.residual_sq, lambda f: (x, f, op)),
+            "shift_messages": (
+                kernel.shift_messages,
+                lambda f: (jnp.array(b), jnp.array(bp), x, f, op, p.c),
+            ),
+        }
+        for name, (fn, args) in fns.items():
+            for got, want in zip(
+                jax.tree.leaves(fn(*args(empty))), jax.tree.leaves(fn(*args(zero))), strict=True
+            ):
+                np.testing.assert_array_equal(got, want, err_msg=name)
+            ops = [fn.lower(*args(f)).as_text().count(" = stablehlo.") for f in (empty, zero)]
+            assert ops[0] < ops[1], (name, ops)
+        mu, frame = kernel.marginal_mean(jnp.abs(a) + 1.0, b, op, p)
+        mu2, quiet = kernel.marginal_mean(jnp.abs(a) + 1.0, b, op, p, neighbours=False)
+        np.testing.assert_array_equal(mu2, mu)
+        assert frame.size > 0 and quiet.shape == (0,)
+
+
 def test_halo_reaches_the_border_only():
     """One update with another halo β changes the two border rows and columns only."""
     ny, nx = 9, 11

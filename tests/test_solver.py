@@ -53,20 +53,25 @@ def test_mp_equals_exact_float32():
 
 def test_a_block_without_neighbours_sends_nothing(monkeypatch):
     """One rank, no neighbours: the update programs compute no outgoing cavities
-    (``neighbours=False``), so :func:`kernel.pack_cavities` is never traced, and the
+    (``neighbours=False``), so :func:`kernel.pack_cavities` is never traced; the field
+    programs (the mean, residuals, shifts, the transfers between levels) neither cut
+    an incoming frame nor pack an outgoing one, which takes a field layout; and the
     answer is still exact.  A grid no other test uses and no program store: every
-    program is traced here."""
+    program of the finest level is traced here."""
     from mpda_dist import kernel, programs
 
     traced = []
-    real = kernel.pack_cavities
-    monkeypatch.setattr(kernel, "pack_cavities", lambda *a: traced.append(1) or real(*a))
+    for name in ("pack_cavities", "field_layout"):
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, _n=name, _f=real: traced.append(_n) or _f(*a))
     monkeypatch.setattr(programs, "_STORE", programs.Store(None))
     # traced here, not in lowering helpers (MPDA_LOWER_PROCESSES), which this patch misses
     monkeypatch.setattr(programs.Jit, "_lowered_elsewhere", lambda self, *a: None)
     _, nodes, levels, exact = problem(23, 21, 0.1)
-    res = run(levels[-1:], nodes, dtype="float32", tol=5e-7, max_iterations=20000)
+    assert len(levels) >= 2  # a coarse-grid correction: restrictions and prolongations
+    res = run(levels, nodes, dtype="float32", tol=5e-7, max_iterations=20000)
     assert res.levels[-1].residual < 1e-6
+    assert res.levels[-1].corrections > 0
     assert rel_rmse(res.anomaly, exact) <= 1e-4
     assert traced == []
 
