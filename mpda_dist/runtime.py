@@ -253,15 +253,36 @@ def early_signal() -> str | None:
     return name
 
 
+EARLY_SIGNAL_ENV = "MPDA_EARLY_SIGNAL"
+"""A signal that the launching script got before it started the ranks
+(launch/slurm/assimilate.sbatch: Slurm's warning during its set-up), by name (``USR1``
+or ``SIGUSR1``): ``mpda run`` takes it as one that came during its start-up."""
+
+
+def _signal_from_launcher() -> None:
+    """Record :data:`EARLY_SIGNAL_ENV`'s signal as an early one, and take it out of the
+    environment (it is this run's, not a child process's).  A name that is not a signal
+    is reported and ignored: the run goes on as if none had come."""
+    name = os.environ.pop(EARLY_SIGNAL_ENV, "").strip().upper()
+    if not name:
+        return
+    try:
+        _EARLY_SIGNALS.append(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"].name)
+    except KeyError:
+        print(f"mpda: warning: {EARLY_SIGNAL_ENV}={name}: not a signal; ignored", file=sys.stderr)
+
+
 def start(catch_signals: bool = False) -> Any:
     """Initialise MPI and the environment; returns ``COMM_WORLD``.  A second call
     returns the same communicator.  ``catch_signals`` (``mpda run``): record a SIGUSR1
-    that comes before the run's own handlers (:func:`catch_early_signals`)."""
+    that comes before the run's own handlers (:func:`catch_early_signals`), or came
+    before the rank started (:data:`EARLY_SIGNAL_ENV`)."""
     global _COMM
     if _COMM is not None:
         return _COMM
     if catch_signals:  # before MPI starts (SIGUSR1 would end the process) and after:
         catch_early_signals()
+        _signal_from_launcher()
     from mpi4py import MPI  # MPI_Init: MPICH takes SIGUSR1 here
 
     if catch_signals:

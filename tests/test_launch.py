@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -208,8 +209,7 @@ def fake_venv(tmp_path: Path, mpda_body: str) -> Path:
     return venv
 
 
-def run_assimilate(tmp_path, *args, mpda_body="exit 0", **env) -> subprocess.CompletedProcess:
-    venv = fake_venv(tmp_path, mpda_body)
+def assimilate_env(tmp_path: Path, venv: Path, **env: str) -> dict[str, str]:
     base = {
         "MPDA_VENV": str(venv),
         "SLURM_SUBMIT_DIR": str(tmp_path),
@@ -217,13 +217,18 @@ def run_assimilate(tmp_path, *args, mpda_body="exit 0", **env) -> subprocess.Com
         "SLURM_NTASKS": "1",
         "CONFIG": "",
     }
+    return clean_env(**(base | env))
+
+
+def run_assimilate(tmp_path, *args, mpda_body="exit 0", **env) -> subprocess.CompletedProcess:
+    venv = fake_venv(tmp_path, mpda_body)
     return subprocess.run(
         ["bash", str(ASSIMILATE), *args],
         capture_output=True,
         text=True,
         timeout=30,
         cwd=tmp_path,
-        env=clean_env(**(base | env)),
+        env=assimilate_env(tmp_path, venv, **env),
     )
 
 
@@ -237,6 +242,45 @@ def test_assimilate_reports_the_exit_code_when_a_signal_comes_as_mpda_ends(tmp_p
     got = run_assimilate(tmp_path, mpda_body="sleep 0.3\nkill -USR1 $PPID\nexit 3")
     assert "SIGUSR1" in got.stderr, got.stderr
     assert got.returncode == 3, got.stdout + got.stderr
+
+
+@pytest.mark.parametrize(("forward", "passed"), [("USR1", "USR1"), ("none", "-")])
+def test_assimilate_a_warning_during_its_set_up_reaches_mpda_as_it_starts(
+    tmp_path, forward, passed
+):
+    """Slurm's SIGUSR1 while the script still sets up (here: while it reads the config's
+    checkpoint with the venv's python, which waits for the test) ended bash there, with
+    an empty job log (a CI run of tests/test_slurm.py under load).  Now it is recorded
+    and mpda gets it as its ranks start (``MPDA_EARLY_SIGNAL``), unless
+    ``MPDA_FORWARD_SIGNAL=none``."""
+    venv = fake_venv(tmp_path, f'echo "${{MPDA_EARLY_SIGNAL:--}}" > "{tmp_path}/early"\nexit 5')
+    (venv / "bin" / "python").write_text(
+        f': > "{tmp_path}/in-set-up"\n'
+        f'while [ ! -e "{tmp_path}/go" ]; do sleep 0.05; done\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    proc = subprocess.Popen(
+        ["bash", str(ASSIMILATE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=assimilate_env(tmp_path, venv, MPDA_FORWARD_SIGNAL=forward),
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "in-set-up").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "never reached the set-up"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)
+        (tmp_path / "go").touch()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 5, out + err  # mpda's (the fake's) code: the script ran on
+    assert "SIGUSR1" in err and "time limit is near" in err, err
+    assert ("forwarding SIGUSR1 to the ranks as they start" in err) == (forward != "none"), err
+    assert (tmp_path / "early").read_text().strip() == passed
 
 
 def test_scaling_sbatch_reports_the_exit_code_when_a_signal_comes_as_it_ends(tmp_path):

@@ -196,3 +196,34 @@ def test_a_sigusr1_during_start_up_is_not_lost():
 
     assert run("run") == ["SIGUSR1", "False", "None", "False"]
     assert run("library") == ["False"]
+
+
+_FROM_LAUNCHER = """
+import os
+from mpda_dist import checkpoint, runtime
+runtime.start(catch_signals=True)
+print(os.environ.get("MPDA_EARLY_SIGNAL"))
+for i in range(2):  # the first run takes it, the second does not see it again
+    with checkpoint.handlers_kept():
+        requests = checkpoint.Requests()
+        requests.install()
+        print(requests.signal_name)
+"""
+
+
+@pytest.mark.parametrize(
+    ("value", "taken"), [("USR1", "SIGUSR1"), ("sigterm", "SIGTERM"), ("USR9", "None")]
+)
+def test_a_signal_before_the_rank_started_counts_as_one_during_start_up(value, taken):
+    """The batch script passes on a SIGUSR1 that came during its set-up, before mpda
+    ran, as ``MPDA_EARLY_SIGNAL``: ``mpda run`` takes it as one that came while it
+    started (a checkpoint at the first check), and leaves it out of the environment of
+    what it starts.  A name that is no signal is reported and ignored."""
+    env = {**os.environ, "MPDA_EARLY_SIGNAL": value}
+    proc = subprocess.run(
+        [sys.executable, "-c", _FROM_LAUNCHER], capture_output=True, text=True, timeout=120,
+        env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["None", taken, "None"]
+    assert ("not a signal" in proc.stderr) == (taken == "None"), proc.stderr
