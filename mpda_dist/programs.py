@@ -50,8 +50,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from mpda_dist.runtime import CACHE_ENV
+
 log = logging.getLogger("mpda_dist")
-CACHE_ENV = "MPDA_PROGRAM_CACHE_DIR"
 # Environment that changes what a traced function computes or how XLA compiles it.
 _KEY_ENV = ("XLA_FLAGS", "MPDA_KERNEL_FORM")
 

@@ -108,19 +108,38 @@ def configure_jax_env(
         if not any(os.environ.get(v) for v in MEM_FRACTION_VARS):
             os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / share:.3f}"
     _setdefault_env("TF_CPP_MIN_LOG_LEVEL", "2")
-    # Kernels are compiled per block shape (seconds each); a persistent cache makes every
-    # later run with the same shapes start at once.  Every program is cached, the small
-    # ones too: a solve compiles ~50 of them, and on a GPU even a one-op program costs
-    # ~0.1 s (a first run on an H100 compiled for 37 s; benchmarks/RESULTS.md §8).
-    # mpda_dist's own cache of compiled programs (mpda_dist/programs.py) spares a later
-    # run the tracing and lowering that JAX's cache still needs (2 of 3 s on a CPU).
+    configure_caches()
+
+
+CACHE_ENV = "MPDA_PROGRAM_CACHE_DIR"  # the program store's directory (mpda_dist.programs)
+
+
+def configure_caches() -> None:
+    """The persistent caches of compiled programs, where the user set none.
+
+    Kernels are compiled per block shape (seconds each); a persistent cache makes every
+    later run with the same shapes start at once.  Every program is cached, the small
+    ones too: a solve compiles ~50 of them, and on a GPU even a one-op program costs
+    ~0.1 s (a first run on an H100 compiled for 37 s; benchmarks/RESULTS.md §8).
+    mpda_dist's own store (``$MPDA_PROGRAM_CACHE_DIR``, mpda_dist/programs.py) spares a
+    later run the tracing and lowering too, and it holds every program that ``mpda run``
+    compiles: a rerun compiles none without JAX's cache.  So JAX's persistent cache is
+    the fallback for a store turned off (``MPDA_PROGRAM_CACHE_DIR=""``) and otherwise off
+    unless the user sets ``$JAX_COMPILATION_CACHE_DIR``: with both, a cold start
+    serialised each program twice, holding Python's lock, and hashed each for JAX's key
+    (on a CPU 0.7 + 0.7 + 0.1 s for a 512² solve's 41 programs, §28).  JAX computes
+    that key while its cache is enabled, even with no directory: it is disabled too
+    (``$JAX_ENABLE_COMPILATION_CACHE``)."""
     cache = os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "mpda_dist",
     )
-    _setdefault_env("JAX_COMPILATION_CACHE_DIR", os.path.join(cache, "jax"))
+    if os.environ.get(CACHE_ENV) == "":
+        _setdefault_env("JAX_COMPILATION_CACHE_DIR", os.path.join(cache, "jax"))
+    elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _setdefault_env("JAX_ENABLE_COMPILATION_CACHE", "false")
     _setdefault_env("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    _setdefault_env("MPDA_PROGRAM_CACHE_DIR", os.path.join(cache, "programs"))
+    _setdefault_env(CACHE_ENV, os.path.join(cache, "programs"))
 
 
 MALLOC_ENV = "MPDA_MALLOC"

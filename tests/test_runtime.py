@@ -152,6 +152,41 @@ def test_gpu_memory_is_not_preallocated_unless_the_user_asks(clean_env):
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
 
 
+@pytest.mark.parametrize(
+    ("user", "jax_dir", "store"),
+    [
+        ({}, None, "mpda_dist/programs"),  # the store alone (a rerun compiles nothing)
+        ({"MPDA_PROGRAM_CACHE_DIR": ""}, "mpda_dist/jax", ""),  # store off: JAX's cache
+        ({"JAX_COMPILATION_CACHE_DIR": "/j"}, "/j", "mpda_dist/programs"),  # the user's
+    ],
+)
+def test_one_persistent_cache_of_programs_unless_the_user_asks_for_both(
+    monkeypatch, tmp_path, user, jax_dir, store
+):
+    """A cold start serialised every program twice, for JAX's cache and for mpda's
+    store (on a CPU 0.7 s each for a 512² solve), and the store holds all of them: JAX's
+    cache is the fallback when the store is off, or the user's choice; otherwise it is
+    disabled."""
+    for var in ("JAX_COMPILATION_CACHE_DIR", "MPDA_PROGRAM_CACHE_DIR", _JAX_ON):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for var, value in user.items():
+        monkeypatch.setenv(var, value)
+    runtime.configure_caches()
+    got = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if jax_dir is None:
+        assert got is None
+    else:
+        assert got == (jax_dir if jax_dir.startswith("/") else str(tmp_path / jax_dir))
+    want = str(tmp_path / store) if store else ""
+    assert os.environ["MPDA_PROGRAM_CACHE_DIR"] == want
+    # without a directory JAX still computes each program's key, unless disabled
+    assert os.environ.get(_JAX_ON) == (None if jax_dir else "false")
+
+
+_JAX_ON = "JAX_ENABLE_COMPILATION_CACHE"
+
+
 def test_the_command_line_imports_neither_numpy_nor_jax():
     """``mpda run`` sets the thread counts before numpy loads: OpenBLAS reads its count
     once, when numpy is imported (review helper: ranks kept 2 threads each)."""
