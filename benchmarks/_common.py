@@ -502,6 +502,21 @@ def write_csv(
     return path
 
 
+def run_inner(code: str, args: Sequence[str], env: dict[str, str], cwd: str, timeout: float):
+    """Run ``python -c code *args`` (a benchmark's case in a fresh process) in ``cwd``
+    (an empty directory: ``python -c`` puts its working directory first on ``sys.path``,
+    which could shadow this checkout's package) and return the numbers of its line
+    ``RESULT …``; a run that fails ends the benchmark with its error output."""
+    import subprocess
+
+    cmd = [sys.executable, "-c", code, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
+    if p.returncode or not line:
+        raise SystemExit(f"a run failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
+    return tuple(float(v) for v in line[0].split()[1:])
+
+
 def command_line() -> str:
     """The command that ran this script, for the record."""
     return " ".join([Path(sys.executable).name] + sys.argv)

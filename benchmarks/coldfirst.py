@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -52,16 +51,9 @@ def run_once(args, interval: str, cache: str | None) -> tuple[float, ...]:
         if cache is not None:  # JAX's cache filled, no program store: trace, no compile
             env.update(JAX_COMPILATION_CACHE_DIR=cache, MPDA_PROGRAM_CACHE_DIR="")
         here = str(Path(__file__).resolve().parent)
-        cmd = [sys.executable, "-c", INNER, interval, str(args.size), str(args.cap), here]
-        # (run in the empty directory: `python -c` puts its working directory first on
-        # sys.path, which could shadow this checkout's package)
-        p = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, timeout=args.timeout, cwd=d
+        return C.run_inner(
+            INNER, [interval, str(args.size), str(args.cap), here], env, d, args.timeout
         )
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
-    if p.returncode or not line:
-        raise SystemExit(f"a run failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
-    return tuple(float(v) for v in line[0].split()[1:])
 
 
 def main(argv: list[str] | None = None) -> int:

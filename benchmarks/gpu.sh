@@ -48,11 +48,15 @@
 #   coldflags  the same for XLA options that may compile faster (GPU_BENCH_COLD_FLAGS,
 #           values separated by ";", "default" for none), each with a warm run
 #   coldvar  the same for any variable: GPU_BENCH_COLD_VAR (default MPDA_COMPILE_THREADS)
-#           over GPU_BENCH_COLD_VALUES (default "default;4;8")
+#           over GPU_BENCH_COLD_VALUES (default "default;4;8"); in a value, @CACHE@ is
+#           the run's fresh cache directory
+#   coldcache  the same for JAX's persistent cache beside the program store (a fresh
+#           JAX_COMPILATION_CACHE_DIR, the default before RESULTS §28) against the
+#           default (the store alone)
 #   report  all tables again
 # GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc pads cached big
 # padsbig fit mpi profile strips serial jaxcache coldab coldimports coldprepare coldflags
-# coldvar"; they run in that order, and the budget skips what is left) picks stages;
+# coldvar coldcache"; they run in that order, and the budget skips what is left) picks stages;
 # GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each other
 # (RESULTS §17), =all makes the kernel stage time the coupled update and the strips form
 # too (default frozen: the frozen update, pads against fused);
@@ -93,7 +97,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi profile strips serial jaxcache coldab coldimports coldprepare coldflags coldvar} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi profile strips serial jaxcache coldab coldimports coldprepare coldflags coldvar coldcache} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -266,7 +270,7 @@ alternate() {
         for v in "${values[@]}"; do
             d=$(mktemp -d /tmp/mpda_cold.XXXXXX)
             local -a set=()
-            [ "$v" = default ] || set=("$var=$v")
+            [ "$v" = default ] || set=("$var=${v//@CACHE@/$d}")
             env -u "$var" XDG_CACHE_HOME="$d" ${set[@]+"${set[@]}"} "$PY" benchmarks/gpu_bench.py \
                 solve $QUICK --csv "$CSV" --fractions 0.05 --runs "$runs" \
                 --label " $var=$v r$r" --exact-wait 0 >"$d.log" 2>&1
@@ -312,6 +316,9 @@ COLD_VAR=${GPU_BENCH_COLD_VAR:-MPDA_COMPILE_THREADS}
 COLD_VALUES=${GPU_BENCH_COLD_VALUES:-"default;4;8"}
 n_values=$(($(tr -cd ';' <<<"$COLD_VALUES" | wc -c) + 1))
 stage coldvar $((L_R * ROUNDS * n_values / 3)) bash -c "$ALTERNATE" _ "$COLD_VAR" 1 "$COLD_VALUES"
+# the program store alone (the default since RESULTS §28) against JAX's cache beside it
+stage coldcache $((L_R * ROUNDS * 2 / 3)) bash -c "$ALTERNATE" _ JAX_COMPILATION_CACHE_DIR 1 \
+    'default;@CACHE@/jax'
 
 for pid in $EXACT_PIDS; do kill "$pid" 2>/dev/null; done
 [ -f "$EXACT_DIR/exact.log" ] && { echo; echo "--- exact stage log:"; cat "$EXACT_DIR/exact.log"; }
