@@ -168,7 +168,10 @@ def step(
         )
         r0, c0 = ti * tr, tj * tc
         keep, c = k_ref[0], k_ref[1]
-        here = (pl.ds(r0 + top, tr), pl.ds(c0 + lead, tc))
+        # the tile's first row and column in the padded arrays, each shift added once
+        # where it is not 0 (every + is one more operation to trace and lower)
+        row, col = r0 + top, c0 + lead
+        here = (pl.ds(row, tr), pl.ds(col, tc))
         inside = None
         if not whole:
             ii = r0 + lax.broadcasted_iota(jnp.int32, (tr, tc), 0)
@@ -181,7 +184,7 @@ def step(
         total = jnp.zeros((tr, tc), b_ref.dtype)
         pending = []
         for k, (dy, dx) in enumerate(OFFSETS):
-            there = (pl.ds(r0 + top + dy, tr), pl.ds(c0 + lead + dx, tc))
+            there = (pl.ds(row + dy if dy else row, tr), pl.ds(col + dx if dx else col, tc))
             bk = load(b_ref, (k, *here), keep_hint)
             cavity = load(s_ref, there, keep_hint) - load(b_ref, (OPPOSITE[k], *there), keep_hint)
             new = keep * bk - load(g_ref, (k, *here), stream_hint) * cavity
