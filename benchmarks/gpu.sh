@@ -25,8 +25,8 @@
 #           MPDA_COMPILE_THREADS=1: the cold start without compiling in background
 #           threads (the solve stage's first 5 % run compiles with one per core)
 #   cached  1024² at 10 % in a fresh process after another filled its caches: "first"
-#           loads every program from mpda_dist's program cache (programs.py) and JAX's
-#           persistent cache, as a rerun does
+#           loads every program from mpda_dist's program cache (programs.py), as a rerun
+#           does (before RESULTS §28 JAX's persistent cache was filled beside it)
 #   jaxcache  the same with MPDA_PROGRAM_CACHE_DIR empty: JAX's cache only (tracing and
 #           lowering are paid again, as before the program cache)
 #   big     4096² at 5 % (compile warm-up, then the warm run)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -74,6 +75,8 @@ class Requests:
         if not can_checkpoint:  # SIGTERM as the default, whatever the parent left
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            if early == "SIGTERM":  # (passed on by the batch script) ends it, as it would now
+                os.kill(os.getpid(), signal.SIGTERM)
             return
         if early is not None:
             self.signal_name = early

@@ -433,6 +433,8 @@ class Hierarchy:
         (:meth:`Programs.prefetch`); the prolongation serves its corrections too."""
         t, c = self.transfers[i], i - 1
         field, frame = self._specs(c)
+        if self.decomps[c].has_neighbours:  # the frame of what is prolonged
+            self.programs.prefetch(kernel.outgoing_frame, field)
         self.programs.prefetch(_prolong_jit, field, frame, *t.prolong_maps())
         if c > 0:
             msg = jax.ShapeDtypeStruct((12, *field.shape), self.dtype)

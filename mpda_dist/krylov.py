@@ -39,7 +39,7 @@ from mpda_dist import kernel
 from mpda_dist.decomposition import Decomposition, auto_grid, check_grid
 from mpda_dist.exchange import HaloExchange, allreduce_sum
 from mpda_dist.halo import field_layout
-from mpda_dist.programs import Programs, jit
+from mpda_dist.programs import Programs, jit, on_device, zeros
 from mpda_dist.solver import CAPPED, CONVERGED, DIVERGED, STALLED, LevelResult
 
 log = logging.getLogger("mpda_dist")
@@ -288,6 +288,14 @@ def _stagnated(rel: float, s: KrylovSettings) -> None:
 # ---------------------------------------------------------------- conjugate gradient
 
 
+def _inverse_diagonal(op: kernel.Operator) -> np.ndarray:
+    """``1 / diag(Q)`` on the host, in the operator's dtype.  The set-up's vectors are
+    made there (:func:`mpda_dist.programs.on_device`): as eager device operations each
+    was one more program to compile, in every process (a rerun of 3dvar compiled 8)."""
+    diag = np.asarray(op.diag)
+    return (np.ones((), diag.dtype) / diag).astype(diag.dtype)
+
+
 def cg(
     decomp: Decomposition, op: kernel.Operator, s: KrylovSettings, res: LevelResult
 ) -> jax.Array:
@@ -299,9 +307,10 @@ def cg(
     """
     blk = _Block(decomp, s.dtype)
     dt = np.dtype(s.dtype)
-    dinv = 1.0 / op.diag
-    pm = dinv if s.jacobi else jnp.ones_like(dinv)
-    x = jnp.zeros_like(op.rhs)
+    inverse = _inverse_diagonal(op)
+    dinv = on_device(inverse)
+    pm = dinv if s.jacobi else on_device(np.ones_like(inverse))
+    x = zeros(op.rhs.shape, op.rhs.dtype)
     scalar = np.zeros((), dt)
     pack = blk.jit(kernel.outgoing_frame, x)
     resid = blk.jit(_true_residual, x, blk.edge, op, pm, dinv)
@@ -434,11 +443,12 @@ def var3d(
     m = s.memory
     gi = 2 * m
     dt = np.dtype(s.dtype)
-    dinv = 1.0 / op.diag
-    sc = jnp.sqrt(dinv) if s.jacobi else jnp.ones_like(dinv)
-    w = jnp.square(dinv / sc)  # ‖D⁻¹∇J(δ)‖² = gᵀ W g in v-space
-    xv = jnp.zeros_like(op.rhs)
-    M = jnp.zeros((2 * m,) + xv.shape, dt)  # memory: s slots, then y slots
+    dinv = _inverse_diagonal(op)
+    scale = np.sqrt(dinv) if s.jacobi else np.ones_like(dinv)
+    sc = on_device(scale)
+    w = on_device(np.square(dinv / scale))  # ‖D⁻¹∇J(δ)‖² = gᵀ W g in v-space
+    xv = zeros(op.rhs.shape, op.rhs.dtype)
+    M = zeros((2 * m,) + xv.shape, dt)  # memory: s slots, then y slots
     coef0 = np.zeros(2 * m + 1, dt)
     pack = blk.jit(_pack_scaled, xv, sc)
     gradient = blk.jit(_lbfgs_gradient, xv, blk.edge, op, sc, M, w)
@@ -506,7 +516,7 @@ def var3d(
     res.status, res.iterations, res.residual = status, it, rel
     res.history.append((it, rel))
     blk.finish(res, t_start)
-    return sc * xv
+    return on_device(np.asarray(xv) * scale)  # δ = D^{-1/2} v (on the host: no program)
 
 
 # ---------------------------------------------------------------- whole solve

@@ -50,7 +50,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mpda_dist.runtime import CACHE_ENV
+from mpda_dist.runtime import CACHE_ENV, store_problem
 
 log = logging.getLogger("mpda_dist")
 # Environment that changes what a traced function computes or how XLA compiles it.
@@ -198,21 +198,17 @@ class Store:
         if self._checked or self.root is None:
             return self.root is not None
         self._checked = True
-        try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = self.root.stat()
-        except OSError as exc:
-            log.warning("program cache %s not usable (%s): programs are not stored", self.root, exc)
-            self.root = None
-            return False
-        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        problem = store_problem(self.root)
+        if problem is not None:
             log.warning(
-                "program cache %s is not private (owner uid %d, mode %o): not used; "
-                "remove it or point %s at a directory of your own",
+                "program cache %s %s: not used; remove it or point %s at a directory of "
+                "your own (%s)",
                 self.root,
-                st.st_uid,
-                st.st_mode & 0o777,
+                problem,
                 CACHE_ENV,
+                "JAX's persistent cache stores the programs instead"
+                if os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                else "programs are not stored",
             )
             self.root = None
             return False

@@ -124,8 +124,9 @@ def configure_caches() -> None:
     mpda_dist's own store (``$MPDA_PROGRAM_CACHE_DIR``, mpda_dist/programs.py) spares a
     later run the tracing and lowering too, and it holds every program that ``mpda run``
     compiles: a rerun compiles none without JAX's cache.  So JAX's persistent cache is
-    the fallback for a store turned off (``MPDA_PROGRAM_CACHE_DIR=""``) and otherwise off
-    unless the user sets ``$JAX_COMPILATION_CACHE_DIR``: with both, a cold start
+    the fallback for a store turned off (``MPDA_PROGRAM_CACHE_DIR=""``) or one whose
+    directory it will not use (:func:`store_problem`), and otherwise off unless the user
+    sets ``$JAX_COMPILATION_CACHE_DIR``: with both, a cold start
     serialised each program twice, holding Python's lock, and hashed each for JAX's key
     (on a CPU 0.7 + 0.7 + 0.1 s for a 512² solve's 41 programs, §28).  JAX computes
     that key while its cache is enabled, even with no directory: it is disabled too
@@ -134,12 +135,28 @@ def configure_caches() -> None:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "mpda_dist",
     )
-    if os.environ.get(CACHE_ENV) == "":
+    store = os.environ.get(CACHE_ENV, os.path.join(cache, "programs"))
+    if not store or store_problem(store) is not None:  # off, or it will not be used
         _setdefault_env("JAX_COMPILATION_CACHE_DIR", os.path.join(cache, "jax"))
     elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         _setdefault_env("JAX_ENABLE_COMPILATION_CACHE", "false")
     _setdefault_env("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    _setdefault_env(CACHE_ENV, os.path.join(cache, "programs"))
+    _setdefault_env(CACHE_ENV, store)
+
+
+def store_problem(root: str | os.PathLike) -> str | None:
+    """Why the program store cannot keep its files in ``root`` (created, private, if
+    it is missing), or None when it can.  The files are pickles, which run code when
+    loaded: a directory that another user owns, or that others may write to, is not
+    used."""
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        st = os.stat(root)
+    except OSError as exc:
+        return f"not usable ({exc})"
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return f"not private (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o})"
+    return None
 
 
 MALLOC_ENV = "MPDA_MALLOC"
@@ -278,17 +295,25 @@ EARLY_SIGNAL_ENV = "MPDA_EARLY_SIGNAL"
 or ``SIGUSR1``): ``mpda run`` takes it as one that came during its start-up."""
 
 
+_ACTED_ON = ("SIGUSR1", "SIGTERM")  # what a run acts on (mpda_dist.checkpoint.SIGNALS)
+
+
 def _signal_from_launcher() -> None:
     """Record :data:`EARLY_SIGNAL_ENV`'s signal as an early one, and take it out of the
-    environment (it is this run's, not a child process's).  A name that is not a signal
-    is reported and ignored: the run goes on as if none had come."""
+    environment (it is this run's, not a child process's).  Only SIGUSR1 and SIGTERM, the
+    signals a run acts on; another name is reported and ignored (the run goes on as if
+    none had come)."""
     name = os.environ.pop(EARLY_SIGNAL_ENV, "").strip().upper()
     if not name:
         return
-    try:
-        _EARLY_SIGNALS.append(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"].name)
-    except KeyError:
-        print(f"mpda: warning: {EARLY_SIGNAL_ENV}={name}: not a signal; ignored", file=sys.stderr)
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    if name in _ACTED_ON:
+        _EARLY_SIGNALS.append(name)
+    else:
+        print(
+            f"mpda: warning: {EARLY_SIGNAL_ENV}={name}: not SIGUSR1 or SIGTERM; ignored",
+            file=sys.stderr,
+        )
 
 
 def start(catch_signals: bool = False) -> Any:

@@ -426,6 +426,9 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
         frame = jax.ShapeDtypeStruct(hier.frames[i].edge.shape, hier.dtype)
         # the start's first program (the messages of the mean from the level below)
         hier.programs.prefetch(kernel.shift_messages, msg, bp, field, frame, op, p.c)
+        if neighbours:  # the first halo, and the fields' frames for the neighbours
+            hier.programs.prefetch(kernel.initial_cavities, msg, msg, op, p)
+            hier.programs.prefetch(kernel.outgoing_frame, field)
         if s.freeze_precisions:
             hier.programs.prefetch(
                 kernel.iterate_a, msg, msg, op, halo, p, n=FREEZE_CHUNK, neighbours=neighbours
@@ -441,6 +444,8 @@ def _prefetch(hier: Any, s: Settings, levels: range) -> None:
         hist = jax.ShapeDtypeStruct((s.anderson + 1, *field.shape), hier.dtype)
         if s.anderson:
             hier.programs.prefetch(anderson.record, hist, hist, field, frame, op)
+        else:
+            hier.programs.prefetch(kernel.residual_sq, field, frame, op)
         hier.programs.prefetch(kernel.residual, field, frame, op)
         if s.anderson:
             gamma = jax.ShapeDtypeStruct((s.anderson,), hier.dtype)

@@ -178,6 +178,17 @@ def test_a_signal_ends_a_baseline_run(tmp_path):
     assert not (tmp_path / "o.h5").exists()
 
 
+def test_a_sigterm_before_the_start_ends_a_baseline_run(tmp_path):
+    """A SIGTERM that the batch script got during its set-up reaches the ranks as
+    ``MPDA_EARLY_SIGNAL``: a baseline ends as the signal itself would end it, with no
+    output, instead of running on (review helper)."""
+    cmd = [str(BIN / "mpda"), "run", str(SMALL), "-o", "o.h5", "--set", "solver.method=cg"]
+    env = dict(os.environ, MPDA_EARLY_SIGNAL="TERM")
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
+    assert not (tmp_path / "o.h5").exists()
+
+
 def test_resume_on_another_grid_is_a_clear_error(tmp_path):
     """A checkpoint of a 40 x 40 run (levels 20 and 40) given to a 36 x 36 one: exit 2
     naming the file and the shapes, not a divergence or a traceback."""

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -306,18 +307,37 @@ def test_inside_another_jit_it_is_traced_as_usual():
         f.compiled(jnp.ones(2), j=1)
 
 
-SOLVE_TWICE = """
+# A process that records the programs it traces (``traced``), for the scripts below.
+_TRACING = """
 import json, sys
 import numpy as np
 from jax import monitoring
 from mpi4py import MPI
 sys.path.insert(0, {tests!r})
 from _problems import problem
-from mpda_dist import programs
-from mpda_dist.solver import Settings, solve
 traced = []
 monitoring.register_event_duration_secs_listener(
     lambda name, d, **kw: traced.append(kw.get("fun_name")) if "jaxpr_trace" in name else None)
+"""
+
+
+def _twice(script: str, env: dict[str, str]) -> list[dict]:
+    """Run ``script`` (after :data:`_TRACING`) in two processes one after the other, and
+    return the JSON each printed last."""
+    code = (_TRACING + script).format(tests=str(Path(__file__).parent))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+SOLVE_TWICE = """
+from mpda_dist import programs
+from mpda_dist.solver import Settings, solve
 _, nodes, levels, _ = problem(34, 34, 0.1, seed=3)
 res = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, Settings(dtype="float32", tol=1e-4))
 st = programs.store()
@@ -335,14 +355,7 @@ def test_a_second_process_loads_every_program_of_a_solve(tmp_path):
         MPDA_PROGRAM_CACHE_DIR=str(tmp_path / "programs"),
         MPDA_LOWER_PROCESSES="0",  # the traced names are this process's own
     )
-    code = SOLVE_TWICE.format(tests=str(Path(__file__).parent))
-    runs = []
-    for _ in range(2):
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs = _twice(SOLVE_TWICE, env)
     first, second = runs
     assert first["status"] == second["status"] == CONVERGED
     assert first["saved"] > 10 and first["loaded"] == 0
@@ -355,11 +368,40 @@ def test_a_second_process_loads_every_program_of_a_solve(tmp_path):
     np.testing.assert_array_equal(first["mean"], second["mean"])
 
 
-def test_the_level_programs_compile_in_background_threads(monkeypatch):
+BASELINES_TWICE = """
+from mpda_dist import krylov
+_, nodes, levels, _ = problem(21, 19, 0.1, seed=5)
+for method in krylov.METHODS:
+    s = krylov.KrylovSettings(dtype="float32", tol=1e-4)
+    res, _ = krylov.solve(MPI.COMM_SELF, levels[-1], nodes, 0.15, 1.1, method, s)
+print(json.dumps(dict(status=[res.status], traced=traced)))
+"""
+
+
+def test_a_second_process_traces_nothing_for_the_baselines(tmp_path):
+    """The Krylov baselines made their set-up vectors (``1/diag``, zeros, the Jacobi
+    scaling) and 3D-Var's answer with eager device operations: programs outside the
+    store, which a rerun compiled again once JAX's cache was off by default (8 for 3dvar,
+    review helper).  Without JAX's cache, the second process traces nothing."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE")
+    }
+    env.update(MPDA_PROGRAM_CACHE_DIR=str(tmp_path / "programs"), MPDA_LOWER_PROCESSES="0")
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    runs = _twice(BASELINES_TWICE, env)
+    assert runs[0]["traced"] and runs[1]["traced"] == [], runs[1]["traced"]
+    assert runs[1]["status"] == [CONVERGED]
+
+
+@pytest.mark.parametrize("anderson", [None, 0])
+def test_the_level_programs_compile_in_background_threads(monkeypatch, anderson):
     """With 2 compile threads every program of a one-rank solve is compiled (or loaded)
     ahead of use, off the main thread, each once: the prefetched shapes and statics are
     the calls' own.  Only the restrictions that build the coarse operators, before the
-    prefetch starts, compile on the main thread.  The answer is the same as without."""
+    prefetch starts, compile on the main thread.  The answer is the same as without.
+    Without Anderson's mixing the check's residual was not prefetched (review helper)."""
     import threading
 
     where = []
@@ -370,13 +412,16 @@ def test_the_level_programs_compile_in_background_threads(monkeypatch):
         return compile_(self, key, args, static, **kw)
 
     monkeypatch.setattr(programs.Jit, "_compile", recording)
-    _, nodes, levels, _ = problem(42, 38, 0.1, seed=4)  # shapes no other test uses
+    # shapes no other test uses
+    _, nodes, levels, _ = problem(42, 38, 0.1, seed=4) if anderson is None else problem(39, 43, 0.1)
     s = Settings(dtype="float32", tol=1e-5, momentum=0.5)
+    s = s if anderson is None else replace(s, anderson=anderson)
     monkeypatch.setenv(programs.THREADS_ENV, "2")
     res = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s)
     assert res.status == CONVERGED
     names = {name for name, *_ in where}
-    assert {"iterate_a", "iterate_b", "gains", "record", "_prolong_jit"} <= names, names
+    check = "record" if anderson is None else "residual_sq"
+    assert {"iterate_a", "iterate_b", "gains", check, "_prolong_jit"} <= names, names
     main = [name for name, _, t in where if not t.startswith("mpda-compile")]
     assert set(main) <= {"_restrict_jit"}, main
     keys = [(name, key) for name, key, _ in where]
