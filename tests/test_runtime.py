@@ -256,21 +256,30 @@ for i in range(2):  # the first run takes it, the second does not see it again
 """
 
 
-@pytest.mark.parametrize(
-    ("value", "taken"),
-    [("USR1", "SIGUSR1"), ("sigterm", "SIGTERM"), ("USR9", "None"), ("INT", "None")],
-)
-def test_a_signal_before_the_rank_started_counts_as_one_during_start_up(value, taken):
+def test_a_signal_before_the_rank_started_counts_as_one_during_start_up():
     """The batch script passes on a SIGUSR1 that came during its set-up, before mpda
     ran, as ``MPDA_EARLY_SIGNAL``: ``mpda run`` takes it as one that came while it
     started (a checkpoint at the first check), and leaves it out of the environment of
-    what it starts.  A name that is no signal, or a signal that a run does not act on,
-    is reported and ignored."""
-    env = {**os.environ, "MPDA_EARLY_SIGNAL": value}
+    what it starts.  (Start-up in a process of its own; the names below.)"""
+    env = {**os.environ, "MPDA_EARLY_SIGNAL": "USR1"}
     proc = subprocess.run(
         [sys.executable, "-c", _FROM_LAUNCHER], capture_output=True, text=True, timeout=120,
         env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["None", taken, "None"]
-    assert ("ignored" in proc.stderr) == (taken == "None"), proc.stderr
+    assert proc.stdout.split() == ["None", "SIGUSR1", "None"]
+
+
+@pytest.mark.parametrize(
+    ("value", "taken"),
+    [("USR1", "SIGUSR1"), ("sigterm", "SIGTERM"), ("USR9", None), ("INT", None), ("", None)],
+)
+def test_the_early_signals_a_run_takes_from_the_launcher(monkeypatch, capsys, value, taken):
+    """Only the signals a run acts on, SIGUSR1 and SIGTERM, in either spelling; another
+    name (no signal, or one a run does not act on) is reported and ignored."""
+    monkeypatch.setattr(runtime, "_EARLY_SIGNALS", [])
+    monkeypatch.setenv(runtime.EARLY_SIGNAL_ENV, value)
+    runtime._signal_from_launcher()
+    assert runtime.early_signal() == taken
+    assert runtime.EARLY_SIGNAL_ENV not in os.environ
+    assert ("ignored" in capsys.readouterr().err) == (taken is None and value != "")
