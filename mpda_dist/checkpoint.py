@@ -35,12 +35,17 @@ READABLE = ("mpda_dist checkpoint 2", FORMAT)
 
 
 @contextlib.contextmanager
-def handlers_kept() -> Iterator[None]:
+def handlers_kept(last: bool = False) -> Iterator[None]:
     """Within: :class:`Requests` may set the handlers of :data:`SIGNALS`; after, they
     are what they were before the run, and SIGUSR1 what it was before ``mpda run``'s
     start-up recorder (:func:`mpda_dist.runtime.catch_early_signals`), which records
     until :meth:`Requests.install` (an ignored SIGTERM would otherwise outlive the run in
-    this process, and pass on to every child it starts)."""
+    this process, and pass on to every child it starts).
+
+    ``last``: the process ends after the run (``mpda run``), and the signals are ignored
+    after it instead: one that came while MPI shut down turned a finished run's exit
+    status into the signal's (a Slurm job then failed after writing its analysis,
+    review helper)."""
     from mpda_dist import runtime
 
     saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
@@ -51,7 +56,8 @@ def handlers_kept() -> Iterator[None]:
         yield
     finally:
         for sig, handler in saved.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            after = signal.SIG_IGN if last else handler
+            signal.signal(sig, after if after is not None else signal.SIG_DFL)
 
 
 @dataclass

@@ -473,13 +473,17 @@ def _warn_unconverged_levels(results: Sequence[Any], tol: float) -> None:
         )
 
 
-def execute(comm: Any, cfg: Any, output: str | None, resume: str | None = None) -> int:
+def execute(
+    comm: Any, cfg: Any, output: str | None, resume: str | None = None, last: bool = False
+) -> int:
     """Run the configured solve on every rank of ``comm``; rank 0 writes ``output``.
     The signal handlers the run sets (:class:`checkpoint.Requests`) are put back as
-    they were when it returns or fails, for a caller in the same process."""
+    they were when it returns or fails, for a caller in the same process; with ``last``
+    (the process ends after it, ``mpda run``) SIGTERM and SIGUSR1 are ignored instead
+    (:func:`checkpoint.handlers_kept`)."""
     from mpda_dist import checkpoint
 
-    with checkpoint.handlers_kept():
+    with checkpoint.handlers_kept(last):
         return _execute(comm, cfg, output, resume)
 
 
@@ -944,7 +948,7 @@ def run_from_cli(
         cfg = load_config(config_path, overrides)
         _setup_logging(comm, cfg.logging.level, cfg.logging.per_rank)
         try:
-            return execute(comm, cfg, output, resume)
+            return execute(comm, cfg, output, resume, last=True)
         except DecompositionError as exc:  # name where the grids came from, as config errors do
             keys = ("decomposition.process_grid", "grid.nx", "grid.ny")
             sets = [f"--set {t}" for t in overrides if t.split("=", 1)[0].strip() in keys]

@@ -616,7 +616,7 @@ THREADS_ENV = "MPDA_COMPILE_THREADS"
 
 
 def compile_threads() -> int:
-    """Threads that compile programs ahead of use: ``$MPDA_COMPILE_THREADS`` (1: none),
+    """Threads that compile programs ahead of use: ``$MPDA_COMPILE_THREADS`` (0 or 1: none),
     else the rank's share of the cores (``OMP_NUM_THREADS``, set by
     :func:`mpda_dist.runtime.configure_jax_env`; its first count where it is an OpenMP
     list, and ignored where it is not a count), else every usable core; by default at least
@@ -628,11 +628,14 @@ def compile_threads() -> int:
     value = os.environ.get(THREADS_ENV, "").strip()
     if value:
         try:
-            return max(1, int(value))
+            count = int(value)
         except ValueError:
+            count = -1
+        if count < 0:
             raise ValueError(
-                f"{THREADS_ENV}={value!r}: expected a whole number of threads"
-            ) from None
+                f"{THREADS_ENV}={value!r}: expected a whole number of threads (0 or 1: none)"
+            )
+        return max(1, count)
     return max(2, user_threads() or len(usable_cores()))
 
 

@@ -189,6 +189,23 @@ def test_a_sigterm_before_the_start_ends_a_baseline_run(tmp_path):
     assert not (tmp_path / "o.h5").exists()
 
 
+def test_a_signal_after_the_analysis_is_written_leaves_the_exit_status(tmp_path):
+    """Once the analysis is written the run is over: a signal while the ranks shut down
+    (here SIGUSR1 to mpiexec, which passes it on, after the summary line) turned its
+    exit status into the signal's, 10 (15 for SIGTERM; review helper), and a Slurm job
+    failed after writing its output.  Both signals are handled alike
+    (``checkpoint.SIGNALS``)."""
+    cmd = [str(BIN / "mpiexec"), "-n", "2", str(BIN / "mpda"), "run", str(SMALL), *ARGS]
+    cmd += ["-o", "late.h5"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as fh:
+        proc = _start_and_wait_for(cmd, fh, log, "done in", tmp_path)
+        proc.send_signal(signal.SIGUSR1)
+        rc = proc.wait(timeout=60)
+    assert rc == 0, log.read_text()
+    assert (tmp_path / "late.h5").exists()
+
+
 def test_resume_on_another_grid_is_a_clear_error(tmp_path):
     """A checkpoint of a 40 x 40 run (levels 20 and 40) given to a 36 x 36 one: exit 2
     naming the file and the shapes, not a divergence or a traceback."""

@@ -351,6 +351,8 @@ def test_assimilate_bad_forward_signal_is_an_error_at_start(tmp_path):
         (["job.yaml"], {}, None),  # the config's, given as an argument (review helper)
         ([], {"CONFIG": "default.yaml"}, None),  # named, though it is the default's name
         (["--set", "checkpoint.file=checkpoint.h5"], {}, None),  # likewise
+        # the script's default config, the demo, names none (it did: jobs shared one)
+        ([], {"CONFIG": str(ROOT / "configs" / "demo.yaml")}, "checkpoint.file=mpda-777.ckpt.h5"),
     ],
 )
 def test_assimilate_checkpoint_is_per_job_unless_chosen(tmp_path, args, env, expected):

@@ -439,6 +439,9 @@ def test_compile_threads_come_from_the_environment(monkeypatch):
     monkeypatch.setenv(programs.THREADS_ENV, "many")
     with pytest.raises(ValueError, match="MPDA_COMPILE_THREADS='many'"):
         programs.compile_threads()
+    monkeypatch.setenv(programs.THREADS_ENV, "-5")  # was taken as 1 (review helper)
+    with pytest.raises(ValueError, match="MPDA_COMPILE_THREADS='-5'"):
+        programs.compile_threads()
     monkeypatch.delenv(programs.THREADS_ENV)
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert programs.compile_threads() == 4
