@@ -24,7 +24,31 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # A level the user's XLA_FLAGS sets wins.
 _FLAGS = os.environ.get("XLA_FLAGS", "")
 if "--xla_backend_optimization_level" not in _FLAGS:
-    os.environ["XLA_FLAGS"] = f"{_FLAGS} --xla_backend_optimization_level=0".strip()
+    os.environ["XLA_FLAGS"] = _FLAGS = f"{_FLAGS} --xla_backend_optimization_level=0".strip()
+# XLA's CPU code from its older emitters: at that level they compile the kernel's
+# programs 2-3 times faster than the fusion emitters (MLIR), for the same HLO
+# (benchmarks/RESULTS.md §29).  An XLA that does not know the flag aborts the process,
+# so it is tried once in a child (a newer jaxlib may have dropped it); pytest-xdist's
+# workers inherit the result.
+_EMITTERS = "--xla_cpu_use_fusion_emitters"
+
+
+def _xla_knows(flag: str) -> bool:
+    import subprocess
+
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} {flag}", JAX_PLATFORMS="cpu")
+    probe = "import jax.numpy as jnp; (jnp.ones(2) + 1).block_until_ready()"
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return run.returncode == 0
+
+
+if _EMITTERS not in _FLAGS and _xla_knows(f"{_EMITTERS}=false"):
+    os.environ["XLA_FLAGS"] = f"{_FLAGS} {_EMITTERS}=false"
 _OWN_STORE = "MPDA_PROGRAM_CACHE_DIR" not in os.environ
 os.environ.setdefault(
     "MPDA_PROGRAM_CACHE_DIR",
