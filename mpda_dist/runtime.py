@@ -30,6 +30,29 @@ class LaunchError(RuntimeError):
 MEM_FRACTION_VARS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 
+# XLA's older CPU code emitters: they compile the solver's programs about twice as fast
+# as the fusion emitters (MLIR) that XLA uses by default, into the same HLO and programs
+# no slower (benchmarks/RESULTS.md §29).  XLA is retiring them, and an XLA that does not
+# know a flag in XLA_FLAGS aborts the process, so the flag is only set for the jaxlib
+# versions it was measured with.
+LEGACY_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+LEGACY_EMITTERS_JAXLIB = frozenset({"0.10.2"})
+
+
+def jaxlib_version() -> str | None:
+    """The installed jaxlib's version, without importing it."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _add_xla_flag(flag: str) -> None:
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
 def _setdefault_env(name: str, value: str) -> None:
     if name not in os.environ:
         os.environ[name] = value
@@ -88,12 +111,16 @@ def configure_jax_env(
     ``gpu_share``: the ranks that use this rank's GPU (:func:`start` compares
     :func:`gpu_of` between the node's ranks; default ``local_size``); when more than
     one, each gets an even share of its memory, and a rank with a GPU of its own keeps
-    JAX's default.  Never overrides a variable (or an XLA flag) the user set.
+    JAX's default.  XLA's older CPU emitters where the jaxlib is one they were measured
+    with (:data:`LEGACY_EMITTERS`).  Never overrides a variable (or an XLA flag) the
+    user set.
     """
     threads = user_threads() or threads or max(1, len(usable_cores()) // max(1, local_size))
     flags = os.environ.get("XLA_FLAGS", "")
     if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+        _add_xla_flag("--xla_cpu_multi_thread_eigen=false")
+    if "xla_cpu_use_fusion_emitters" not in flags and jaxlib_version() in LEGACY_EMITTERS_JAXLIB:
+        _add_xla_flag(LEGACY_EMITTERS)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         _setdefault_env(var, str(threads))
     # No preallocation: JAX's default takes 75 % of the GPU at the first allocation,

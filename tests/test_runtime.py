@@ -72,7 +72,31 @@ _ENV_VARS = (
 def clean_env(monkeypatch):
     for var in _ENV_VARS:
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(runtime, "LEGACY_EMITTERS_JAXLIB", frozenset())
     return monkeypatch
+
+
+def test_the_older_cpu_emitters_only_with_a_jaxlib_they_were_measured_with(clean_env):
+    """An XLA that does not know a flag aborts: none for another jaxlib, and the user's
+    own setting of it wins."""
+    clean_env.setattr(runtime, "jaxlib_version", lambda: "0.10.2")
+    clean_env.setattr(runtime, "LEGACY_EMITTERS_JAXLIB", frozenset({"0.10.2"}))
+    runtime.configure_jax_env(2, threads=3)
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=false"
+    for var in _ENV_VARS:
+        clean_env.delenv(var, raising=False)
+    clean_env.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
+    runtime.configure_jax_env(1, threads=1)
+    assert os.environ["XLA_FLAGS"] == (
+        "--xla_cpu_use_fusion_emitters=true --xla_cpu_multi_thread_eigen=false"
+    )
+    for var in _ENV_VARS:
+        clean_env.delenv(var, raising=False)
+    clean_env.setattr(runtime, "jaxlib_version", lambda: "0.10.3")
+    runtime.configure_jax_env(2, threads=3)
+    assert "XLA_FLAGS" not in os.environ
+    # the measured version is the one installed here, or a newer one was installed
+    assert runtime.jaxlib_version() is not None
 
 
 def test_threads_are_the_rank_share_unless_the_user_gave_a_count(clean_env):
