@@ -500,11 +500,12 @@ class Jit:
                 return self._compile(key, args, static, background=True)
 
         try:
-            # If work ends before this assignment, a done future is left here: compiled()
-            # finds the program in memory first, or retries a failed one itself.
-            self.pending[key] = pool.submit(work)
+            job = pool.submit(work)
         except RuntimeError:  # the pool was shut down: compile at first use instead
-            pass
+            return
+        self.pending[key] = job
+        if job.done():  # work ended (and left pending) before the line above
+            self.pending.pop(key, None)
 
     def _compile(self, key: tuple, args: tuple, static: dict, background: bool = False) -> Any:
         """Load, or trace, lower and compile (and store) the program.  Another process

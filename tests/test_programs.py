@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import wait
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -524,4 +525,7 @@ def test_closing_drops_queued_compiles_and_later_calls_compile_themselves():
     for k in ks:  # whether it ran, was cancelled or never started
         np.testing.assert_array_equal(f(jnp.ones(3), k=k), k * np.ones(3))
     again.close()
+    # A job can still be in its last lines (the program in memory, the store's lock being
+    # released) after the call above found the program: close() does not wait for it.
+    wait(list(f.pending.values()), timeout=60)
     assert not f.pending
