@@ -59,6 +59,17 @@ _KEY_ENV = ("XLA_FLAGS", "MPDA_KERNEL_FORM")
 _SETTINGS: list[Any] = []
 
 
+def _key_value(var: str) -> str:
+    """``$var`` as the program store's key takes it: ``XLA_FLAGS`` as the flags' last
+    values, sorted, so that the same settings in another order (the user's flag before
+    or after those :func:`mpda_dist.runtime.configure_jax_env` adds) are one key."""
+    value = os.environ.get(var, "")
+    if var != "XLA_FLAGS":
+        return value
+    last = {flag.split("=", 1)[0]: flag for flag in value.split()}
+    return " ".join(sorted(last.values()))
+
+
 _SEEN: list[Any] = [None]
 
 
@@ -231,7 +242,7 @@ class Store:
                 device.device_kind,
                 device.id,
                 _host_features() if device.platform == "cpu" else "",
-                tuple(os.environ.get(v, "") for v in _KEY_ENV),
+                tuple(_key_value(v) for v in _KEY_ENV),
             )
         )
         digest = hashlib.sha256(text.encode()).hexdigest()[:40]
@@ -464,12 +475,15 @@ class Jit:
         it now (0 when it was in memory).  Static arguments may come by position too;
         the program takes the others, by position."""
         args, static, key = self._key(args, static)
+        # The job first, then memory: a job puts its program in memory before it leaves
+        # ``pending``, so one that ends between the two looks is found in memory (the
+        # other order missed it in both and compiled it again here).
+        job = self.pending.get(key)
         hit = self.programs.get(key)
         if hit is not None:
             return hit, 0.0
         t0, where = time.perf_counter(), "here"
         try:
-            job = self.pending.get(key)
             if job is not None:  # compiling in the background (prefetch): wait for it
                 try:
                     got = job.result()
@@ -478,7 +492,7 @@ class Jit:
                         return got, time.perf_counter() - t0
                 except Exception:  # cancelled, or failed there: compile here (and raise)
                     pass
-                self.pending.pop(key, None)
+                self._forget(key, job)
             return self._compile(key, args, static), time.perf_counter() - t0
         finally:
             waited = time.perf_counter() - t0
@@ -504,7 +518,12 @@ class Jit:
         except RuntimeError:  # the pool was shut down: compile at first use instead
             return
         self.pending[key] = job
-        if job.done():  # work ended (and left pending) before the line above
+        # It leaves ``pending`` once its future is done (at once if it already is), only
+        # if it is still the one recorded there.
+        job.add_done_callback(lambda done: self._forget(key, done))
+
+    def _forget(self, key: tuple, job: Future) -> None:
+        if self.pending.get(key) is job:
             self.pending.pop(key, None)
 
     def _compile(self, key: tuple, args: tuple, static: dict, background: bool = False) -> Any:
@@ -549,7 +568,6 @@ class Jit:
         finally:
             if claimed:
                 st.release(path)
-            self.pending.pop(key, None)
 
     def _lowered_elsewhere(self, key: tuple, args: tuple, static: dict) -> Any:
         """A lowering helper's program (:mod:`mpda_dist.lowering`), as a call that

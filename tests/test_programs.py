@@ -9,8 +9,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -74,7 +75,7 @@ def test_wait_report_says_where_the_caller_waited(monkeypatch):
 
     def slow_in_background(self, key, args, static, background=False):
         if background:
-            time.sleep(0.3)  # still compiling when the caller asks for it
+            time.sleep(1.0)  # still compiling when the caller asks for it
         return compile_(self, key, args, static, background)
 
     monkeypatch.setattr(programs.Jit, "_compile", slow_in_background)
@@ -509,14 +510,27 @@ def test_store_failures_never_fail_the_call(tmp_path, monkeypatch):
         programs.set_store(None)
 
 
-def test_closing_drops_queued_compiles_and_later_calls_compile_themselves():
+def test_closing_drops_queued_compiles_and_later_calls_compile_themselves(monkeypatch):
+    # The pool's 2 threads are held until the pool is closed, so 6 jobs are still queued
+    # then however fast the compiles are (review helper).
+    go, compile_ = threading.Event(), programs.Jit._compile
+
+    def held(self, key, args, static, background=False):
+        if background:
+            go.wait(60)
+        return compile_(self, key, args, static, background)
+
+    monkeypatch.setattr(programs.Jit, "_compile", held)
     p = programs.Programs(threads=2)
     f = programs.jit(_traced_scale, static_argnames=("k",))
     ks = [_unique_k() for _ in range(8)]
     for k in ks:
         p.prefetch(f, jax.ShapeDtypeStruct((3,), jnp.float32), k=k)
     p.close()
-    assert any(job.cancelled() for job in list(f.pending.values()))
+    # the 6 queued jobs are cancelled and forgotten; the 2 running ones stay pending
+    held_jobs = list(f.pending.values())
+    go.set()
+    assert len(held_jobs) == 2 and not any(job.cancelled() for job in held_jobs)
     # a later pool (another solve) queues again what the closed one cancelled
     again = programs.Programs(threads=2)
     for k in ks:
@@ -526,6 +540,60 @@ def test_closing_drops_queued_compiles_and_later_calls_compile_themselves():
         np.testing.assert_array_equal(f(jnp.ones(3), k=k), k * np.ones(3))
     again.close()
     # A job can still be in its last lines (the program in memory, the store's lock being
-    # released) after the call above found the program: close() does not wait for it.
+    # released) after the call above found the program: close() does not wait for it,
+    # and a job leaves ``pending`` just after its future is done.
     wait(list(f.pending.values()), timeout=60)
+    deadline = time.monotonic() + 10
+    while f.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not f.pending
+
+
+def test_a_job_that_ends_while_the_caller_looks_is_not_compiled_again(monkeypatch):
+    """The caller looks for the job, then in memory: a job that ends between the two
+    looks (its program in memory, then gone from ``pending``) is found.  In the other
+    order both looks missed it and the caller traced and compiled it again (review
+    helper)."""
+    monkeypatch.setattr(programs, "_STORE", programs.Store(None))
+    f = programs.jit(_traced_scale, static_argnames=("k",))
+    k, x = _unique_k(), jnp.ones(4)
+    _, _, key = f._key((x,), {"k": k})
+    ready = f.jitted.lower(x, k=k).compile()
+    job: Future = Future()
+    job.set_running_or_notify_cancel()
+    f.pending[key] = job
+
+    class EndsTheJobOnLook(dict):
+        def get(self, wanted, default=None):
+            found = super().get(wanted, default)
+            if wanted == key and job.running():  # the job ends just after this look
+                self[key] = ready
+                job.set_result(ready)
+                f.pending.pop(key, None)
+            return found
+
+    f.programs = EndsTheJobOnLook()
+    compiles, compile_ = [], programs.Jit._compile
+
+    def counted(self, *args, **kwargs):
+        compiles.append(self.name)
+        return compile_(self, *args, **kwargs)
+
+    monkeypatch.setattr(programs.Jit, "_compile", counted)
+    np.testing.assert_array_equal(f(x, k=k), k * np.ones(4))
+    assert compiles == []  # not compiled again
+    assert job.done() and key not in f.pending
+
+
+def test_the_store_key_takes_xla_flags_in_any_order(monkeypatch, tmp_path):
+    """The same settings in another order, or a flag given twice (its last value wins in
+    XLA), are one program in the store (review helper: the user's flag before or after
+    the ones the ranks add made two)."""
+    store, device = programs.Store(tmp_path / "store"), jax.devices()[0]
+    paths = []
+    for flags in ("--b=1 --a=2", "--a=2 --b=1", "--a=1 --b=1 --a=2", "--a=1 --b=1"):
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        paths.append(store.path("m.f", ("key",), device))
+    assert paths[0] == paths[1] == paths[2] != paths[3]
+    monkeypatch.setenv("MPDA_KERNEL_FORM", "pads")
+    assert store.path("m.f", ("key",), device) not in paths
