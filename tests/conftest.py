@@ -26,7 +26,7 @@ _FLAGS = os.environ.get("XLA_FLAGS", "")
 if "--xla_backend_optimization_level" not in _FLAGS:
     os.environ["XLA_FLAGS"] = _FLAGS = f"{_FLAGS} --xla_backend_optimization_level=0".strip()
 # XLA's CPU code from its older emitters: at that level they compile the kernel's
-# programs 2-3 times faster than the fusion emitters (MLIR), for the same HLO
+# programs 3-4 times faster than the fusion emitters (MLIR), for the same HLO
 # (benchmarks/RESULTS.md §29).  An XLA that does not know the flag aborts the process,
 # so it is tried once in a child (a newer jaxlib may have dropped it); pytest-xdist's
 # workers inherit the result.
