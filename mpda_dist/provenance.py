@@ -69,8 +69,8 @@ def git_commit(root: str | os.PathLike[str] | None = None) -> str | None:
 
 def attributes() -> dict[str, str]:
     """Rank 0: root attributes on the software and hardware that made the result:
-    library versions, the MPI library, JAX's backend and device kind (rank 0's), and
-    the package's git commit where it is a checkout."""
+    library versions, the MPI library, JAX's backend and device kind (rank 0's), its
+    ``XLA_FLAGS`` when set, and the package's git commit where it is a checkout."""
     import jax
 
     attrs = _package_versions()
@@ -85,6 +85,11 @@ def attributes() -> dict[str, str]:
         attrs["jax_device_kind"] = jax.local_devices()[0].device_kind
     except Exception:  # noqa: BLE001
         pass
+    # XLA's options as rank 0 compiled with them, those mpda added included
+    # (runtime.configure_jax_env): they change the programs, not the answer's definition.
+    flags = os.environ.get("XLA_FLAGS", "").strip()
+    if flags:
+        attrs["xla_flags"] = flags
     commit = git_commit()
     if commit is not None:
         attrs["git_commit"] = commit

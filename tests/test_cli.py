@@ -97,6 +97,9 @@ def check_provenance(out: Path) -> None:
     for name in ("jax", "jaxlib", "numpy", "scipy", "h5py", "mpi4py"):
         assert a[f"version_{name}"]
     assert a["mpi_library"] and a["jax_backend"] == "cpu" and a["jax_device_kind"]
+    # the flags the run compiled with: the tests' own (tests/conftest.py), and any
+    # that the rank added (runtime.configure_jax_env)
+    assert set(os.environ["XLA_FLAGS"].split()) <= set(a["xla_flags"].split())
     head = subprocess.run(
         ["git", "-C", str(Path(__file__).parents[1]), "rev-parse", "HEAD"],
         capture_output=True,
