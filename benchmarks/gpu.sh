@@ -31,12 +31,17 @@
 #           lowering are paid again, as before the program cache)
 #   big     4096² at 5 % (compile warm-up, then the warm run)
 #   padsbig the same with MPDA_KERNEL_FORM=pads
-#   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists;
+#   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists,
+#           empty caches, the launcher's default binding (Open MPI: a core per rank);
+#   mpinobind  the same with no binding (--bind-to none): each rank's compile threads
+#           may use every core;
 #           it and the solve stage print each rank's slowest programs to get (load,
 #           trace and lower, compile: programs.compile_report)
 #   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
 #   profile one warm 1024² 10 % solve and 5 calls of 10 frozen updates under JAX's
 #           profiler: per kernel name the count and device time, busy against wall
+#   coldsolve  1024² at 10 %, 5 % and 1 %, each a first and a warm run in a fresh
+#           process with empty caches, alternated, GPU_BENCH_ROUNDS rounds
 #   coldab  the nohelpers (default) and helpers stages alternated, GPU_BENCH_ROUNDS rounds
 #           (default 3): first runs only, a fresh process and empty caches each; the
 #           first round's whole output is kept in $OUT/cold/
@@ -55,8 +60,8 @@
 #           default (the store alone)
 #   report  all tables again
 # GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc pads cached big
-# padsbig fit mpi profile strips serial jaxcache coldab coldimports coldprepare coldflags
-# coldvar coldcache"; they run in that order, and the budget skips what is left) picks stages;
+# padsbig fit mpi mpinobind profile strips serial jaxcache coldsolve coldab coldimports
+# coldprepare coldflags coldvar coldcache"; they run in that order, and the budget skips what is left) picks stages;
 # GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each other
 # (RESULTS §17), =all makes the kernel stage time the coupled update and the strips form
 # too (default frozen: the frozen update, pads against fused);
@@ -97,7 +102,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi profile strips serial jaxcache coldab coldimports coldprepare coldflags coldvar coldcache} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi mpinobind profile strips serial jaxcache coldsolve coldab coldimports coldprepare coldflags coldvar coldcache} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -228,19 +233,27 @@ MPIEXEC=$(command -v mpiexec || true)
 [ -z "$MPIEXEC" ] && [ -x "$(dirname "$(command -v "$PY")")/mpiexec" ] \
     && MPIEXEC="$(dirname "$(command -v "$PY")")/mpiexec"
 if [ -n "$MPIEXEC" ]; then
-    MPIFLAGS=""
+    MPIFLAGS="" NOBIND="-bind-to none"
     if "$MPIEXEC" --version 2>&1 | grep -qi "open mpi\|open-mpi\|openrte"; then
         # -x: Open MPI does not pass PYTHONPATH (the package and /tmp/site) on by itself
         MPIFLAGS="--allow-run-as-root --oversubscribe -x PYTHONPATH -x PYTHONUNBUFFERED"
+        NOBIND="--bind-to none"
         export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
     fi
     # whether this MPI can take GPU buffers (what a GPU-direct exchange would need)
     command -v ompi_info >/dev/null \
         && ompi_info --parsable --all 2>/dev/null | grep -m1 "mpi_built_with_cuda_support:value"
-    stage mpi $L_M "$MPIEXEC" $MPIFLAGS -n 2 "$PY" benchmarks/gpu_bench.py mpi $QUICK --csv "$CSV"
+    # each with empty caches: the launcher's default binding (Open MPI binds each of 2
+    # ranks to one core), then no binding
+    COLD_M=$(mktemp -d /tmp/mpda_cold.XXXXXX) COLD_N=$(mktemp -d /tmp/mpda_cold.XXXXXX)
+    stage mpi $L_M env XDG_CACHE_HOME="$COLD_M" "$MPIEXEC" $MPIFLAGS -n 2 "$PY" \
+        benchmarks/gpu_bench.py mpi $QUICK --csv "$CSV"
+    stage mpinobind $L_M env XDG_CACHE_HOME="$COLD_N" "$MPIEXEC" $MPIFLAGS $NOBIND -n 2 "$PY" \
+        benchmarks/gpu_bench.py mpi $QUICK --csv "$CSV" --label " $NOBIND"
+    rm -rf "$COLD_M" "$COLD_N"
 else
     echo
-    echo "SKIPPED stage mpi: no mpiexec on PATH or next to $PY"
+    echo "SKIPPED stages mpi, mpinobind: no mpiexec on PATH or next to $PY"
 fi
 
 stage profile $L_P "$PY" benchmarks/gpu_bench.py profile $QUICK --csv "$CSV"
@@ -261,7 +274,7 @@ rm -rf "$CACHED" "$JAXCACHED"
 # each (RESULTS §25) could not tell two settings apart.  The exit status is the first
 # failing run's (the stage is then FAILED).  The first round's output is kept in $OUTDIR/cold/.
 alternate() {
-    local var=$1 runs=$2 r v d st rc=0
+    local var=$1 runs=$2 r v d st rc=0 frac
     local -a values
     IFS=';' read -ra values <<<"$3"
     trap 'rm -rf "$d" "$d.log"' EXIT
@@ -271,8 +284,11 @@ alternate() {
             d=$(mktemp -d /tmp/mpda_cold.XXXXXX)
             local -a set=()
             [ "$v" = default ] || set=("$var=${v//@CACHE@/$d}")
+            # GPU_BENCH_FRACTION is the solve's observation fraction (default 5 %)
+            frac=0.05
+            [ "$var" = GPU_BENCH_FRACTION ] && [ "$v" != default ] && frac=$v
             env -u "$var" XDG_CACHE_HOME="$d" ${set[@]+"${set[@]}"} "$PY" benchmarks/gpu_bench.py \
-                solve $QUICK --csv "$CSV" --fractions 0.05 --runs "$runs" \
+                solve $QUICK --csv "$CSV" --fractions "$frac" --runs "$runs" \
                 --label " $var=$v r$r" --exact-wait 0 >"$d.log" 2>&1
             st=$?
             [ $st -ne 0 ] && [ $rc -eq 0 ] && rc=$st
@@ -291,6 +307,9 @@ alternate() {
 ROUNDS=${GPU_BENCH_ROUNDS:-3}
 export ROUNDS
 ALTERNATE="$(declare -f alternate); alternate \"\$@\""
+# the cold start at each observation fraction, with its warm run: 10 %, 5 %, 1 %
+stage coldsolve $((L_R * ROUNDS * 3 / 3)) bash -c "$ALTERNATE" _ GPU_BENCH_FRACTION 2 \
+    '0.1;0.05;0.01'
 # no lowering helpers (the default) against 4
 stage coldab $((L_R * ROUNDS * 2 / 3)) bash -c "$ALTERNATE" _ MPDA_LOWER_PROCESSES 1 'default;4'
 # the first solve's imports ahead, in a thread that lowering.start() starts (the

@@ -787,10 +787,12 @@ def stage_mpi(args) -> None:
     devs = runtime.device_table(comm)  # pins each rank's default device by local rank
     n = pick("mpi", args.quick)
     rank = comm.Get_rank()
-    case = f"{n}x{n} 5% {comm.Get_size()} ranks"
+    case = f"{n}x{n} 5% {comm.Get_size()} ranks{args.label}"
     sink = None
     if rank == 0:
         sink = Sink(args, "mpi", stage_meta(args, {"ranks": comm.Get_size(), "rank_devices": devs}))
+        for r, host, dev, cores in devs:
+            print(f"  rank {r} on {host}, {dev}, {cores} usable core(s)", flush=True)
     solve_case(
         comm,
         n,

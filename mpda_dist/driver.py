@@ -516,10 +516,13 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     lowering.start()  # imports ahead (and any helpers) while the inputs are read
     if rank == 0:
         log.info("mpda_dist %s on %d rank(s)", __version__, size)
-        for r, host, dev in rows[:16]:
-            log.info("  rank %4d  %-20s %s", r, host, dev)
+        for r, host, dev, cores in rows[:16]:
+            log.info("  rank %4d  %-20s %-8s %3d core(s)", r, host, dev, cores)
         if len(rows) > 16:
             log.info("  ... %d more ranks", len(rows) - 16)
+        advice = runtime.few_cores_advice(rows)
+        if advice:
+            log.warning("%s", advice)
         pool = lowering.helpers()
         if pool is not None:
             log.info(

@@ -396,12 +396,37 @@ def select_device(local_rank: int) -> Any:
     return devices[local_rank % len(devices)]
 
 
-def device_table(comm: Any) -> list[tuple[int, str, str]]:
-    """``(rank, host, device)`` for every rank, gathered on rank 0 (others get [])."""
+def device_table(comm: Any) -> list[tuple[int, str, str, int]]:
+    """``(rank, host, device, cores)`` for every rank, gathered on rank 0 (others get
+    []): ``cores`` is how many CPUs the rank may run on (:func:`usable_cores`)."""
     import jax
 
     local_rank = int(os.environ.get("MPDA_LOCAL_RANK", "0"))
     dev = select_device(local_rank)
     jax.config.update("jax_default_device", dev)
-    rows = comm.gather((comm.Get_rank(), socket.gethostname(), str(dev)), root=0)
+    row = (comm.Get_rank(), socket.gethostname(), str(dev), len(usable_cores()))
+    rows = comm.gather(row, root=0)
     return rows or []
+
+
+# A rank on an accelerator with fewer usable cores than this compiles its programs
+# slowly: a GPU program takes 0.3-1 s of one core to compile and a cold 1024² solve
+# needs about 40 of them (benchmarks/RESULTS.md §30).
+FEW_CORES = 4
+
+
+def few_cores_advice(rows: list[tuple[int, str, str, int]]) -> str | None:
+    """A warning for :func:`device_table`'s rows when ranks on an accelerator may run on
+    fewer than :data:`FEW_CORES` cores each (a launcher's binding, Slurm's default of one
+    CPU per task), else None.  Such a rank's compile threads share those cores."""
+    few = [r for r, _, dev, cores in rows if cores < FEW_CORES and not dev.startswith("cpu")]
+    if not few:
+        return None
+    cores = sorted({c for r, _, _, c in rows if r in few})
+    shown = ", ".join(map(str, few[:8])) + (f" and {len(few) - 8} more" if len(few) > 8 else "")
+    return (
+        f"rank(s) {shown} run on a GPU with {'/'.join(map(str, cores))} usable core(s) each: "
+        "their programs compile on those cores, so a cold start takes several times longer. "
+        "Give each rank more cores (Slurm: --cpus-per-task=8; Open MPI: --bind-to none or "
+        "--map-by slot:PE=8; MPICH: -bind-to core:8; launch/mpirun.sh -t 8 --bind core)"
+    )
