@@ -384,16 +384,19 @@ def _resolve_duplicates(
         return
     qx = np.rint(x[rows] / (_LOCATION_TOL * extent[0])).astype(np.int64)
     qy = np.rint(y[rows] / (_LOCATION_TOL * extent[1])).astype(np.int64)
-    _, first_pos, group, sizes = np.unique(
-        np.stack([qx, qy], axis=1),
-        axis=0,
-        return_index=True,
-        return_inverse=True,
-        return_counts=True,
-    )
-    group = group.reshape(-1)
+    # Groups of equal (qx, qy), numbered in sorted order.  (np.unique(axis=0) does the
+    # same through a sort of byte strings: 0.1 s for 10^5 rows against 0.01 s.)
+    order = np.lexsort((qy, qx))  # stable: a group's positions stay ascending
+    sx, sy = qx[order], qy[order]
+    new = np.ones(order.size, dtype=bool)
+    new[1:] = (sx[1:] != sx[:-1]) | (sy[1:] != sy[:-1])
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.append(starts, order.size))
     if sizes.max() < 2:
         return
+    first_pos = order[starts]
+    group = np.empty(order.size, dtype=np.intp)
+    group[order] = np.cumsum(new) - 1
     # rows are ascending, so a group's first occurrence is its lowest row index
     first = rows[first_pos]
     kept = first[group]

@@ -59,6 +59,11 @@ def test_run_writes_the_documented_layout(tmp_path):
         rmse = np.sqrt(np.mean((mean - truth) ** 2))
         assert rmse < 0.5 * np.sqrt(np.mean((bg - truth) ** 2))
     assert "RMSE vs truth" in proc.stderr
+    # the start-up table: each rank with the cores it may use (the launcher's binding)
+    cores = len(os.sched_getaffinity(0))
+    for r in (0, 1):
+        assert re.search(rf"rank +{r} +\S+ +cpu:0 +{cores} core\(s\)", proc.stderr), proc.stderr
+    assert "usable core(s) each" not in proc.stderr  # the warning is for GPU ranks only
     assert not list(tmp_path.glob(".*tmp*"))
     check_diagnostics_and_cf(out)
     check_provenance(out)

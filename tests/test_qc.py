@@ -109,6 +109,38 @@ def test_reject_keeps_the_first_of_each_location():
     assert r.value_used[0] == 1.0 and r.noise_used[0] == 0.1  # not merged
 
 
+def test_many_duplicate_groups_match_a_grouping_by_dictionary():
+    """Hundreds of rows at 40 locations in random order (x and y each repeated across
+    groups): each row after the first at its location points at that first row, which
+    holds the group's inverse-variance mean (and the reject policy keeps it unmerged)."""
+    rng = np.random.default_rng(3)
+    locs = [(0.1 * rng.integers(1, 20), 0.1 * rng.integers(1, 10)) for _ in range(40)]
+    rows = []
+    for _ in range(300):
+        x, y = locs[rng.integers(len(locs))]
+        rows.append((x, y, float(rng.normal()), float(rng.uniform(0.1, 1.0))))
+    first: dict[tuple[float, float], int] = {}
+    members: dict[int, list[int]] = {}
+    for i, (x, y, _, _) in enumerate(rows):
+        k = first.setdefault((round(x, 9), round(y, 9)), i)
+        members.setdefault(k, []).append(i)
+    expect_of = [-1] * len(rows)
+    for k, idx in members.items():
+        for i in idx[1:]:
+            expect_of[i] = k
+    merged = run(rows)
+    assert merged.duplicate_of.tolist() == expect_of
+    for k, idx in members.items():
+        w = np.array([1 / rows[i][3] ** 2 for i in idx])
+        v = np.array([rows[i][2] for i in idx])
+        np.testing.assert_allclose(merged.value_used[k], np.sum(w * v) / w.sum())
+        np.testing.assert_allclose(merged.noise_used[k], 1 / np.sqrt(w.sum()))
+    rejected = run(rows, duplicates="reject")
+    assert rejected.duplicate_of.tolist() == expect_of
+    kept = sorted(members)
+    assert rejected.value_used[kept].tolist() == [rows[k][2] for k in kept]
+
+
 def test_locations_equal_to_rounding_are_duplicates_but_a_shared_node_is_not():
     r = run([(0.3, 0.5, 1.0, 0.1), (0.1 + 0.2, 0.5, 1.0, 0.1), (0.31, 0.5, 1.0, 0.1)])
     assert r.flag.tolist() == [0, NAMES["duplicate_merged"], 0]  # 0.31 shares node 3: used
