@@ -52,6 +52,7 @@
 #           compare the build and first solve together
 #   coldflags  the same for XLA options that may compile faster (GPU_BENCH_COLD_FLAGS,
 #           values separated by ";", "default" for none), each with a warm run
+#   (the alternated stages solve at 5 %, or at GPU_BENCH_COLD_FRACTION)
 #   coldvar  the same for any variable: GPU_BENCH_COLD_VAR (default MPDA_COMPILE_THREADS)
 #           over GPU_BENCH_COLD_VALUES (default "default;4;8"); in a value, @CACHE@ is
 #           the run's fresh cache directory
@@ -284,8 +285,9 @@ alternate() {
             d=$(mktemp -d /tmp/mpda_cold.XXXXXX)
             local -a set=()
             [ "$v" = default ] || set=("$var=${v//@CACHE@/$d}")
-            # GPU_BENCH_FRACTION is the solve's observation fraction (default 5 %)
-            frac=0.05
+            # GPU_BENCH_FRACTION is the solve's observation fraction (default 5 %, or
+            # GPU_BENCH_COLD_FRACTION)
+            frac=${GPU_BENCH_COLD_FRACTION:-0.05}
             [ "$var" = GPU_BENCH_FRACTION ] && [ "$v" != default ] && frac=$v
             env -u "$var" XDG_CACHE_HOME="$d" ${set[@]+"${set[@]}"} "$PY" benchmarks/gpu_bench.py \
                 solve $QUICK --csv "$CSV" --fractions "$frac" --runs "$runs" \
