@@ -220,34 +220,6 @@ def configure_malloc() -> bool:
     return all([mallopt(param, value) == 1 for param, value in settings])
 
 
-SWITCH_ENV = "MPDA_SWITCH_INTERVAL"
-# Python's default is 5 ms (sys.getswitchinterval)
-SWITCH_INTERVAL = 0.0005
-
-
-def configure_switch_interval() -> float:
-    """Set Python's thread switch interval to ``$MPDA_SWITCH_INTERVAL`` seconds, else
-    :data:`SWITCH_INTERVAL`; returns it.
-
-    During a cold start, compile threads trace programs (pure Python, holding the
-    interpreter's lock) while the main thread builds the problem and the levels (many
-    short numpy calls, each releasing the lock).  After each such call the main thread
-    waits for a tracing thread to give the lock up, which Python forces only every
-    switch interval.  At 0.5 ms instead of 5 ms a 1024² 10 % build beside the tracing
-    took 0.39–0.61 s against 0.67–0.99 s on a 2-core VM (benchmarks/RESULTS.md §30)."""
-    value = os.environ.get(SWITCH_ENV, "").strip()
-    seconds = SWITCH_INTERVAL
-    if value:
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = -1.0
-        if not 0 < seconds <= 1:
-            raise ValueError(f"{SWITCH_ENV}={value!r}: expected seconds, > 0 and at most 1")
-    sys.setswitchinterval(seconds)
-    return seconds
-
-
 # MPI_Abort makes hydra's mpiexec kill every process at once, possibly before its proxy
 # has passed on what the failing rank just wrote (the rank-tagged traceback was lost in
 # about 1 of 8 aborts in tests/test_faults.py).  A short pause lets it through first.
@@ -400,7 +372,6 @@ def start(catch_signals: bool = False) -> Any:
     local.Free()
     configure_jax_env(local_size, max(1, len(mine) // max(1, sharing)), gpu_share)
     configure_malloc()
-    configure_switch_interval()
     os.environ["MPDA_LOCAL_RANK"] = str(local_rank)  # this launch's, never an inherited one
     check_launch(comm.Get_size())
     _COMM = comm
