@@ -52,7 +52,9 @@
 #           compare the build and first solve together
 #   coldflags  the same for XLA options that may compile faster (GPU_BENCH_COLD_FLAGS,
 #           values separated by ";", "default" for none), each with a warm run
-#   (the alternated stages solve at 5 %, or at GPU_BENCH_COLD_FRACTION)
+#   (the alternated stages solve at 5 %, or at GPU_BENCH_COLD_FRACTION; coldvar runs
+#   GPU_BENCH_COLD_RUNS solves per process, default 1; GPU_BENCH_FUSED_MIN_NODES
+#   replaces kernel.FUSED_MIN_NODES in the solve stage)
 #   coldvar  the same for any variable: GPU_BENCH_COLD_VAR (default MPDA_COMPILE_THREADS)
 #           over GPU_BENCH_COLD_VALUES (default "default;4;8"); in a value, @CACHE@ is
 #           the run's fresh cache directory
@@ -295,6 +297,7 @@ alternate() {
             st=$?
             [ $st -ne 0 ] && [ $rc -eq 0 ] && rc=$st
             # the first solve, where the rank waited and for what, and the helpers' line
+            grep -a "^  start-up:" "$d.log"
             grep -a -A6 "^  solve \|waited" "$d.log" | grep -av "^--$\|slowest programs"
             grep -a "lowering helpers:" "$d.log"
             [ $st -ne 0 ] && tail -5 "$d.log"
@@ -336,7 +339,8 @@ stage coldflags $((L_R * ROUNDS * n_flags / 3)) bash -c "$ALTERNATE" _ XLA_FLAGS
 COLD_VAR=${GPU_BENCH_COLD_VAR:-MPDA_COMPILE_THREADS}
 COLD_VALUES=${GPU_BENCH_COLD_VALUES:-"default;4;8"}
 n_values=$(($(tr -cd ';' <<<"$COLD_VALUES" | wc -c) + 1))
-stage coldvar $((L_R * ROUNDS * n_values / 3)) bash -c "$ALTERNATE" _ "$COLD_VAR" 1 "$COLD_VALUES"
+stage coldvar $((L_R * ROUNDS * n_values * ${GPU_BENCH_COLD_RUNS:-1} / 3)) bash -c "$ALTERNATE" _ \
+    "$COLD_VAR" "${GPU_BENCH_COLD_RUNS:-1}" "$COLD_VALUES"
 # the program store alone (the default since RESULTS §28) against JAX's cache beside it
 stage coldcache $((L_R * ROUNDS * 2 / 3)) bash -c "$ALTERNATE" _ JAX_COMPILATION_CACHE_DIR 1 \
     'default;@CACHE@/jax'

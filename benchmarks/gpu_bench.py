@@ -584,12 +584,27 @@ def _run_rows(
 
 
 def stage_solve(args) -> None:
+    marks = [("Python and the script's imports", time.perf_counter())]
     comm = _start()
-    import jax  # noqa: F401
+    marks.append(("MPI and the environment (runtime.start)", time.perf_counter()))
+    import jax
     import numpy as np
 
+    marks.append(("import jax", time.perf_counter()))
+    jax.devices()
+    marks.append(("the device (jax.devices)", time.perf_counter()))
+    if os.environ.get("GPU_BENCH_FUSED_MIN_NODES"):  # gpu.sh's alternated stages
+        from mpda_dist import kernel
+
+        kernel.FUSED_MIN_NODES = int(os.environ["GPU_BENCH_FUSED_MIN_NODES"])
     warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
     meta = stage_meta(args)
+    marks.append(("the run's metadata", time.perf_counter()))
+    t, parts = T_START, []
+    for what, at in marks:
+        parts.append(f"{what} {at - t:.2f} s")
+        t = at
+    print("  start-up: " + ", ".join(parts), flush=True)
     meta["note"] = (
         "first run of the first fraction includes all compiles; later fractions "
         "reuse JAX's in-process compile cache (same shapes)"

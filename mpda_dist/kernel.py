@@ -266,17 +266,27 @@ def default_form() -> str:
     return "strips" if trace_backend() == "cpu" else "pads"
 
 
-def frozen_form(form: str | None, n: int) -> str:
-    """How :func:`iterate_b` runs ``n`` updates: ``form`` if given, else
-    ``$MPDA_KERNEL_FORM`` if set, else ``strips`` on a CPU, and on a GPU ``fused`` for
-    ``n ≥ FUSED_MIN_UPDATES`` and ``pads`` for fewer (``pads`` on other accelerators and
-    GPUs that Pallas's Triton backend does not support: :func:`fused.supported`)."""
+FUSED_MIN_NODES = 2**17
+"""On a GPU the frozen update runs ``fused`` on blocks of at least this many nodes only
+(a 1024² solve's two finest levels), and ``pads`` on smaller ones: there an update
+takes a few µs either way, while each block shape's pass costs a cold start its
+lowering through Triton, Python that holds the interpreter's lock (0.13 s of the
+0.51 s that ``iterate_b`` lowered in for 4 levels, benchmarks/RESULTS.md §30)."""
+
+
+def frozen_form(form: str | None, n: int, nodes: int) -> str:
+    """How :func:`iterate_b` runs ``n`` updates of a block of ``nodes`` nodes: ``form``
+    if given, else ``$MPDA_KERNEL_FORM`` if set, else ``strips`` on a CPU, and on a GPU
+    ``fused`` for ``n ≥ FUSED_MIN_UPDATES`` on ``nodes ≥ FUSED_MIN_NODES`` and ``pads``
+    otherwise (``pads`` on other accelerators and GPUs that Pallas's Triton backend does
+    not support: :func:`fused.supported`)."""
     if form or os.environ.get(FORM_ENV, "").strip():
         return form or default_form()
     backend = trace_backend()
     if backend == "cpu":
         return "strips"
-    if backend == "gpu" and n >= FUSED_MIN_UPDATES and fused.supported():
+    big = n >= FUSED_MIN_UPDATES and nodes >= FUSED_MIN_NODES
+    if backend == "gpu" and big and fused.supported():
         return FUSED
     return "pads"
 
@@ -532,7 +542,13 @@ traced, so a change needs ``jax.clear_caches()``."""
 # settings read when a program is traced belong to the programs' keys (programs.py)
 # (and the border form from the environment, which a benchmark may change in-process)
 key_settings(
-    lambda: (FENCE, FUSED_MIN_UPDATES, fused.settings(), os.environ.get(FORM_ENV, "").strip())
+    lambda: (
+        FENCE,
+        FUSED_MIN_UPDATES,
+        FUSED_MIN_NODES,
+        fused.settings(),
+        os.environ.get(FORM_ENV, "").strip(),
+    )
 )
 
 
@@ -709,7 +725,7 @@ def iterate_b(
     ``b_prev``, the outgoing cavity buffer (empty without ``neighbours``, see
     :func:`iterate`) and ``[0, Σ|Δb|]``."""
     by, bx = b.shape[1:]
-    form = frozen_form(form, n)
+    form = frozen_form(form, n, by * bx)
     if form == FUSED:
         return _iterate_b_fused(a, b, b_prev, g, op, halo_flat, p, n, momentum, delta, neighbours)
     border = _Border(halo_flat, by, bx, form, neighbours)

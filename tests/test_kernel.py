@@ -266,29 +266,35 @@ def test_fused_frozen_update_equals_pads(monkeypatch, variant):
             assert not np.allclose(runs["pads"][1], b)  # the messages moved
 
 
-def test_frozen_form_by_backend_and_count(monkeypatch):
+def test_frozen_form_by_backend_count_and_size(monkeypatch):
     """The frozen update's form: ``strips`` on a CPU; on an accelerator ``fused`` for
-    calls of ``FUSED_MIN_UPDATES`` updates or more, ``pads`` for fewer; an explicit form
-    or ``$MPDA_KERNEL_FORM`` wins."""
+    calls of ``FUSED_MIN_UPDATES`` updates or more on blocks of ``FUSED_MIN_NODES``
+    nodes or more, ``pads`` otherwise; an explicit form or ``$MPDA_KERNEL_FORM`` wins."""
     monkeypatch.delenv(kernel.FORM_ENV, raising=False)
-    m = kernel.FUSED_MIN_UPDATES
+    m, big = kernel.FUSED_MIN_UPDATES, kernel.FUSED_MIN_NODES
     monkeypatch.setattr(kernel.jax, "default_backend", lambda: "cpu")
-    assert [kernel.frozen_form(None, n) for n in (1, m)] == ["strips", "strips"]
+    assert [kernel.frozen_form(None, n, big) for n in (1, m)] == ["strips", "strips"]
     monkeypatch.setattr(kernel.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(kernel.fused, "supported", lambda: False)
-    assert kernel.frozen_form(None, m) == "pads"  # an older GPU, or ROCm
+    assert kernel.frozen_form(None, m, big) == "pads"  # an older GPU, or ROCm
     monkeypatch.setattr(kernel.fused, "supported", lambda: True)
-    assert [kernel.frozen_form(None, n) for n in (1, m - 1, m, 5 * m)] == [
+    assert [kernel.frozen_form(None, n, big) for n in (1, m - 1, m, 5 * m)] == [
         "pads",
         "pads",
         kernel.FUSED,
         kernel.FUSED,
     ]
+    assert [kernel.frozen_form(None, 5 * m, k) for k in (big - 1, big, 4 * big)] == [
+        "pads",
+        kernel.FUSED,
+        kernel.FUSED,
+    ]
+    assert 254 * 254 < big <= 510 * 510  # a 1024² solve: its two finest levels fused
     monkeypatch.setattr(kernel.jax, "default_backend", lambda: "tpu")
-    assert kernel.frozen_form(None, m) == "pads"
-    assert kernel.frozen_form("strips", m) == "strips"
+    assert kernel.frozen_form(None, m, big) == "pads"
+    assert kernel.frozen_form("strips", m, big) == "strips"
     monkeypatch.setenv(kernel.FORM_ENV, "fused")
-    assert kernel.frozen_form(None, 1) == kernel.FUSED
+    assert kernel.frozen_form(None, 1, 1) == kernel.FUSED
 
 
 def test_fused_pass_supported_devices():

@@ -84,8 +84,8 @@ def test_a_gpu_request_lowers_the_fused_pass_for_cuda(pool):
     """What a GPU process asks of its helpers, asked on this CPU: the frozen update with
     the fused pass (Pallas's Triton lowering), exported for CUDA, whose one-call wrapper
     lowers here for CUDA to one Triton kernel call."""
-    specs = _update_args(20, 70)
-    static = {"n": 10, "momentum": 0.5, "delta": False}
+    specs = _update_args(20, 70)  # (a small block runs pads by default: named here)
+    static = {"n": 10, "momentum": 0.5, "delta": False, "form": kernel.FUSED}
     _, _, key = kernel.iterate_b._key(specs, static)
     target = lowering.Target("gpu", "cuda", True, "9.0", "NVIDIA H200", 132)  # an H200's
     request = (kernel.iterate_b.name, "mpda_dist.kernel", specs, static, key[-1], key[2], target)
