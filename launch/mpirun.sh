@@ -27,7 +27,10 @@
 #   Worth it when ranks x threads >= cores: each rank starts ~17 XLA threads.  --bind
 #   none asks the launcher not to bind; without --bind the launcher's default applies.
 # - --gpus-per-node N (or auto): each rank sees one GPU, chosen by node-local rank, via
-#   launch/bind_gpu.sh, which also splits a shared GPU's memory between its ranks.
+#   launch/bind_gpu.sh, which also splits a shared GPU's memory between its ranks.  Give
+#   GPU ranks several cores (-t 8 --bind core, or --bind none): they compile their
+#   programs on them, and Open MPI binds each of 2 ranks to one core by default (a cold
+#   start several times longer; mpda warns).
 # - --jemalloc: LD_PRELOAD libjemalloc into every rank if it can be found ($JEMALLOC_LIB,
 #   ldconfig, usual paths); at large blocks glibc malloc page faults can double the time
 #   per iteration.  Not found: a warning, and the run goes on without it.
