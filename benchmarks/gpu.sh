@@ -35,6 +35,8 @@
 #           empty caches, the launcher's default binding (Open MPI: a core per rank);
 #   mpinobind  the same with no binding (--bind-to none): each rank's compile threads
 #           may use every core;
+#   runtable  `mpda run` of configs/small.yaml on 2 ranks with the launcher's default
+#           binding: rank 0's start-up table (each rank's usable cores) and warnings;
 #           it and the solve stage print each rank's slowest programs to get (load,
 #           trace and lower, compile: programs.compile_report)
 #   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
@@ -63,7 +65,7 @@
 #           default (the store alone)
 #   report  all tables again
 # GPU_BENCH_STAGES (default all: "kernel solve helpers nohelpers prealloc pads cached big
-# padsbig fit mpi mpinobind profile strips serial jaxcache coldsolve coldab coldimports
+# padsbig fit mpi mpinobind runtable profile strips serial jaxcache coldsolve coldab coldimports
 # coldprepare coldflags coldvar coldcache"; they run in that order, and the budget skips what is left) picks stages;
 # GPU_BENCH_KERNEL_CASES=sweep times the fused pass's settings against each other
 # (RESULTS §17), =all makes the kernel stage time the coupled update and the strips form
@@ -105,7 +107,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 BUDGET=${GPU_BENCH_BUDGET:-400}
-STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi mpinobind profile strips serial jaxcache coldsolve coldab coldimports coldprepare coldflags coldvar coldcache} "
+STAGES=" ${GPU_BENCH_STAGES:-kernel solve helpers nohelpers prealloc pads cached big padsbig fit mpi mpinobind runtable profile strips serial jaxcache coldsolve coldab coldimports coldprepare coldflags coldvar coldcache} "
 START=$(date +%s)
 EXACT_DIR=$(mktemp -d /tmp/mpda_exact.XXXXXX)
 
@@ -254,9 +256,17 @@ if [ -n "$MPIEXEC" ]; then
     stage mpinobind $L_M env XDG_CACHE_HOME="$COLD_N" "$MPIEXEC" $MPIFLAGS $NOBIND -n 2 "$PY" \
         benchmarks/gpu_bench.py mpi $QUICK --csv "$CSV" --label " $NOBIND"
     rm -rf "$COLD_M" "$COLD_N"
+    # `mpda run` on 2 ranks (configs/small.yaml) with the launcher's default binding:
+    # rank 0's start-up table (rank, host, device, usable cores) and its warnings
+    RUNDIR=$(mktemp -d /tmp/mpda_run.XXXXXX)
+    stage runtable $L_M bash -c '"$@" >"$0/run.log" 2>&1; rc=$?
+        grep -a "mpda_dist .* on \|  rank \|usable core\|done in\|error" "$0/run.log"; exit $rc' \
+        "$RUNDIR" env XDG_CACHE_HOME="$RUNDIR" "$MPIEXEC" $MPIFLAGS -n 2 "$PY" -c \
+        "from mpda_dist.cli import main; main()" run configs/small.yaml -o "$RUNDIR/small.h5"
+    rm -rf "$RUNDIR"
 else
     echo
-    echo "SKIPPED stages mpi, mpinobind: no mpiexec on PATH or next to $PY"
+    echo "SKIPPED stages mpi, mpinobind, runtable: no mpiexec on PATH or next to $PY"
 fi
 
 stage profile $L_P "$PY" benchmarks/gpu_bench.py profile $QUICK --csv "$CSV"
