@@ -96,7 +96,9 @@ def mpi_library_version() -> str | None:
     try:
         from mpi4py import MPI
 
-        return MPI.Get_library_version().strip().splitlines()[0].strip()
+        from mpda_dist.provenance import one_line  # (Open MPI's ends in a NUL)
+
+        return one_line(MPI.Get_library_version())
     except Exception:  # noqa: BLE001
         return None
 

@@ -785,6 +785,12 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
             raise io.InputError(
                 f"{out_path}: cannot write the analysis ({exc}); nothing was written"
             ) from None
+        except (ValueError, TypeError) as exc:  # h5py refusing a value: a bug, not input
+            raise RunError(
+                f"{out_path}: cannot write the analysis ({type(exc).__name__}: {exc}); "
+                "nothing was written",
+                1,
+            ) from None
         log.info("%s; wrote %s", summary, out_path)
 
     on_root(comm, finish)

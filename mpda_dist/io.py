@@ -370,9 +370,11 @@ def to_json(value: Any) -> str:
 
 
 def _attr_value(key: str, value: Any) -> Any:
-    """Convert a value to something HDF5 and netCDF readers both understand."""
+    """Convert a value to something HDF5 and netCDF readers both understand.  A string
+    loses any NUL characters: HDF5's strings end at one, and h5py refuses to write one
+    inside a string (which would fail the whole file after the solve)."""
     if isinstance(value, str):
-        return value
+        return value.replace("\x00", "")
     if isinstance(value, bool | np.bool_):
         return np.int8(value)  # netCDF has no boolean attribute type
     if isinstance(value, int | float | np.integer | np.floating):

@@ -67,6 +67,14 @@ def git_commit(root: str | os.PathLike[str] | None = None) -> str | None:
     return None
 
 
+def one_line(text: str) -> str:
+    """The first line of a library's version text, its runs of blanks made one space and
+    without NULs: Open MPI's ends in one, and HDF5's strings cannot hold it (an H200's
+    ``mpda run`` failed to write its output, benchmarks/RESULTS.md §30)."""
+    lines = text.replace("\x00", "").strip().splitlines()
+    return " ".join(lines[0].split()) if lines else ""
+
+
 def attributes() -> dict[str, str]:
     """Rank 0: root attributes on the software and hardware that made the result:
     library versions, the MPI library, JAX's backend and device kind (rank 0's), its
@@ -77,7 +85,7 @@ def attributes() -> dict[str, str]:
     try:
         from mpi4py import MPI
 
-        attrs["mpi_library"] = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
+        attrs["mpi_library"] = one_line(MPI.Get_library_version())
     except Exception:  # noqa: BLE001 - a version string is not worth failing a run for
         pass
     try:

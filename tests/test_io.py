@@ -638,6 +638,31 @@ def test_json_attributes_are_strict_json(tmp_path: Path) -> None:
     assert extra == {"limit": None, "nested": [1.5, None]}
 
 
+def test_version_strings_are_one_line_without_nuls(tmp_path: Path, monkeypatch) -> None:
+    """Open MPI's library version ends in a NUL, which h5py refuses inside a string: on
+    an H200 ``mpda run`` solved and then failed to write its file.  The provenance keeps
+    the first line without it, and any string attribute loses its NULs when written."""
+    from mpi4py import MPI
+
+    from mpda_dist import provenance
+
+    ompi = "Open MPI v4.1.6, package: Debian OpenMPI, ident: 4.1.6, Sep 30, 2023\x00"
+    want = "Open MPI v4.1.6, package: Debian OpenMPI, ident: 4.1.6, Sep 30, 2023"
+    assert provenance.one_line(ompi) == want
+    assert provenance.one_line("MPICH Version:      5.0.2\nMPICH Release date: x\n") == (
+        "MPICH Version: 5.0.2"
+    )
+    assert provenance.one_line("\x00") == ""
+    monkeypatch.setattr(MPI, "Get_library_version", lambda: ompi)
+    attrs = provenance.attributes()
+    assert attrs["mpi_library"] == want
+    path = tmp_path / "out.h5"
+    inp = analysis_inputs()
+    write_analysis(path, **inp | {"attrs": inp["attrs"] | attrs | {"note": "a\x00b"}})
+    with h5py.File(path, "r") as f:
+        assert f.attrs["mpi_library"] == want and f.attrs["note"] == "ab"
+
+
 def test_git_commit_reads_the_checkout_without_git(tmp_path: Path) -> None:
     """The analysis records the package's commit where its source is a git checkout:
     read from ``.git`` (a branch's loose or packed ref, a detached HEAD, a worktree's
