@@ -33,12 +33,12 @@
 #   padsbig the same with MPDA_KERNEL_FORM=pads
 #   mpi     two ranks sharing the GPU (mpiexec -n 2), 1024² at 5 %, if mpiexec exists,
 #           empty caches, the launcher's default binding (Open MPI: a core per rank);
-#   mpinobind  the same with no binding (--bind-to none): each rank's compile threads
-#           may use every core;
-#   runtable  `mpda run` of configs/small.yaml on 2 ranks with the launcher's default
-#           binding: rank 0's start-up table (each rank's usable cores) and warnings;
 #           it and the solve stage print each rank's slowest programs to get (load,
 #           trace and lower, compile: programs.compile_report)
+#   mpinobind  the same with no binding (--bind-to none): each rank's compile threads
+#           may use every core
+#   runtable  `mpda run` of configs/small.yaml on 2 ranks with the launcher's default
+#           binding: rank 0's start-up table (each rank's usable cores) and warnings
 #   fit     8192² at 5 %, one solve capped at 20 iterations per level: peak GPU memory
 #   profile one warm 1024² 10 % solve and 5 calls of 10 frozen updates under JAX's
 #           profiler: per kernel name the count and device time, busy against wall
@@ -56,7 +56,8 @@
 #           values separated by ";", "default" for none), each with a warm run
 #   (the alternated stages solve at 5 %, or at GPU_BENCH_COLD_FRACTION; coldvar runs
 #   GPU_BENCH_COLD_RUNS solves per process, default 1; GPU_BENCH_FUSED_MIN_NODES
-#   replaces kernel.FUSED_MIN_NODES in the solve stage)
+#   replaces kernel.FUSED_MIN_NODES in every `gpu_bench.py solve` process, so set it
+#   only for the stage compared, and not with lowering helpers, which keep the default)
 #   coldvar  the same for any variable: GPU_BENCH_COLD_VAR (default MPDA_COMPILE_THREADS)
 #           over GPU_BENCH_COLD_VALUES (default "default;4;8"); in a value, @CACHE@ is
 #           the run's fresh cache directory
@@ -260,7 +261,8 @@ if [ -n "$MPIEXEC" ]; then
     # rank 0's start-up table (rank, host, device, usable cores) and its warnings
     RUNDIR=$(mktemp -d /tmp/mpda_run.XXXXXX)
     stage runtable $L_M bash -c '"$@" >"$0/run.log" 2>&1; rc=$?
-        grep -a "mpda_dist .* on \|  rank \|usable core\|done in\|error" "$0/run.log"; exit $rc' \
+        grep -a "mpda_dist .* on \|  rank \|usable core\|done in\|error" "$0/run.log"
+        [ $rc -ne 0 ] && tail -30 "$0/run.log"; exit $rc' \
         "$RUNDIR" env XDG_CACHE_HOME="$RUNDIR" "$MPIEXEC" $MPIFLAGS -n 2 "$PY" -c \
         "from mpda_dist.cli import main; main()" run configs/small.yaml -o "$RUNDIR/small.h5"
     rm -rf "$RUNDIR"

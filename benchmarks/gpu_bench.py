@@ -806,7 +806,7 @@ def stage_mpi(args) -> None:
     sink = None
     if rank == 0:
         sink = Sink(args, "mpi", stage_meta(args, {"ranks": comm.Get_size(), "rank_devices": devs}))
-        for r, host, dev, cores in devs:
+        for r, host, dev, cores, _ in devs:
             print(f"  rank {r} on {host}, {dev}, {cores} usable core(s)", flush=True)
     solve_case(
         comm,

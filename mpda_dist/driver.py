@@ -516,7 +516,7 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     lowering.start()  # imports ahead (and any helpers) while the inputs are read
     if rank == 0:
         log.info("mpda_dist %s on %d rank(s)", __version__, size)
-        for r, host, dev, cores in rows[:16]:
+        for r, host, dev, cores, _ in rows[:16]:
             log.info("  rank %4d  %-20s %-8s %3d core(s)", r, host, dev, cores)
         if len(rows) > 16:
             log.info("  ... %d more ranks", len(rows) - 16)
@@ -783,12 +783,14 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
             )
         except OSError as exc:  # ENOSPC, EIO, quota: the temporary is already removed
             raise io.InputError(
-                f"{out_path}: cannot write the analysis ({exc}); nothing was written"
+                f"{out_path}: cannot write the analysis ({exc}); {_nothing_written(out_path)}"
             ) from None
+        except io.InputError:
+            raise
         except (ValueError, TypeError) as exc:  # h5py refusing a value: a bug, not input
             raise RunError(
                 f"{out_path}: cannot write the analysis ({type(exc).__name__}: {exc}); "
-                "nothing was written",
+                f"{_nothing_written(out_path)}",
                 1,
             ) from None
         log.info("%s; wrote %s", summary, out_path)

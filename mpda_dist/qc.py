@@ -385,7 +385,7 @@ def _resolve_duplicates(
     qx = np.rint(x[rows] / (_LOCATION_TOL * extent[0])).astype(np.int64)
     qy = np.rint(y[rows] / (_LOCATION_TOL * extent[1])).astype(np.int64)
     # Groups of equal (qx, qy), numbered in sorted order.  (np.unique(axis=0) does the
-    # same through a sort of byte strings: 0.1 s for 10^5 rows against 0.01 s.)
+    # same through a sort of byte strings: 0.1 s for 10^5 rows against 0.025 s.)
     order = np.lexsort((qy, qx))  # stable: a group's positions stay ascending
     sx, sy = qx[order], qy[order]
     new = np.ones(order.size, dtype=bool)

@@ -396,15 +396,16 @@ def select_device(local_rank: int) -> Any:
     return devices[local_rank % len(devices)]
 
 
-def device_table(comm: Any) -> list[tuple[int, str, str, int]]:
-    """``(rank, host, device, cores)`` for every rank, gathered on rank 0 (others get
-    []): ``cores`` is how many CPUs the rank may run on (:func:`usable_cores`)."""
+def device_table(comm: Any) -> list[tuple[int, str, str, int, str]]:
+    """``(rank, host, device, cores, platform)`` for every rank, gathered on rank 0
+    (others get []): ``cores`` is how many CPUs the rank may run on
+    (:func:`usable_cores`), ``platform`` JAX's for its device (``cpu``, ``gpu``...)."""
     import jax
 
     local_rank = int(os.environ.get("MPDA_LOCAL_RANK", "0"))
     dev = select_device(local_rank)
     jax.config.update("jax_default_device", dev)
-    row = (comm.Get_rank(), socket.gethostname(), str(dev), len(usable_cores()))
+    row = (comm.Get_rank(), socket.gethostname(), str(dev), len(usable_cores()), dev.platform)
     rows = comm.gather(row, root=0)
     return rows or []
 
@@ -415,14 +416,15 @@ def device_table(comm: Any) -> list[tuple[int, str, str, int]]:
 FEW_CORES = 4
 
 
-def few_cores_advice(rows: list[tuple[int, str, str, int]]) -> str | None:
+def few_cores_advice(rows: list[tuple[int, str, str, int, str]]) -> str | None:
     """A warning for :func:`device_table`'s rows when ranks on an accelerator may run on
     fewer than :data:`FEW_CORES` cores each (a launcher's binding, Slurm's default of one
     CPU per task), else None.  Such a rank's compile threads share those cores."""
-    few = [r for r, _, dev, cores in rows if cores < FEW_CORES and not dev.startswith("cpu")]
-    if not few:
+    short = [(r, c) for r, _, _, c, platform in rows if c < FEW_CORES and platform != "cpu"]
+    if not short:
         return None
-    cores = sorted({c for r, _, _, c in rows if r in few})
+    few = [r for r, _ in short]
+    cores = sorted({c for _, c in short})
     shown = ", ".join(map(str, few[:8])) + (f" and {len(few) - 8} more" if len(few) > 8 else "")
     return (
         f"rank(s) {shown} run on a GPU with {'/'.join(map(str, cores))} usable core(s) each: "

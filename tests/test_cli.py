@@ -396,9 +396,10 @@ def test_a_run_with_lowering_helpers_names_them_and_leaves_none(tmp_path, monkey
 def test_a_failed_write_is_a_clean_error_and_leaves_nothing(
     tmp_path, monkeypatch, error, code, needle
 ):
-    """Disk full while writing: exit code 2 naming the file, no file and no temporary.
-    A value h5py refuses (an H200's MPI version string ended in a NUL) is the package's
-    fault: exit code 1, naming the file and the error, and nothing left either."""
+    """Disk full while writing: exit code 2 naming the file, no temporary, and an
+    earlier file at the path left as it was and named as such.  A value h5py refuses (an
+    H200's MPI version string ended in a NUL) is the package's fault: exit code 1, the
+    same otherwise."""
     from mpi4py import MPI
 
     from mpda_dist import driver
@@ -414,10 +415,12 @@ def test_a_failed_write_is_a_clean_error_and_leaves_nothing(
     monkeypatch.setattr(h5py.Group, "create_dataset", full)
     cfg = load_config(None, ["grid.nx=24", "grid.ny=24", "solver.multigrid.enabled=false"])
     out = tmp_path / "o.h5"
+    out.write_bytes(b"an earlier run")
     with pytest.raises(driver.RunError, match=rf"{out}: cannot write the analysis .*{needle}") as e:
         driver.execute(MPI.COMM_SELF, cfg, str(out))
     assert e.value.code == code
-    assert list(tmp_path.iterdir()) == []
+    assert f"{out} is an earlier file" in str(e.value)
+    assert list(tmp_path.iterdir()) == [out] and out.read_bytes() == b"an earlier run"
 
 
 @pytest.mark.parametrize("command", [["run"], ["simulate"], ["plot", "x.h5"]])

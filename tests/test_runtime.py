@@ -121,16 +121,20 @@ def test_the_usable_cores_are_the_affinity():
 def test_ranks_on_a_gpu_with_few_cores_are_warned_about():
     """The start-up table's warning: GPU ranks with fewer than FEW_CORES usable cores
     (Open MPI binds each of 2 ranks to one core) are named, with their core counts and
-    how to give them more; CPU ranks, and GPU ranks with enough cores, are not."""
+    how to give them more; CPU ranks, and GPU ranks with enough cores, are not (by JAX's
+    platform, whatever the device's name)."""
     few = runtime.FEW_CORES
-    assert runtime.few_cores_advice([(0, "h", "cpu:0", 1), (1, "h", "cpu:0", 1)]) is None
-    assert runtime.few_cores_advice([(0, "h", "cuda:0", few), (1, "h", "cuda:1", 16)]) is None
-    rows = [(0, "h", "cuda:0", 16), (1, "h", "cuda:0", 1), (2, "g", "cuda:1", few - 1)]
+    cpu = [(0, "h", "cpu:0", 1, "cpu"), (1, "h", "TFRT_CPU_0", 1, "cpu")]
+    assert runtime.few_cores_advice(cpu) is None
+    enough = [(0, "h", "cuda:0", few, "gpu"), (1, "h", "cuda:1", 16, "gpu")]
+    assert runtime.few_cores_advice(enough) is None
+    rows = [(0, "h", "cuda:0", 16, "gpu"), (1, "h", "cuda:0", 1, "gpu")]
+    rows += [(2, "g", "cuda:1", few - 1, "gpu"), (3, "g", "cpu:0", 1, "cpu")]
     advice = runtime.few_cores_advice(rows)
     assert advice is not None and advice.startswith("rank(s) 1, 2 run on a GPU")
     assert f"with 1/{few - 1} usable core(s)" in advice
     assert "--cpus-per-task" in advice and "--bind-to none" in advice
-    many = runtime.few_cores_advice([(r, "h", "cuda:0", 1) for r in range(11)])
+    many = runtime.few_cores_advice([(r, "h", "cuda:0", 1, "gpu") for r in range(11)])
     assert many is not None and "rank(s) 0, 1, 2, 3, 4, 5, 6, 7 and 3 more run" in many
 
 
