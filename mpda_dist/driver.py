@@ -931,9 +931,10 @@ def _start() -> Any:
     environment variables, reported as an input error (one line, exit 2)."""
     comm = runtime.start_checked()  # (the command has started it; $MPDA_MALLOC)
     try:
-        from mpda_dist import kernel, lowering, programs  # (JAX's environment is set now)
+        from mpda_dist import kernel, lowering, mlir_contexts, programs  # (JAX's env is set)
 
         programs.compile_threads()  # $MPDA_COMPILE_THREADS
+        mlir_contexts.mode()  # $MPDA_MLIR_CONTEXTS
         lowering.requested()  # $MPDA_LOWER_PROCESSES
         if os.environ.get(kernel.FORM_ENV, "").strip():
             kernel.default_form()

@@ -50,7 +50,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from mpda_dist import mlir_contexts
 from mpda_dist.runtime import CACHE_ENV, store_problem
+
+mlir_contexts.install()  # one MLIR context per thread for every lowering
 
 log = logging.getLogger("mpda_dist")
 # Environment that changes what a traced function computes or how XLA compiles it.
