@@ -65,6 +65,7 @@ def test_lowered_programs_are_the_same_text_as_with_fresh_contexts(monkeypatch):
 
     monkeypatch.setattr(fused, "INTERPRET", False)  # Triton, as for a GPU
     reused = _lowered_texts()
+    jax.clear_caches()  # (else JAX's cache returns the modules lowered the first time)
     reused += _lowered_texts()  # the second time in a context that holds the first
     monkeypatch.setattr(mlir, "make_ir_context", mlir.make_ir_context.__wrapped__)
     jax.clear_caches()
@@ -74,6 +75,45 @@ def test_lowered_programs_are_the_same_text_as_with_fresh_contexts(monkeypatch):
         jax.clear_caches()
     assert "xla.gpu.triton" in fresh[1]
     assert reused[:4] == fresh and reused[4:] == fresh
+
+
+def test_a_context_is_replaced_after_its_reuses(monkeypatch):
+    """A context keeps every constant it uniqued: a thread takes a new one after
+    REUSES lowerings."""
+    monkeypatch.setattr(mlir_contexts, "REUSES", 3)
+    got: list = []
+
+    def lowerings():  # in a new thread, so that its count starts at 0
+        got.extend(mlir.make_ir_context() for _ in range(7))
+
+    t = threading.Thread(target=lowerings)
+    t.start()
+    t.join()
+    assert got[0] is got[1] is got[2] and got[3] is got[4] is got[5]
+    assert got[3] is not got[0] and got[6] is not got[3]
+
+
+def test_a_lowering_inside_a_lowering_gets_its_own_context():
+    """A lowering rule that compiles and runs a program while the outer program is being
+    lowered: sharing the entered context nested the inner module in the outer one (an
+    MLIRError, 'symbol's parent must have the SymbolTable trait'); it now gets a fresh
+    context and both programs are right."""
+    from jax.extend.core import Primitive
+
+    nest = Primitive("mpda_test_nested_lowering")
+    nest.def_abstract_eval(lambda v: v)
+    inner = []
+
+    def rule(ctx, v):
+        inner.append(np.asarray(jax.jit(lambda a: a * 3)(np.ones(4, np.float32))))
+        return mlir.lower_fun(jnp.sin, multiple_results=False)(ctx, v)
+
+    mlir.register_lowering(nest, rule)
+    x = np.arange(8, dtype=np.float32)
+    out = jax.jit(lambda v: nest.bind(v) * 2)(x)
+    np.testing.assert_allclose(np.asarray(out), np.sin(x) * 2, rtol=1e-6)
+    np.testing.assert_array_equal(inner[0], np.full(4, 3.0, np.float32))
+    assert mlir.make_ir_context() is mlir.make_ir_context()  # reuse again at the top
 
 
 def test_the_fused_pass_computes_the_same_in_a_reused_context():
