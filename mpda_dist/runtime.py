@@ -411,8 +411,9 @@ def device_table(comm: Any) -> list[tuple[int, str, str, int, str]]:
 
 
 # A rank on an accelerator with fewer usable cores than this compiles its programs
-# slowly: a GPU program takes 0.3-1 s of one core to compile and a cold 1024² solve
-# needs about 40 of them (benchmarks/RESULTS.md §30).
+# slowly: a cold 1024² solve compiles about 56 programs, about 13 s of one core's time
+# on an H200's host; two ranks bound to a core each took 22.4 s for their first solve,
+# 5.8 s unbound (benchmarks/RESULTS.md §30).
 FEW_CORES = 4
 
 
