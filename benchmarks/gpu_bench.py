@@ -499,7 +499,7 @@ def solve_case(
 
     import jax
 
-    from mpda_dist import driver, lowering
+    from mpda_dist import driver, lowering, runtime
     from mpda_dist.multigrid import schedule
     from mpda_dist.solver import prepare, solve
 
@@ -507,7 +507,8 @@ def solve_case(
     rank = comm.Get_rank()
     if os.environ.get("GPU_BENCH_NO_IMPORT_AHEAD") == "1":  # gpu.sh's coldimports stage
         lowering.import_ahead = lambda: None
-    lowering.start()  # as `mpda run` does before it reads its inputs
+    runtime.settle_gc()  # as `mpda run` does before it reads its inputs
+    lowering.start()
     levels = schedule(n, n, 1 / (n - 1), 1 / (n - 1), cfg.solver.multigrid.min_size, True)
     s = driver.settings_from(cfg)
     s0 = s

@@ -34,7 +34,9 @@ with its prefetch recorded rather than run, each program once), for a CUDA GPU w
 ``--gpu``, and sums them per program: the whole tracing that a cold start's compile
 threads do under Python's lock, measured on any machine.  The operations (the traced
 programs' equations, nested ones included) do not depend on the machine's load, as
-the seconds do.
+the seconds do.  It also counts the garbage collector's runs meanwhile and their CPU
+seconds, after :func:`mpda_dist.runtime.settle_gc` as ``mpda run`` has
+(``MPDA_GC=default``: Python's collector as it is).
 
 ``--contention`` (with ``--hierarchy``) measures what that tracing does to the rank's own
 Python: the main thread builds the levels' prior stencils and copies them to the device
@@ -263,6 +265,7 @@ def _hierarchy_programs(n: int, gpu: bool) -> list[tuple[str, object]]:
     from mpda_dist.solver import prepare
 
     comm = runtime.start()
+    runtime.settle_gc()  # as `mpda run` does before its programs are traced ($MPDA_GC)
     if gpu:  # the forms a CUDA GPU traces (as a lowering helper does for its rank)
         programs.TRACE_BACKEND[0] = "gpu"
         fused.SUPPORTED[0] = True
@@ -302,28 +305,72 @@ def _hierarchy_programs(n: int, gpu: bool) -> list[tuple[str, object]]:
     return [(fn.name.rsplit(".", 1)[-1], lowering(fn, a, st)) for fn, a, st in jobs]
 
 
+class _Collections:
+    """The cyclic garbage collector's runs while in use (``gc.callbacks``): how many,
+    and their CPU seconds (``time.thread_time``, not inflated by other processes), all
+    and full ones."""
+
+    def __init__(self) -> None:
+        self.runs = self.full = 0
+        self.seconds = self.full_seconds = 0.0
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.thread_time()
+            return
+        spent = time.thread_time() - self._start
+        self.runs += 1
+        self.seconds += spent
+        if info["generation"] == 2:
+            self.full += 1
+            self.full_seconds += spent
+
+    def __enter__(self) -> _Collections:
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.runs} runs, {self.seconds:.3f} s of CPU; "
+            f"{self.full} full, {self.full_seconds:.3f} s"
+        )
+
+
 def _hierarchy(args) -> int:
+    from mpda_dist import runtime
+
     jobs = _hierarchy_programs(args.hierarchy, args.gpu)
     where = "a CUDA GPU" if args.gpu else "this backend"
     if args.contention:
         _contention(args, jobs)
     else:
         rows: dict[str, list[float]] = {}
-        t0 = time.perf_counter()
-        for name, lower in jobs:
-            tr, lo, ops = lower()
-            row = rows.setdefault(name, [0, 0.0, 0.0, 0])
-            row[0] += 1
-            row[1] += tr
-            row[2] += lo
-            row[3] += ops
-        total = time.perf_counter() - t0
+        collections = _Collections()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        with collections:
+            for name, lower in jobs:
+                tr, lo, ops = lower()
+                row = rows.setdefault(name, [0, 0.0, 0.0, 0])
+                row[0] += 1
+                row[1] += tr
+                row[2] += lo
+                row[3] += ops
+        total, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
         ops = sum(int(r[3]) for r in rows.values())
         print(
             f"{len(jobs)} programs of a prepared {args.hierarchy}² solve (one rank, float32), "
-            f"traced and lowered for {where}, one after another: {total:.2f} s, "
-            f"{ops} operations"
+            f"traced and lowered for {where}, one after another: {total:.2f} s "
+            f"({cpu:.2f} s of CPU), {ops} operations"
         )
+        print(f"  garbage collection ($MPDA_GC {runtime.gc_mode()}): {collections}")
         head = ("program", "count", "trace s", "lower s", "operations")
         print("  {:16s} {:>5s} {:>8s} {:>8s} {:>10s}".format(*head))
         for name, (k, tr, lo, n) in sorted(rows.items(), key=lambda r: -(r[1][1] + r[1][2])):

@@ -7,6 +7,7 @@ rank 0 alone logs and writes.  Any error ends every rank with a non-zero exit co
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import math
@@ -513,6 +514,9 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     if cfg.solver.method == "mp":  # a signal or the timer writes it, hours from now
         on_root(comm, lambda: _check_checkpoint_file(cfg.checkpoint.file))
     rows = runtime.device_table(comm)
+    if runtime.settle_gc():  # before the programs are traced
+        frozen = gc.get_freeze_count()
+        log.debug("%d objects frozen out of the garbage collector's walks ($MPDA_GC)", frozen)
     lowering.start()  # imports ahead (and any helpers) while the inputs are read
     if rank == 0:
         log.info("mpda_dist %s on %d rank(s)", __version__, size)
@@ -935,6 +939,7 @@ def _start() -> Any:
 
         programs.compile_threads()  # $MPDA_COMPILE_THREADS
         mlir_contexts.mode()  # $MPDA_MLIR_CONTEXTS
+        runtime.gc_mode()  # $MPDA_GC
         lowering.requested()  # $MPDA_LOWER_PROCESSES
         if os.environ.get(kernel.FORM_ENV, "").strip():
             kernel.default_form()

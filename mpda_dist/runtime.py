@@ -220,6 +220,42 @@ def configure_malloc() -> bool:
     return all([mallopt(param, value) == 1 for param, value in settings])
 
 
+GC_ENV = "MPDA_GC"
+_GC_SETTLED: list[bool] = []
+
+
+def gc_mode() -> str:
+    """``$MPDA_GC``: ``freeze`` (the default) or ``default`` (Python's collector left
+    as it is)."""
+    mode = os.environ.get(GC_ENV, "").strip().lower() or "freeze"
+    if mode not in ("freeze", "default"):
+        raise ValueError(f"{GC_ENV}={mode!r}: expected freeze or default")
+    return mode
+
+
+def settle_gc() -> bool:
+    """Take every object the process holds now out of the cyclic garbage collector's
+    walks (``gc.freeze``), unless ``$MPDA_GC`` is ``default`` or the collector is off.
+    Returns whether it did.
+
+    Call it once the imports are done and before the programs are traced (``mpda run``
+    does, before it reads its inputs).  A full collection walks every tracked object,
+    about 95 000 after ``import jax`` and the device's start; lowering a 1024² solve's
+    programs on a CPU ran three of them, 0.06–0.07 s of the 0.8 s, each holding Python's
+    lock, which a cold start's tracing threads and the rank's own build share.  The
+    modules and JAX's tables live until the process ends, so freezing them loses nothing;
+    what becomes garbage later is still collected (benchmarks/RESULTS.md §31).  Once
+    per process: a later call does nothing (a cycle that became garbage in between
+    would never be collected)."""
+    import gc
+
+    if _GC_SETTLED or gc_mode() == "default" or not gc.isenabled():
+        return False
+    _GC_SETTLED.append(True)
+    gc.freeze()
+    return True
+
+
 # MPI_Abort makes hydra's mpiexec kill every process at once, possibly before its proxy
 # has passed on what the failing rank just wrote (the rank-tagged traceback was lost in
 # about 1 of 8 aborts in tests/test_faults.py).  A short pause lets it through first.

@@ -353,6 +353,7 @@ def test_unwritable_output_directory_fails_before_solving(tmp_path):
         ("MPDA_COMPILE_THREADS", "abc", "expected a whole number of threads"),
         ("MPDA_LOWER_PROCESSES", "four", "expected a whole number of processes"),
         ("MPDA_MLIR_CONTEXTS", "shared", "expected one of reuse, fresh"),
+        ("MPDA_GC", "off", "expected freeze or default"),
     ],
 )
 def test_a_bad_environment_variable_is_an_input_error(tmp_path, monkeypatch, var, value, needle):
@@ -363,6 +364,19 @@ def test_a_bad_environment_variable_is_an_input_error(tmp_path, monkeypatch, var
     assert proc.returncode == 2, proc.stderr
     assert f"error: {var}={value!r}: {needle}" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_a_run_freezes_the_collectors_objects_before_its_programs(tmp_path):
+    """``mpda run`` settles the garbage collector (runtime.settle_gc) before its
+    programs are traced and its inputs read; the debug log says so, ahead of them."""
+    out = tmp_path / "o.h5"
+    proc = mpda("run", "-o", str(out), *SMALL, "--set", "logging.level=debug")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    frozen = [i for i, line in enumerate(lines) if "objects frozen out of the garbage" in line]
+    read = [i for i, line in enumerate(lines) if "observations used" in line]
+    assert len(frozen) == 1 and read and frozen[0] < read[0], proc.stderr
+    assert int(lines[frozen[0]].split()[1]) > 1000
 
 
 def test_a_run_with_lowering_helpers_names_them_and_leaves_none(tmp_path, monkeypatch):

@@ -58,6 +58,53 @@ def test_malloc_mode_from_the_environment(monkeypatch):
         runtime.configure_malloc()
 
 
+# settle_gc twice, with a cycle made garbage in between: what each call returned, the
+# frozen count after each, and whether the cycle was still collected afterwards.
+_GC_PROBE = """
+import gc, weakref
+from mpda_dist import runtime
+class Node: pass
+first = runtime.settle_gc()
+frozen = gc.get_freeze_count()
+a, b = Node(), Node()
+a.other, b.other = b, a
+alive = weakref.ref(a)
+del a, b
+second = runtime.settle_gc()
+gc.collect()
+print(first, frozen > 1000, second, gc.get_freeze_count() == frozen, alive() is None)
+"""
+
+
+def _gc_probe(mode: str | None) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != runtime.GC_ENV}
+    if mode is not None:
+        env[runtime.GC_ENV] = mode
+    out = subprocess.run(
+        [sys.executable, "-c", _GC_PROBE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_settle_gc_freezes_once_and_later_garbage_is_collected():
+    """By default the first call freezes what the process holds (the imports), a second
+    call freezes nothing more, and a cycle that became garbage after it is collected;
+    ``default`` leaves the collector alone."""
+    assert _gc_probe(None) == ["True", "True", "False", "True", "True"]
+    assert _gc_probe("default") == ["False", "False", "False", "True", "True"]
+
+
+def test_gc_mode_from_the_environment(monkeypatch):
+    monkeypatch.setenv(runtime.GC_ENV, " Default ")
+    assert runtime.gc_mode() == "default"
+    monkeypatch.delenv(runtime.GC_ENV)
+    assert runtime.gc_mode() == "freeze"
+    monkeypatch.setenv(runtime.GC_ENV, "off")
+    with pytest.raises(ValueError, match="MPDA_GC='off': expected freeze or default"):
+        runtime.gc_mode()
+
+
 _ENV_VARS = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
