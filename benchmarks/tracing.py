@@ -36,7 +36,7 @@ threads do under Python's lock, measured on any machine.  The operations (the tr
 programs' equations, nested ones included) do not depend on the machine's load, as
 the seconds do.  It also counts the garbage collector's runs meanwhile and their CPU
 seconds, after :func:`mpda_dist.runtime.settle_gc` as ``mpda run`` has
-(``MPDA_GC=default``: Python's collector as it is).
+(``MPDA_GC=python``: Python's collector as it is).
 
 ``--contention`` (with ``--hierarchy``) measures what that tracing does to the rank's own
 Python: the main thread builds the levels' prior stencils and copies them to the device

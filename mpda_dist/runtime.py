@@ -225,17 +225,17 @@ _GC_SETTLED: list[bool] = []
 
 
 def gc_mode() -> str:
-    """``$MPDA_GC``: ``freeze`` (the default) or ``default`` (Python's collector left
+    """``$MPDA_GC``: ``freeze`` (the default) or ``python`` (Python's collector left
     as it is)."""
     mode = os.environ.get(GC_ENV, "").strip().lower() or "freeze"
-    if mode not in ("freeze", "default"):
-        raise ValueError(f"{GC_ENV}={mode!r}: expected freeze or default")
+    if mode not in ("freeze", "python"):
+        raise ValueError(f"{GC_ENV}={mode!r}: expected freeze or python")
     return mode
 
 
 def settle_gc() -> bool:
     """Take every object the process holds now out of the cyclic garbage collector's
-    walks (``gc.freeze``), unless ``$MPDA_GC`` is ``default`` or the collector is off.
+    walks (``gc.freeze``), unless ``$MPDA_GC`` is ``python`` or the collector is off.
     Returns whether it did.
 
     Call it once the imports are done and before the programs are traced (``mpda run``
@@ -249,7 +249,7 @@ def settle_gc() -> bool:
     would never be collected)."""
     import gc
 
-    if _GC_SETTLED or gc_mode() == "default" or not gc.isenabled():
+    if _GC_SETTLED or gc_mode() == "python" or not gc.isenabled():
         return False
     _GC_SETTLED.append(True)
     gc.freeze()

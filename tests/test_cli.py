@@ -353,7 +353,7 @@ def test_unwritable_output_directory_fails_before_solving(tmp_path):
         ("MPDA_COMPILE_THREADS", "abc", "expected a whole number of threads"),
         ("MPDA_LOWER_PROCESSES", "four", "expected a whole number of processes"),
         ("MPDA_MLIR_CONTEXTS", "shared", "expected one of reuse, fresh"),
-        ("MPDA_GC", "off", "expected freeze or default"),
+        ("MPDA_GC", "off", "expected freeze or python"),
     ],
 )
 def test_a_bad_environment_variable_is_an_input_error(tmp_path, monkeypatch, var, value, needle):

@@ -90,18 +90,18 @@ def _gc_probe(mode: str | None) -> list[str]:
 def test_settle_gc_freezes_once_and_later_garbage_is_collected():
     """By default the first call freezes what the process holds (the imports), a second
     call freezes nothing more, and a cycle that became garbage after it is collected;
-    ``default`` leaves the collector alone."""
+    ``python`` leaves the collector alone."""
     assert _gc_probe(None) == ["True", "True", "False", "True", "True"]
-    assert _gc_probe("default") == ["False", "False", "False", "True", "True"]
+    assert _gc_probe("python") == ["False", "False", "False", "True", "True"]
 
 
 def test_gc_mode_from_the_environment(monkeypatch):
-    monkeypatch.setenv(runtime.GC_ENV, " Default ")
-    assert runtime.gc_mode() == "default"
+    monkeypatch.setenv(runtime.GC_ENV, " Python ")
+    assert runtime.gc_mode() == "python"
     monkeypatch.delenv(runtime.GC_ENV)
     assert runtime.gc_mode() == "freeze"
     monkeypatch.setenv(runtime.GC_ENV, "off")
-    with pytest.raises(ValueError, match="MPDA_GC='off': expected freeze or default"):
+    with pytest.raises(ValueError, match="MPDA_GC='off': expected freeze or python"):
         runtime.gc_mode()
 
 
