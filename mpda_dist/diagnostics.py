@@ -94,7 +94,10 @@ def column_attrs(operator: str = "nearest") -> dict[str, dict[str, Any]]:
         "x": {"long_name": "observation x coordinate", "units": "1"},
         "y": {"long_name": "observation y coordinate", "units": "1"},
         "value": {"long_name": "observed value y, as read"},
-        "noise": {"long_name": "observation error standard deviation sigma, as read"},
+        "noise": {
+            "long_name": "observation error standard deviation sigma, as read "
+            "(observations.noise instead when the config sets it)"
+        },
         "flag": flag_attrs(),
         "used": {
             "long_name": "assimilated (1) or not (0)",

@@ -28,6 +28,7 @@ T = TypeVar("T")
 
 EXIT_OK, EXIT_INPUT, EXIT_DIVERGED, EXIT_NOT_CONVERGED = 0, 2, 3, 4
 EXIT_INTERRUPTED = 5  # a signal stopped the run after writing a checkpoint
+EXIT_SIGINT = 130  # Ctrl-C (SIGINT): stopped at once, no checkpoint (128 + the signal)
 
 
 class RunError(RuntimeError):
@@ -357,16 +358,23 @@ def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def _check_paths(cfg: Any, out_path: str, resume: str | None) -> None:
-    """The files a run writes must not be the files it reads (an observation file,
-    the background, the checkpoint it resumes from), nor each other, and must be file
-    names (``out/`` is not one)."""
+def _check_paths(
+    cfg: Any,
+    out_path: str,
+    resume: str | None,
+    config_path: str | os.PathLike[str] | None = None,
+    checkpoint: bool = True,
+) -> None:
+    """The files a run writes must not be the files it reads (its config file, an
+    observation file, the background, the checkpoint it resumes from), nor each other,
+    and must be file names (``out/`` is not one).  ``checkpoint``: the run may write
+    ``checkpoint.file`` (``mpda run`` with method mp; not ``mpda simulate``)."""
     from mpda_dist import io
 
     outputs = [("output.file (-o)", out_path)]
-    if cfg.solver.method == "mp":
+    if checkpoint and cfg.solver.method == "mp":
         outputs.append(("checkpoint.file", cfg.checkpoint.file))
-    inputs = [("observations.file", cfg.observations.file)]
+    inputs = [("the config file", config_path), ("observations.file", cfg.observations.file)]
     bg = cfg.prior.background
     if isinstance(bg, str) and bg != "climatology":
         inputs.append(("prior.background", os.fspath(io.split_field_spec(bg)[0])))
@@ -475,20 +483,51 @@ def _warn_unconverged_levels(results: Sequence[Any], tol: float) -> None:
 
 
 def execute(
-    comm: Any, cfg: Any, output: str | None, resume: str | None = None, last: bool = False
+    comm: Any,
+    cfg: Any,
+    output: str | None,
+    resume: str | None = None,
+    last: bool = False,
+    config_path: str | os.PathLike[str] | None = None,
 ) -> int:
     """Run the configured solve on every rank of ``comm``; rank 0 writes ``output``.
     The signal handlers the run sets (:class:`checkpoint.Requests`) are put back as
     they were when it returns or fails, for a caller in the same process; with ``last``
     (the process ends after it, ``mpda run``) SIGTERM and SIGUSR1 are ignored instead
-    (:func:`checkpoint.handlers_kept`)."""
-    from mpda_dist import checkpoint
+    (:func:`checkpoint.handlers_kept`).  ``config_path``: the file ``cfg`` was read
+    from, which the output must not overwrite.
 
+    An input error found once the paths are checked (an observation file that fails,
+    say) names an earlier file at the output path, as exit codes 3 to 5 do: it is left
+    as it was and is not this run's result."""
+    from mpda_dist import checkpoint, io
+    from mpda_dist.decomposition import DecompositionError
+
+    out_path = output or cfg.output.file
+    checked: list[bool] = []  # set once the output path is known to be a file to write
     with checkpoint.handlers_kept(last):
-        return _execute(comm, cfg, output, resume)
+        try:
+            return _execute(comm, cfg, output, resume, config_path, checked)
+        except (RunError, io.InputError, DecompositionError) as exc:
+            code = getattr(exc, "code", EXIT_INPUT)
+            if not checked or code != EXIT_INPUT or not os.path.isfile(out_path):
+                raise
+            if "no output was written" in str(exc):
+                raise
+            message = f"{exc}; {_nothing_written(out_path)}"
+            if isinstance(exc, RunError):
+                raise RunError(message, code) from None
+            raise type(exc)(message) from None
 
 
-def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int:
+def _execute(
+    comm: Any,
+    cfg: Any,
+    output: str | None,
+    resume: str | None,
+    config_path: str | os.PathLike[str] | None,
+    checked: list[bool],
+) -> int:
     import jax
 
     from mpda_dist import __version__, diagnostics, io, lowering, provenance, sphere
@@ -509,8 +548,9 @@ def _execute(comm: Any, cfg: Any, output: str | None, resume: str | None) -> int
     t0 = time.perf_counter()
     rank, size = comm.Get_rank(), comm.Get_size()
     out_path = output or cfg.output.file
-    on_root(comm, lambda: _check_paths(cfg, out_path, resume))
+    on_root(comm, lambda: _check_paths(cfg, out_path, resume, config_path))
     on_root(comm, lambda: io.check_writable(out_path))
+    checked.append(True)
     if cfg.solver.method == "mp":  # a signal or the timer writes it, hours from now
         on_root(comm, lambda: _check_checkpoint_file(cfg.checkpoint.file))
     rows = runtime.device_table(comm)
@@ -928,6 +968,11 @@ def _guard(comm: Any, fn: Callable[[], int]) -> int:
         if comm.Get_rank() == 0:
             sys.stderr.write(f"error: {exc}\n")
         return EXIT_INPUT
+    except KeyboardInterrupt:  # Ctrl-C: every rank may not have it, so end them all
+        runtime.abort_on_error(
+            comm, "interrupted (SIGINT): stopped without a checkpoint", EXIT_SIGINT
+        )
+        raise  # (abort_on_error does not return)
 
 
 def _start() -> Any:
@@ -965,7 +1010,7 @@ def run_from_cli(
         cfg = load_config(config_path, overrides)
         _setup_logging(comm, cfg.logging.level, cfg.logging.per_rank)
         try:
-            return execute(comm, cfg, output, resume, last=True)
+            return execute(comm, cfg, output, resume, last=True, config_path=config_path)
         except DecompositionError as exc:  # name where the grids came from, as config errors do
             keys = ("decomposition.process_grid", "grid.nx", "grid.ny")
             sets = [f"--set {t}" for t in overrides if t.split("=", 1)[0].strip() in keys]
@@ -989,6 +1034,7 @@ def simulate_from_cli(config_path: str | None, output: str, overrides: Sequence[
             raise RunError("mpda simulate needs observations.synthetic in the config")
 
         def write() -> None:
+            _check_paths(cfg, output, None, config_path, checkpoint=False)
             io.check_writable(output)
             # The file holds the noise the values were drawn with; observations.noise,
             # an assumed error, is applied when the file is solved.

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -285,10 +286,12 @@ def check_writable(path: str | os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path ``.{name}.tmp-{pid}`` beside ``path``; on success rename it
-    onto ``path`` (atomic within one file system), on any exception remove it."""
+    """Yield a temporary path ``.{name}.tmp-{host}-{pid}`` beside ``path``; on success
+    rename it onto ``path`` (atomic within one file system), on any exception remove it.
+    The host's name keeps apart two jobs on two nodes of a shared file system whose
+    processes have the same number."""
     final = Path(path)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         yield tmp
         # Flush to disk before the rename, so a crash cannot leave a complete-looking

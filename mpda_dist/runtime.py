@@ -282,7 +282,7 @@ def install_abort_hook(comm: Any) -> None:
     sys.excepthook = hook
 
 
-def abort_on_error(comm: Any, exc: BaseException, code: int = 1) -> None:
+def abort_on_error(comm: Any, exc: BaseException | str, code: int = 1) -> None:
     """Report ``exc`` tagged with the rank and end the whole job."""
     rank = comm.Get_rank()
     sys.stderr.write(f"[rank {rank}] error: {exc}\n")

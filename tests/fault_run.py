@@ -10,7 +10,8 @@ instead of joining that reduction, so the other ranks wait in it: without the ab
 hook they would hang there for ever.  MODE ``signal``: rank RANK then sends itself
 SIGUSR1 (``mpda run``'s checkpoint request) before it joins that reduction, which tells
 the other ranks: a signal in the middle of the iterations however fast they run (a
-test that signalled from outside after a log line raced a solve that took 0.7 s).
+test that signalled from outside after a log line raced a solve that took 0.7 s).  MODE
+``sigint``: the same with SIGINT (Ctrl-C), which ends the job without a checkpoint.
 MODE ``report``: nothing is injected (the test kills a rank itself).
 """
 
@@ -39,7 +40,7 @@ def say(line: str) -> None:
 
 def main() -> None:
     mode, fault_rank, checks, args = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-    assert mode in ("raise", "signal", "report"), mode
+    assert mode in ("raise", "signal", "sigint", "report"), mode
     if not hasattr(solver, "allreduce_sum"):
         sys.exit("fault_run.py: mpda_dist.solver.allreduce_sum is gone; update the hook")
     original = solver.allreduce_sum  # looked up at call time by solve_level
@@ -53,8 +54,8 @@ def main() -> None:
             if mode == "raise" and RANK == fault_rank:
                 say(f"FAULT rank={RANK} t={time.time():.3f}")
                 raise RuntimeError(f"injected failure on rank {RANK}")
-            if mode == "signal" and RANK == fault_rank:
-                os.kill(os.getpid(), signal.SIGUSR1)
+            if mode in ("signal", "sigint") and RANK == fault_rank:
+                os.kill(os.getpid(), signal.SIGUSR1 if mode == "signal" else signal.SIGINT)
         return original(comm, values)
 
     solver.allreduce_sum = allreduce_sum

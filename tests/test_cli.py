@@ -489,6 +489,42 @@ def test_a_run_does_not_write_over_its_inputs(tmp_path):
             _check_paths(cfg, target, resume)
     cfg = load_config(None, [a for a in (*SMALL, *inputs) if a != "--set"])
     _check_paths(cfg, out, cfg.checkpoint.file)  # resuming from its own checkpoint file
+    config = tmp_path / "run.yaml"
+    config.write_text("grid: {nx: 40, ny: 40}\n")
+    with pytest.raises(InputError, match=re.escape("is also the config file")):
+        _check_paths(cfg, str(tmp_path / "." / "run.yaml"), None, config)
+    # mpda simulate writes no checkpoint: its -o may be named like checkpoint.file
+    _check_paths(cfg, cfg.checkpoint.file, None, config, checkpoint=False)
+
+
+def test_run_and_simulate_do_not_write_over_their_config_or_a_directory(tmp_path):
+    """``-o`` naming the config file (review helper: ``mpda run s.yaml -o s.yaml`` put
+    an HDF5 file in its place); ``mpda simulate`` makes the same checks as ``run``."""
+    config = tmp_path / "s.yaml"
+    config.write_text("grid: {nx: 40, ny: 40}\nsolver: {multigrid: {min_size: 20}}\n")
+    for command in ("run", "simulate"):
+        proc = mpda(command, str(config), "-o", str(config))
+        assert proc.returncode == 2, proc.stderr
+        assert f"= {config} is also the config file" in proc.stderr
+    proc = mpda("simulate", str(config), "-o", f"{tmp_path}/new/")
+    assert proc.returncode == 2, proc.stderr
+    assert "new/: a directory name; give a file name" in proc.stderr
+    assert config.read_text().startswith("grid:")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_an_input_error_names_an_earlier_file_at_the_output(tmp_path):
+    """An input error found after the paths are checked (observations that all fail
+    QC) says, as exit codes 3 to 5 do, that the file at ``-o`` is an earlier one."""
+    out = tmp_path / "o.h5"
+    out.write_bytes(b"an earlier run's analysis")
+    os.utime(out, (1e9, 1e9))  # 2001-09-09 01:46:40 UTC
+    obs = write_obs(tmp_path / "obs.h5", noise=[-1.0, -1.0, -1.0])
+    proc = mpda("run", "-o", str(out), *SMALL, "--set", f"observations.file={obs}")
+    assert proc.returncode == 2, proc.stderr
+    assert "no usable observation remains after quality control" in proc.stderr
+    assert f"no output was written: {out} is an earlier file (modified 2001-09-09" in proc.stderr
+    assert out.read_bytes() == b"an earlier run's analysis"
 
 
 def test_a_process_grid_for_other_ranks_is_refused_for_every_method(tmp_path):

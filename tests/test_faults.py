@@ -159,6 +159,25 @@ def test_exception_mid_solve_ends_every_rank(tmp_path):
 
 
 @pytest.mark.timeout(240)
+def test_ctrl_c_on_one_rank_ends_the_job_without_a_traceback(tmp_path):
+    """SIGINT (Ctrl-C; hydra passes it on to every rank) reaching rank 1 alone mid-solve:
+    one line from that rank, exit 130 (128 + SIGINT), every rank ended, no output and
+    no temporary file, no checkpoint."""
+    job = Job(tmp_path, "sigint", rank=1)
+    try:
+        job.expect("ITERATING", 2)
+        rc, _ = job.wait(EXIT_BOUND + 30)
+        assert not job.settle(), job.output()
+        err = job.stderr()
+        assert rc == 130, job.output()
+        assert "[rank 1] error: interrupted (SIGINT): stopped without a checkpoint" in err, err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt"]
+    finally:
+        job.cleanup()
+
+
+@pytest.mark.timeout(240)
 def test_sigkill_of_one_rank_ends_the_job(tmp_path):
     """hydra (the mpich wheel's mpiexec) sees a rank die by a signal, kills the others
     and exits with the signal number (9), after a 'BAD TERMINATION' banner."""

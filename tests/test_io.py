@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -302,7 +303,7 @@ def test_atomic_output_renames_on_success(tmp_path: Path) -> None:
     final = tmp_path / "out.h5"
     with atomic_output(final) as tmp:
         assert tmp.parent == final.parent
-        assert tmp.name == f".out.h5.tmp-{os.getpid()}"
+        assert tmp.name == f".out.h5.tmp-{socket.gethostname()}-{os.getpid()}"
         tmp.write_text("done")
         assert not final.exists()
     assert final.read_text() == "done"
