@@ -34,6 +34,14 @@ from mpda_dist.programs import jit, zeros
 
 Array = jax.Array
 MAX_COEFFICIENT = 5.0  # |γᵢ| above this: the history is nearly degenerate, start it afresh
+# Mixes after which the residual at the next check was no lower than at the mix: after
+# this many, the level mixes no more.  Without heavy-ball momentum (solver.momentum 0,
+# or 0.01) the check residuals swing up and down, the restart rule let every other
+# check mix, and each pair of checks grew the residual by about 1.3: the bundled demo
+# diverged.  With 2 the demo converges in 240 iterations (250 without mixing); with the
+# default momentum no mix fails in the cases measured and nothing changes
+# (benchmarks/RESULTS.md §31).
+MAX_FAILED_MIXES = 2
 
 
 @jit
@@ -85,15 +93,25 @@ class Extrapolation:
         self.scaled = zeros((depth + 1, *shape), dtype)
         self.count = 0  # valid history entries, the newest included
         self.last = math.inf  # the residual at the previous check
+        self.mixed_at = math.inf  # the residual at the previous check if it mixed
+        self.failed = 0  # mixes that the next check's residual did not fall below
 
     @property
     def extra(self) -> int:
         """Values this level adds to the check's reduction."""
         return self.depth * self.depth + self.depth
 
-    def restore(self, means: Any, scaled: Any, count: int, last: float) -> None:
+    def restore(
+        self,
+        means: Any,
+        scaled: Any,
+        count: int,
+        last: float,
+        mixed_at: float = math.inf,
+        failed: int = 0,
+    ) -> None:
         """Continue a checkpointed history (ignored when its depth differs)."""
-        self.last = last
+        self.last, self.mixed_at, self.failed = last, mixed_at, failed
         if means is None or means.shape != self.means.shape:
             return
         self.means = jax.device_put(np.asarray(means, self.means.dtype))
@@ -113,15 +131,19 @@ class Extrapolation:
         """``γ`` from the globally summed ``extra`` sums of :meth:`check`; None when
         there is no history yet, when the ``residual`` (the stopping rule's) did not
         fall since the last check or the system is degenerate: then the history
-        restarts from this check.  The check-to-check map is not a function of the mean alone (the
-        messages carry more), so a mix can overshoot; near a rounding floor the
-        residual would then grow by a constant factor per check.  The restart stops
-        that."""
-        if not residual < self.last:
+        restarts from this check.  The check-to-check map is not a function of the mean
+        alone (the messages carry more), so a mix can overshoot; near a rounding floor
+        the residual would then grow by a constant factor per check.  The restart stops
+        that.  None for good once :data:`MAX_FAILED_MIXES` mixes were not followed by a
+        lower residual (residuals that swing from check to check)."""
+        if self.mixed_at < math.inf and not residual < self.mixed_at:
+            self.failed += 1
+        self.mixed_at = math.inf
+        if not residual < self.last or self.failed >= MAX_FAILED_MIXES:
             self.count = min(self.count, 1)
         self.last = residual
         m = self.count - 1
-        if m < 1:
+        if m < 1 or self.failed >= MAX_FAILED_MIXES:
             return None
         d = self.depth
         ftf = np.asarray(extra[: d * d]).reshape(d, d)[:m, :m]
@@ -135,6 +157,7 @@ class Extrapolation:
             return None
         full = np.zeros(d)
         full[:m] = gamma
+        self.mixed_at = residual
         return full
 
     def mix(self, gamma: np.ndarray, diag: Array) -> tuple[Array, Array, Array]:

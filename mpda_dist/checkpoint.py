@@ -134,6 +134,8 @@ class State:
     history: tuple[np.ndarray, np.ndarray] | None = None
     history_count: int = 0
     history_last: float = math.inf  # the residual at the last check (restarts the history)
+    history_mixed_at: float = math.inf  # the residual at the last check if it mixed
+    history_failed: int = 0  # mixes not followed by a lower residual
     config: str = ""  # the run's config as YAML (read back; write takes it apart)
 
 
@@ -155,6 +157,8 @@ def write(path: str, state: State, config_text: str) -> None:
         f.attrs["levels"] = state.levels
         f.attrs["frozen"] = int(state.frozen)
         f.attrs["history_last"] = state.history_last
+        f.attrs["history_mixed_at"] = state.history_mixed_at
+        f.attrs["history_failed"] = state.history_failed
         if state.history is not None:
             f["history/means"], f["history/scaled"] = state.history
             f.attrs["history_count"] = state.history_count
@@ -192,6 +196,8 @@ def read(path: str) -> State:
                 ),
                 history_count=int(f.attrs.get("history_count", 0)),
                 history_last=float(f.attrs.get("history_last", math.inf)),
+                history_mixed_at=float(f.attrs.get("history_mixed_at", math.inf)),
+                history_failed=int(f.attrs.get("history_failed", 0)),
                 config=str(f.attrs.get("config", "")),
             )
     except io.H5_FAILURES as exc:  # a damaged file raises any of them

@@ -693,6 +693,8 @@ def _execute(
         )
     if status == DIVERGED:
         hint = "try a smaller solver.damping or another solver.c"
+        if level_results[-1].extrapolations:
+            hint += " (or solver.anderson: 0: Anderson mixing moved this level's mean)"
         if cfg.observations.operator == "bilinear":
             # a row's four corners are coupled almost as a rank-one block when its noise
             # is small against the prior: not walk-summable (README, observations)

@@ -213,7 +213,13 @@ def solve_level(
     floor = STAGNANT_ULPS * float(np.finfo(npdt).eps)  # a residual this small may stall
     acc = anderson.Extrapolation(s.anderson, (by, bx), npdt) if s.anderson else None
     if acc is not None and start is not None:
-        acc.restore(*(start.history or (None, None)), start.history_count, start.history_last)
+        acc.restore(
+            *(start.history or (None, None)),
+            start.history_count,
+            start.history_last,
+            start.history_mixed_at,
+            start.history_failed,
+        )
     if start is not None:
         it, best, delta0 = start.iteration, start.best, start.delta0
     # Checks every `check` iterations from where this run took the level up: a
@@ -763,6 +769,7 @@ def _save(
         state = checkpoint.State(
             i, it, ga, gb, gp, best, delta0, done, coarse, len(hier.levels), frozen,
             hist, acc.count if hist is not None else 0, acc.last if acc is not None else math.inf,
+            acc.mixed_at if acc is not None else math.inf, acc.failed if acc is not None else 0,
         )  # fmt: skip
         try:
             checkpoint.write(path, state, config_text)
@@ -881,8 +888,10 @@ def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:
             resume.delta0,
             resume.history_count,
             resume.history_last,
+            resume.history_mixed_at,
+            resume.history_failed,
         )
-    it0, best0, d0, hcount, hlast = comm.bcast(meta, root=0)
+    it0, best0, d0, hcount, hlast, hmixed, hfailed = comm.bcast(meta, root=0)
     hist = None
     if hcount:
         depth = comm.bcast(len(resume.history[0]) if root else None, root=0)
@@ -890,7 +899,7 @@ def _scatter_resume(hier: Any, resume: Any, i: int, dtype: Any) -> Any:
         hist = (part_lead(i, m, depth), part_lead(i, s, depth))
     return checkpoint.State(
         i, it0, a0, b0, bp, best0, d0, frozen=frozen, history=hist, history_count=hcount,
-        history_last=hlast,
+        history_last=hlast, history_mixed_at=hmixed, history_failed=hfailed,
     )  # fmt: skip
 
 

@@ -113,3 +113,37 @@ def test_mixing_cuts_the_iterations_and_keeps_the_answer():
     assert rel_rmse(mixed.anomaly, exact) <= max(2 * rel_rmse(plain.anomaly, exact), 1e-8)
     its = [r.iterations for r in mixed.levels[-1:] + plain.levels[-1:]]
     assert its[0] < 0.85 * its[1], its
+
+
+def test_mixes_that_do_not_help_stop_mixing_for_the_level():
+    """A mix whose next check's residual is no lower than the one it mixed at counts as
+    failed; after ``MAX_FAILED_MIXES`` the level mixes no more, whatever its residuals
+    do (review helper: residuals swinging from check to check mixed every other check)."""
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        op = _operator(rng, 6, 6)
+        frame = jnp.zeros(field_layout(6, 6).in_offsets[-1])
+        acc = anderson.Extrapolation(2, (6, 6), np.float64)
+        mixed = []
+        residual = 1.0
+        for k in range(12):
+            mu = jnp.asarray(rng.standard_normal((6, 6)))
+            sums = acc.check(mu, frame, op)
+            # swinging: down by 2, up by 1.5, ...
+            residual *= 0.5 if k % 2 == 0 else 1.5
+            mixed.append(acc.coefficients(sums[2:], residual) is not None)
+        assert 0 < sum(mixed) == anderson.MAX_FAILED_MIXES, mixed
+        assert acc.failed == anderson.MAX_FAILED_MIXES and not any(mixed[-4:])
+
+
+def test_without_momentum_the_mixed_level_converges_to_the_answer():
+    """``solver.momentum: 0`` with Anderson mixing (the default depth): the check
+    residuals swing, and mixing every other check diverged (the bundled demo did, exit
+    3); the failed mixes now stop it, and the answer is the exact one."""
+    _, nodes, levels, exact = problem(66, 66, 0.05, seed=1)
+    s = Settings(dtype="float32", tol=1e-5, momentum=0.0, anderson=2, max_iterations=5000)
+    res = solve(MPI.COMM_SELF, levels, nodes, 0.15, 1.1, s)
+    assert res.status == CONVERGED, [(r.status, r.iterations) for r in res.levels]
+    assert res.levels[-1].extrapolations > 0
+    assert res.levels[-1].iterations < 1000
+    assert rel_rmse(res.anomaly, exact) < 2e-3

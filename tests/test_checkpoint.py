@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -403,3 +404,27 @@ def test_level_summaries_from_another_version_still_resume():
     assert (back.shape, back.iterations, back.residual) == ((5, 7), 30, 1e-6)
     assert back.stopped_by == "residual"
     assert "mpda_dist checkpoint 2" in checkpoint.READABLE
+
+
+def test_the_anderson_state_survives_a_checkpoint(tmp_path):
+    """Write and read back: the history's count, last residual, the residual of a pending
+    mix and the failed mixes (a resumed level stops mixing as the uninterrupted one);
+    a checkpoint without them reads as none pending, none failed."""
+    from mpda_dist import checkpoint
+
+    msgs = np.zeros((12, 6, 6))
+    hist = (np.ones((3, 6, 6)), np.full((3, 6, 6), 2.0))
+    state = checkpoint.State(
+        1, 100, msgs, msgs, None, levels=2, history=hist, history_count=2,
+        history_last=0.25, history_mixed_at=0.5, history_failed=1,
+    )  # fmt: skip
+    path = str(tmp_path / "c.h5")
+    checkpoint.write(path, state, "")
+    back = checkpoint.read(path)
+    assert (back.history_count, back.history_last) == (2, 0.25)
+    assert (back.history_mixed_at, back.history_failed) == (0.5, 1)
+    np.testing.assert_array_equal(back.history[1], hist[1])
+    with h5py.File(path, "a") as f:
+        del f.attrs["history_mixed_at"], f.attrs["history_failed"]
+    back = checkpoint.read(path)
+    assert (back.history_mixed_at, back.history_failed) == (math.inf, 0)
