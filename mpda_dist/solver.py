@@ -58,13 +58,15 @@ class Stall:
 
 @dataclass(frozen=True)
 class Settings:
-    """What the loop needs from ``solver`` config (see config.SolverConfig)."""
+    """What the loop needs from ``solver`` config (see config.SolverConfig).  ``tol``
+    None: the config's default for the stopping rule and ``dtype`` (1e-5 in float32,
+    1e-10 in float64, 1e-4 for ``stopping="delta"``)."""
 
     c: float = 10.0
     damping: float = 0.6
     momentum: float = 0.0
     stopping: str = "residual"
-    tol: float = 1e-5
+    tol: float | None = None  # (a float once made: __post_init__)
     check_every: int = 10
     max_iterations: int = 10000
     dtype: str = "float32"
@@ -78,6 +80,13 @@ class Settings:
     smoothing: int = 20  # iterations per visit of a coarser level in a correction
     anderson: int = 2  # check means mixed per extrapolation (anderson.py; 0: off)
     stall_checks: int = 30  # checks without a 10 % fall near rounding: stalled (0: never)
+
+    def __post_init__(self) -> None:
+        if self.tol is None:
+            from mpda_dist.config import DEFAULT_DELTA_TOL, DEFAULT_TOL
+
+            tol = DEFAULT_DELTA_TOL if self.stopping == "delta" else DEFAULT_TOL[self.dtype]
+            object.__setattr__(self, "tol", tol)
 
 
 @dataclass
