@@ -554,7 +554,7 @@ def _execute(
     if cfg.solver.method == "mp":  # a signal or the timer writes it, hours from now
         on_root(comm, lambda: _check_checkpoint_file(cfg.checkpoint.file))
     rows = runtime.device_table(comm)
-    if runtime.settle_gc():  # before the programs are traced
+    if gc.get_freeze_count():  # (runtime.settle_gc, at the start)
         frozen = gc.get_freeze_count()
         log.debug("%d objects frozen out of the garbage collector's walks ($MPDA_GC)", frozen)
     lowering.start()  # imports ahead (and any helpers) while the inputs are read
@@ -982,11 +982,12 @@ def _start() -> Any:
     environment variables, reported as an input error (one line, exit 2)."""
     comm = runtime.start_checked()  # (the command has started it; $MPDA_MALLOC)
     try:
-        from mpda_dist import kernel, lowering, mlir_contexts, programs  # (JAX's env is set)
+        with runtime.gc_paused():  # $MPDA_GC
+            from mpda_dist import kernel, lowering, mlir_contexts, programs  # (JAX's env is set)
+        runtime.settle_gc()  # before any program is traced
 
         programs.compile_threads()  # $MPDA_COMPILE_THREADS
         mlir_contexts.mode()  # $MPDA_MLIR_CONTEXTS
-        runtime.gc_mode()  # $MPDA_GC
         lowering.requested()  # $MPDA_LOWER_PROCESSES
         if os.environ.get(kernel.FORM_ENV, "").strip():
             kernel.default_form()

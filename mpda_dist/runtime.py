@@ -7,6 +7,7 @@ read from the environment when JAX initialises.  What the user already set is ke
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -233,20 +235,38 @@ def gc_mode() -> str:
     return mode
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No automatic garbage collection inside (unless ``$MPDA_GC`` is ``python``): for
+    the package's imports, JAX's among them, whose objects all live until the process
+    ends; two full collections walked them as they grew, 0.06–0.07 s of a rank's start
+    on a 2-core CPU.  Follow it with :func:`settle_gc`."""
+    import gc
+
+    if gc_mode() == "python" or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def settle_gc() -> bool:
     """Take every object the process holds now out of the cyclic garbage collector's
     walks (``gc.freeze``), unless ``$MPDA_GC`` is ``python`` or the collector is off.
     Returns whether it did.
 
     Call it once the imports are done and before the programs are traced (``mpda run``
-    does, before it reads its inputs).  A full collection walks every tracked object,
-    about 95 000 after ``import jax`` and the device's start; lowering a 1024² solve's
-    programs on a CPU ran three of them, 0.06–0.07 s of the 0.8 s, each holding Python's
-    lock, which a cold start's tracing threads and the rank's own build share.  The
-    modules and JAX's tables live until the process ends, so freezing them loses nothing;
-    what becomes garbage later is still collected (benchmarks/RESULTS.md §31).  Once
-    per process: a later call does nothing (a cycle that became garbage in between
-    would never be collected)."""
+    does right after its imports, :func:`gc_paused`).  A full collection walks every
+    tracked object, about 95 000 once JAX is imported, and holds Python's lock, which a
+    cold start's tracing threads and the rank's own build share: tracing a 1024²
+    solve's programs for CUDA ran one, 0.07–0.09 s of CPU (benchmarks/RESULTS.md §31).
+    The modules and JAX's tables live until the process ends, so freezing them loses
+    nothing; what becomes garbage later is still collected.  Once per process: a later
+    call does nothing (a cycle that became garbage in between would never be
+    collected)."""
     import gc
 
     if _GC_SETTLED or gc_mode() == "python" or not gc.isenabled():

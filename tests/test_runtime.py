@@ -95,6 +95,24 @@ def test_settle_gc_freezes_once_and_later_garbage_is_collected():
     assert _gc_probe("python") == ["False", "False", "False", "True", "True"]
 
 
+def test_gc_paused_turns_the_collector_off_inside_only(monkeypatch):
+    """Off inside (the package's imports), on again after, also after an error; left
+    alone with ``python``."""
+    import gc
+
+    monkeypatch.delenv(runtime.GC_ENV, raising=False)
+    assert gc.isenabled()
+    with runtime.gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ImportError), runtime.gc_paused():
+        raise ImportError("a module that fails to import")
+    assert gc.isenabled()
+    monkeypatch.setenv(runtime.GC_ENV, "python")
+    with runtime.gc_paused():
+        assert gc.isenabled()
+
+
 def test_gc_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv(runtime.GC_ENV, " Python ")
     assert runtime.gc_mode() == "python"
