@@ -34,13 +34,16 @@ from mpda_dist.programs import jit, zeros
 
 Array = jax.Array
 MAX_COEFFICIENT = 5.0  # |γᵢ| above this: the history is nearly degenerate, start it afresh
-# Mixes after which the residual at the next check was no lower than at the mix: after
-# this many, the level mixes no more.  Without heavy-ball momentum (solver.momentum 0,
-# or 0.01) the check residuals swing up and down, the restart rule let every other
-# check mix, and each pair of checks grew the residual by about 1.3: the bundled demo
-# diverged.  With 2 the demo converges in 240 iterations (250 without mixing); with the
-# default momentum no mix fails in the cases measured and nothing changes
-# (benchmarks/RESULTS.md §31).
+# A mix fails when the residual at the next check is no lower than the one it mixed at
+# and above GROWTH x the level's lowest so far; after MAX_FAILED_MIXES failed mixes the
+# level mixes no more.  Without heavy-ball momentum (solver.momentum 0, or 0.01) the
+# check residuals swing up and down, the restart rule let every other check mix, and
+# each pair of checks grew the residual by about 1.3: the bundled demo diverged.  A
+# rule without GROWTH (any mix not followed by a fall) stopped that, but also stopped the
+# mixing that sparse observations need (0.05 % of the demo's nodes diverged, 0.1 %
+# stalled).  With GROWTH 3 every case measured takes the steps it took before, and the
+# demo without momentum converges (benchmarks/anderson_cases.py, RESULTS §31).
+GROWTH = 3.0
 MAX_FAILED_MIXES = 2
 
 
@@ -94,7 +97,7 @@ class Extrapolation:
         self.count = 0  # valid history entries, the newest included
         self.last = math.inf  # the residual at the previous check
         self.mixed_at = math.inf  # the residual at the previous check if it mixed
-        self.failed = 0  # mixes that the next check's residual did not fall below
+        self.failed = 0  # mixes that failed (see MAX_FAILED_MIXES)
 
     @property
     def extra(self) -> int:
@@ -127,16 +130,19 @@ class Extrapolation:
         self.count = min(self.count + 1, self.depth + 1)
         return np.asarray(sums, np.float64)
 
-    def coefficients(self, extra: np.ndarray, residual: float) -> np.ndarray | None:
+    def coefficients(
+        self, extra: np.ndarray, residual: float, best: float = math.inf
+    ) -> np.ndarray | None:
         """``γ`` from the globally summed ``extra`` sums of :meth:`check`; None when
         there is no history yet, when the ``residual`` (the stopping rule's) did not
         fall since the last check or the system is degenerate: then the history
         restarts from this check.  The check-to-check map is not a function of the mean
         alone (the messages carry more), so a mix can overshoot; near a rounding floor
         the residual would then grow by a constant factor per check.  The restart stops
-        that.  None for good once :data:`MAX_FAILED_MIXES` mixes were not followed by a
-        lower residual (residuals that swing from check to check)."""
-        if self.mixed_at < math.inf and not residual < self.mixed_at:
+        that.  None for good once :data:`MAX_FAILED_MIXES` mixes failed: the next
+        check's residual was no lower and above :data:`GROWTH` × ``best``, the level's
+        lowest residual so far (residuals that swing and grow from check to check)."""
+        if self.mixed_at < math.inf and not residual < self.mixed_at and residual > GROWTH * best:
             self.failed += 1
         self.mixed_at = math.inf
         if not residual < self.last or self.failed >= MAX_FAILED_MIXES:

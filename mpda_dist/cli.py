@@ -202,7 +202,19 @@ def _plot(path: str, output: str, dpi: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Entry point of the ``mpda`` console script; exits with the command's status."""
+    """Entry point of the ``mpda`` console script; exits with the command's status.
+    Ctrl-C at any point (the imports of the first seconds included) is one line and
+    exit 130 (:func:`runtime.end_interrupted`), not a traceback."""
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        from mpda_dist import runtime
+
+        runtime.end_interrupted()
+        raise  # (it does not return)
+
+
+def _main(argv: Sequence[str] | None) -> NoReturn:
     args = build_parser().parse_args(argv)
     if args.command in ("run", "simulate"):
         # Threads and JAX's environment before anything imports numpy or JAX (the

@@ -28,7 +28,6 @@ T = TypeVar("T")
 
 EXIT_OK, EXIT_INPUT, EXIT_DIVERGED, EXIT_NOT_CONVERGED = 0, 2, 3, 4
 EXIT_INTERRUPTED = 5  # a signal stopped the run after writing a checkpoint
-EXIT_SIGINT = 130  # Ctrl-C (SIGINT): stopped at once, no checkpoint (128 + the signal)
 
 
 class RunError(RuntimeError):
@@ -971,10 +970,8 @@ def _guard(comm: Any, fn: Callable[[], int]) -> int:
             sys.stderr.write(f"error: {exc}\n")
         return EXIT_INPUT
     except KeyboardInterrupt:  # Ctrl-C: every rank may not have it, so end them all
-        runtime.abort_on_error(
-            comm, "interrupted (SIGINT): stopped without a checkpoint", EXIT_SIGINT
-        )
-        raise  # (abort_on_error does not return)
+        runtime.end_interrupted()
+        raise  # (it does not return)
 
 
 def _start() -> Any:

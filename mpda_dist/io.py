@@ -276,12 +276,17 @@ def check_writable(path: str | os.PathLike[str]) -> None:
         raise InputError(f"{p}: is a directory; give an output file name")
     if not parent.is_dir():
         raise InputError(f"{p}: output directory '{parent}' does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.probe-", dir=parent)
+    try:  # a name longer than atomic_output's temporary one: that must fit too
+        fd, probe = tempfile.mkstemp(prefix=f"{temporary_path(p).name}.", dir=parent)
     except OSError as exc:
         raise InputError(f"{p}: output directory '{parent}' is not writable ({exc})") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def temporary_path(final: Path) -> Path:
+    """Where :func:`atomic_output` writes ``final`` until it is complete."""
+    return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
 @contextlib.contextmanager
@@ -291,7 +296,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     The host's name keeps apart two jobs on two nodes of a shared file system whose
     processes have the same number."""
     final = Path(path)
-    tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp = temporary_path(final)
     try:
         yield tmp
         # Flush to disk before the rename, so a crash cannot leave a complete-looking

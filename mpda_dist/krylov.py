@@ -58,15 +58,22 @@ class KrylovSettings:
     ``jacobi``: CG is preconditioned by ``D⁻¹``; 3D-Var runs L-BFGS in the scaled
     variable ``v = D^{1/2} δ`` (the same as an initial inverse Hessian ``γ D⁻¹``).
     Without it, Q's condition number (≈ 1e10 with σ_y = 1e-3) makes either method
-    impractically slow.  ``memory``: L-BFGS pairs kept (optax's default, 10).
+    impractically slow.  ``memory``: L-BFGS pairs kept (optax's default, 10).  ``tol``
+    None: the config's default for ``dtype`` (1e-5 in float32, 1e-10 in float64).
     """
 
-    tol: float = 1e-5
+    tol: float | None = None  # (a float once made: __post_init__)
     max_iterations: int = 10000
     dtype: str = "float32"
     jacobi: bool = True
     memory: int = 10
     heartbeat_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.tol is None:
+            from mpda_dist.config import DEFAULT_TOL
+
+            object.__setattr__(self, "tol", DEFAULT_TOL[self.dtype])
 
 
 class _Block:

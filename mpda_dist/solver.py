@@ -336,7 +336,7 @@ def solve_level(
         # had moved by it.
         tc, jc = time.perf_counter(), jit.seconds
         move, x, r = None, mu, None
-        gamma = acc.coefficients(tot[6:], rel) if acc is not None else None
+        gamma = acc.coefficients(tot[6:], rel, best) if acc is not None else None
         if gamma is not None:
             x, r, move = acc.mix(gamma, op.diag)
             res.extrapolations += 1

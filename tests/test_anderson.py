@@ -116,24 +116,30 @@ def test_mixing_cuts_the_iterations_and_keeps_the_answer():
 
 
 def test_mixes_that_do_not_help_stop_mixing_for_the_level():
-    """A mix whose next check's residual is no lower than the one it mixed at counts as
-    failed; after ``MAX_FAILED_MIXES`` the level mixes no more, whatever its residuals
-    do (review helper: residuals swinging from check to check mixed every other check)."""
-    rng = np.random.default_rng(3)
-    with jax.enable_x64(True):
-        op = _operator(rng, 6, 6)
-        frame = jnp.zeros(field_layout(6, 6).in_offsets[-1])
-        acc = anderson.Extrapolation(2, (6, 6), np.float64)
-        mixed = []
-        residual = 1.0
-        for k in range(12):
-            mu = jnp.asarray(rng.standard_normal((6, 6)))
-            sums = acc.check(mu, frame, op)
-            # swinging: down by 2, up by 1.5, ...
-            residual *= 0.5 if k % 2 == 0 else 1.5
-            mixed.append(acc.coefficients(sums[2:], residual) is not None)
-        assert 0 < sum(mixed) == anderson.MAX_FAILED_MIXES, mixed
-        assert acc.failed == anderson.MAX_FAILED_MIXES and not any(mixed[-4:])
+    """A mix fails when the next check's residual is no lower than the one it mixed at
+    and above ``GROWTH`` x the level's lowest; after ``MAX_FAILED_MIXES`` the level mixes
+    no more (review helper: residuals swinging and growing, mixed every other check).
+    Residuals that swing while they fall (few observations) keep their mixing."""
+
+    def mixes(up: float) -> tuple[list[bool], anderson.Extrapolation]:
+        rng = np.random.default_rng(3)
+        with jax.enable_x64(True):
+            op = _operator(rng, 6, 6)
+            frame = jnp.zeros(field_layout(6, 6).in_offsets[-1])
+            acc = anderson.Extrapolation(2, (6, 6), np.float64)
+            mixed, residual, best = [], 1.0, np.inf
+            for k in range(16):
+                sums = acc.check(jnp.asarray(rng.standard_normal((6, 6))), frame, op)
+                residual *= 0.5 if k % 2 == 0 else up  # down, up, down, ...
+                best = min(best, residual)
+                mixed.append(acc.coefficients(sums[2:], residual, best) is not None)
+        return mixed, acc
+
+    growing, acc = mixes(2.5)  # x1.25 per pair of checks
+    assert 0 < sum(growing) and acc.failed == anderson.MAX_FAILED_MIXES
+    assert not any(growing[-6:]), growing
+    falling, acc = mixes(1.5)  # x0.75 per pair: never above GROWTH x the lowest
+    assert acc.failed == 0 and sum(falling) >= 6 and any(falling[-4:]), falling
 
 
 def test_without_momentum_the_mixed_level_converges_to_the_answer():

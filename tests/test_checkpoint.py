@@ -428,3 +428,35 @@ def test_the_anderson_state_survives_a_checkpoint(tmp_path):
         del f.attrs["history_mixed_at"], f.attrs["history_failed"]
     back = checkpoint.read(path)
     assert (back.history_mixed_at, back.history_failed) == (math.inf, 0)
+
+
+def test_a_resumed_level_continues_its_failed_mixes(tmp_path, monkeypatch):
+    """The resumed level's Anderson history gets the checkpoint's failed mixes and
+    pending mix (review helper: dropping them passed every test), so it stops mixing
+    where the uninterrupted level would."""
+    from dataclasses import replace
+
+    from _problems import problem
+    from mpi4py import MPI
+
+    from mpda_dist import anderson, checkpoint
+    from mpda_dist.checkpoint import Requests
+    from mpda_dist.solver import INTERRUPTED, Settings, solve
+
+    _, nodes, levels, _ = problem(40, 40, 0.1)
+    path = str(tmp_path / "ck.h5")
+    s = Settings(dtype="float32", tol=1e-5, check_every=50)
+    stop = Requests(signal_name="SIGUSR1")
+    res = solve(MPI.COMM_WORLD, levels, nodes, 0.15, 1.1, s, checkpoint_path=path, requests=stop)
+    assert res.levels[-1].status == INTERRUPTED
+    state = replace(checkpoint.read(path), history_mixed_at=0.25, history_failed=1)
+    restored = []
+    real = anderson.Extrapolation.restore
+
+    def spy(self, *args):
+        real(self, *args)
+        restored.append((self.mixed_at, self.failed))
+
+    monkeypatch.setattr(anderson.Extrapolation, "restore", spy)
+    solve(MPI.COMM_WORLD, levels, nodes, 0.15, 1.1, replace(s, max_iterations=100), resume=state)
+    assert restored == [(0.25, 1)]

@@ -570,3 +570,21 @@ def test_an_analysis_file_as_background_warns(tmp_path, caplog):
         assert caplog.text == ""
         _warn_if_analysis_file(str(out))
     assert f"give {out}:analysis/mean" in caplog.text
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(monkeypatch, capsys):
+    """SIGINT in the first seconds (MPI's start, the imports: before the run's own
+    handling, review helper) is the same one line and exit 130 as mid-solve, not a
+    traceback and exit 1."""
+    from mpda_dist import cli, runtime
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runtime, "start_checked", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "-o", "never.h5"])
+    assert exc.value.code == runtime.SIGINT_EXIT == 130
+    err = capsys.readouterr().err
+    assert "interrupted (SIGINT): stopped without a checkpoint" in err
+    assert "Traceback" not in err
