@@ -70,11 +70,13 @@ def main() -> int:
         for way in WAYS:
             anderson.MAX_FAILED_MIXES = math.inf if way == "former rule" else rule
             sw = replace(s, anderson=0) if way == "no mixing" else s
-            with jax.enable_x64(s.dtype == "float64"):
-                r = solve(comm, levels, nodes, cfg.prior.lengthscale, cfg.prior.amplitude, sw)
+            try:
+                with jax.enable_x64(s.dtype == "float64"):
+                    r = solve(comm, levels, nodes, cfg.prior.lengthscale, cfg.prior.amplitude, sw)
+            finally:
+                anderson.MAX_FAILED_MIXES = rule
             its = "/".join(str(lr.iterations) for lr in r.levels[1:])
             row[way] = f"{r.status} {its}"
-        anderson.MAX_FAILED_MIXES = rule
         rows.append(row)
         print(f"{name:26s} " + " | ".join(f"{w}: {row[w]}" for w in WAYS), flush=True)
     print()

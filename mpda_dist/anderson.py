@@ -130,9 +130,7 @@ class Extrapolation:
         self.count = min(self.count + 1, self.depth + 1)
         return np.asarray(sums, np.float64)
 
-    def coefficients(
-        self, extra: np.ndarray, residual: float, best: float = math.inf
-    ) -> np.ndarray | None:
+    def coefficients(self, extra: np.ndarray, residual: float, best: float) -> np.ndarray | None:
         """``γ`` from the globally summed ``extra`` sums of :meth:`check`; None when
         there is no history yet, when the ``residual`` (the stopping rule's) did not
         fall since the last check or the system is degenerate: then the history

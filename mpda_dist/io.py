@@ -276,8 +276,11 @@ def check_writable(path: str | os.PathLike[str]) -> None:
         raise InputError(f"{p}: is a directory; give an output file name")
     if not parent.is_dir():
         raise InputError(f"{p}: output directory '{parent}' does not exist")
-    try:  # a name longer than atomic_output's temporary one: that must fit too
-        fd, probe = tempfile.mkstemp(prefix=f"{temporary_path(p).name}.", dir=parent)
+    # A name as long as atomic_output's temporary one (mkstemp adds 8 characters): that
+    # must fit too.
+    prefix = temporary_path(p).name[:-8]
+    try:
+        fd, probe = tempfile.mkstemp(prefix=prefix, dir=parent)
     except OSError as exc:
         raise InputError(f"{p}: output directory '{parent}' is not writable ({exc})") from None
     os.close(fd)

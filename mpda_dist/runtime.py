@@ -321,10 +321,14 @@ def end_interrupted() -> None:
     (``MPI_Abort``: the others may not have it), exit :data:`SIGINT_EXIT`.  Before MPI
     has started, this process alone."""
     message = "interrupted (SIGINT): stopped without a checkpoint"
-    if _COMM is None:
+    comm = _COMM
+    mpi = sys.modules.get("mpi4py.MPI")
+    if comm is None and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        comm = mpi.COMM_WORLD  # inside start(): MPI runs, its collectives may be waiting
+    if comm is None:
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(SIGINT_EXIT)
-    abort_on_error(_COMM, message, SIGINT_EXIT)
+    abort_on_error(comm, message, SIGINT_EXIT)
 
 
 def check_launch(world_size: int) -> None:

@@ -37,7 +37,7 @@ def test_mixed_residual_is_the_residual_of_the_mixed_mean_and_is_least():
             s0 = (op.rhs - kernel.apply_operator(mu, frame, op)) / op.diag
             assert np.isclose(sums[0], float(jnp.sum(s0 * s0)))
             assert acc.count == min(k + 1, depth + 1)
-        gamma = acc.coefficients(sums[2:], 1.0)
+        gamma = acc.coefficients(sums[2:], 1.0, 1.0)
         assert gamma is not None and gamma.shape == (depth,)
         x, r, move = acc.mix(gamma, op.diag)
         # affine: the mixed residual is h - Q x for the mixed mean x
@@ -84,17 +84,17 @@ def test_degenerate_history_restarts():
         frame = jnp.zeros(field_layout(6, 6).in_offsets[-1])
         acc = anderson.Extrapolation(2, (6, 6), np.float64)
         mu = jnp.asarray(rng.standard_normal((6, 6)))
-        assert acc.coefficients(acc.check(mu, frame, op)[2:], 2.0) is None  # no history yet
+        assert acc.coefficients(acc.check(mu, frame, op)[2:], 2.0, 2.0) is None  # no history yet
         sums = acc.check(mu, frame, op)  # the same mean twice: F = 0
-        gamma = acc.coefficients(sums[2:], 1.0)
+        gamma = acc.coefficients(sums[2:], 1.0, 1.0)
         assert gamma is None or not np.any(gamma)
         # a residual that did not fall restarts the history from the newest check
         acc.check(mu + 1.0, frame, op)
-        assert acc.count == 3 and acc.coefficients(sums[2:], 1.0) is None and acc.count == 1
+        assert acc.count == 3 and acc.coefficients(sums[2:], 1.0, 1.0) is None and acc.count == 1
         acc.check(mu - 1.0, frame, op)
         bad = sums.copy()
         bad[2] = np.nan
-        assert acc.coefficients(bad[2:], 0.5) is None and acc.count == 0
+        assert acc.coefficients(bad[2:], 0.5, 0.5) is None and acc.count == 0
 
 
 def _run(levels, nodes, depth):

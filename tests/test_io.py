@@ -693,3 +693,19 @@ def test_git_commit_reads_the_checkout_without_git(tmp_path: Path) -> None:
     wt.mkdir()
     (wt / ".git").write_text(f"gitdir: {gitdir}\n")
     assert git_commit(wt) == sha  # the ref lies in the common directory
+
+
+def test_the_write_probe_takes_names_as_long_as_the_temporary_one(tmp_path: Path) -> None:
+    """The up-front probe uses a name as long as the temporary output name (the host and
+    process in it): a name whose temporary one just fits the file system's 255 bytes is
+    accepted, one byte more is refused before any solving (review helpers: refused too
+    early, then accepted and lost after the solve)."""
+    from mpda_dist.io import temporary_path
+
+    extra = len(temporary_path(tmp_path / "x.h5").name) - len("x.h5")
+    fits = tmp_path / ("a" * (255 - extra - 3) + ".h5")
+    assert len(temporary_path(fits).name) == 255
+    check_writable(fits)
+    with pytest.raises(InputError, match="not writable"):
+        check_writable(tmp_path / ("a" * (256 - extra - 3) + ".h5"))
+    assert list(tmp_path.iterdir()) == []

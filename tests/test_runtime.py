@@ -392,3 +392,17 @@ def test_the_early_signals_a_run_takes_from_the_launcher(monkeypatch, capsys, va
     assert runtime.early_signal() == taken
     assert runtime.EARLY_SIGNAL_ENV not in os.environ
     assert ("ignored" in capsys.readouterr().err) == (taken is None and value != "")
+
+
+def test_ctrl_c_inside_start_aborts_the_started_mpi(monkeypatch, capsys):
+    """SIGINT while ``runtime.start`` runs its collectives (MPI started, the
+    communicator not yet kept): the rank-tagged line and exit 130 through MPI_Abort's
+    path, not a bare exit that would leave the other ranks waiting."""
+    from mpi4py import MPI
+
+    assert MPI.Is_initialized()
+    monkeypatch.setattr(runtime, "_COMM", None)
+    with pytest.raises(SystemExit) as exc:
+        runtime.end_interrupted()
+    assert exc.value.code == 130
+    assert "[rank 0] error: interrupted (SIGINT)" in capsys.readouterr().err
