@@ -588,9 +588,12 @@ def stage_solve(args) -> None:
     marks = [("Python and the script's imports", time.perf_counter())]
     comm = _start()
     marks.append(("MPI and the environment (runtime.start)", time.perf_counter()))
-    import jax
-    import numpy as np
+    from mpda_dist import runtime
 
+    with runtime.gc_paused():  # as `mpda run` imports ($MPDA_GC)
+        import jax
+        import numpy as np
+    runtime.settle_gc()
     marks.append(("import jax", time.perf_counter()))
     jax.devices()
     marks.append(("the device (jax.devices)", time.perf_counter()))
