@@ -593,6 +593,14 @@ def _execute(
             log.warning("%s", advice)
     else:
         levels = schedule(ny, nx, dy, dx, mg.min_size, multigrid)
+        if multigrid and len(levels) == 1 and max(ny, nx) > mg.min_size and rank == 0:
+            log.warning(
+                "no coarser level: the %d x %d grid is too thin to halve (a coarser grid "
+                "needs 4 interior points along each axis), so message passing runs "
+                "without multigrid and converges slowly on its long axis",
+                nx,
+                ny,
+            )
     s = settings_from(cfg)
     # The programs' shapes follow from the grid, not from the data: they start
     # compiling now, while rank 0 reads the inputs and builds the problem.

@@ -588,3 +588,16 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "interrupted (SIGINT): stopped without a checkpoint" in err
     assert "Traceback" not in err
+
+
+def test_a_grid_too_thin_to_halve_is_named_at_the_start(tmp_path):
+    """9 points along y: no coarser level can have 4 interior points there, so the run
+    has no multigrid; the log says so before solving (review helper: a 9 x 257 run
+    stalled far from the answer, and the message blamed float32's rounding)."""
+    out = tmp_path / "o.h5"
+    thin = ["--set", "grid.nx=120", "--set", "grid.ny=9", "--set", "solver.max_iterations=20"]
+    proc = mpda("run", "-o", str(out), *thin)
+    assert "no coarser level: the 120 x 9 grid is too thin to halve" in proc.stderr
+    wide = ["--set", "grid.nx=120", "--set", "grid.ny=12", "--set", "solver.max_iterations=20"]
+    proc = mpda("run", "-o", str(out), *wide)
+    assert "no coarser level" not in proc.stderr and "level 1/2" in proc.stderr, proc.stderr
